@@ -1,0 +1,18 @@
+"""Expert GEMM kernels: GroupGemm, DenseGemm, fused expert FFN, and the selector.
+
+    group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
+               backend="auto", tiling=None, interpret=False) -> [M, N]
+    expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, ...) -> [M, D]
+    select_backend(...) -> Choice(backend, tiling, reason)
+
+Semantics (shared by every backend) are documented in :mod:`pallas_kernels.semantics`.
+"""
+
+from pallas_kernels.api import expert_ffn, group_gemm
+from pallas_kernels.selector import BACKENDS, Choice, select_backend
+from pallas_kernels.semantics import expert_ffn_reference, group_gemm_reference
+
+__all__ = [
+    "BACKENDS", "Choice", "expert_ffn", "expert_ffn_reference", "group_gemm",
+    "group_gemm_reference", "select_backend",
+]
