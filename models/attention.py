@@ -1,0 +1,174 @@
+"""Attention: grouped-query attention (Mixtral, Qwen3 with q/k norms, DBRX with clip_qkv, Arctic) and DeepSeek-V2
+multi-head latent attention (MLA), both over a KV cache.
+
+A layer sees one `AttentionContext` per forward pass:
+- prefill (attend_to_cache=False): the T new tokens attend to each other; their keys are also written to the cache;
+- decode (attend_to_cache=True): the new tokens are written at `write_index` and attend to all S cache slots.
+mask_BTS says which keys each query may see (causal order and padding), built once by the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import ModelConfig
+from models.layers import RMSNorm, param
+from models.rope import apply_rotary, rotary_angles
+from sharding import axes
+
+_MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
+_LATENT_NORM_EPS = 1e-6  # DeepSeek-V2's q_a/kv_a norms use this whatever rms_norm_eps says
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    positions_BT: jax.Array        # [B, T] int32 rotary positions of the new tokens
+    mask_BTS: jax.Array            # [B, T, S] bool, S = T (prefill) or the cache length (decode)
+    write_index: jax.Array | int   # first cache slot the new tokens are written to
+    attend_to_cache: bool          # static: decode-style attention over the whole cache
+
+
+jax.tree_util.register_dataclass(
+    AttentionContext, data_fields=["positions_BT", "mask_BTS", "write_index"], meta_fields=["attend_to_cache"])
+
+
+def write_cache(cache_layer: dict | None, new: dict, write_index) -> dict | None:
+    """Writes the new tokens' entries ([B, T, ...] each) into the cache ([B, S, ...] each) at write_index."""
+    if cache_layer is None:
+        return None
+    return {name: jax.lax.dynamic_update_slice_in_dim(cache_layer[name], new[name].astype(cache_layer[name].dtype),
+                                                      write_index, axis=1)
+            for name in cache_layer}
+
+
+def masked_softmax(scores, mask):
+    """softmax over the last axis in float32, masked keys excluded."""
+    return jax.nn.softmax(jnp.where(mask, scores.astype(jnp.float32), _MASKED), axis=-1)
+
+
+class GQAAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H, dt = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
+        self.cfg = cfg
+        self.q_DNH = param(rngs, (D, N, H), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), dt)
+        self.k_DKH = param(rngs, (D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), dt)
+        self.v_DKH = param(rngs, (D, K, H), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), dt)
+        self.o_NHD = param(rngs, (N, H, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), dt)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, eps=cfg.norm_eps, dtype=dt, axis=axes.HEAD_DIM, rngs=rngs)
+            self.k_norm = RMSNorm(H, eps=cfg.norm_eps, dtype=dt, axis=axes.HEAD_DIM, rngs=rngs)
+
+    def cache_shapes(self, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+        return {"k": (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim),
+                "v": (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)}
+
+    def __call__(self, x_BTD, ctx: AttentionContext, cache_layer: dict | None):
+        cfg = self.cfg
+        with jax.named_scope("qkv_proj"):
+            q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
+            k_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.k_DKH[...])
+            v_BTKH = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.v_DKH[...])
+        if cfg.clip_qkv is not None:
+            q_BTNH, k_BTKH, v_BTKH = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q_BTNH, k_BTKH, v_BTKH))
+        if cfg.qk_norm:
+            q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+        cos, sin = rotary_angles(cfg.rope, cfg.head_dim, ctx.positions_BT)
+        q_BTNH = apply_rotary(q_BTNH, cos, sin, cfg.rope.layout)
+        k_BTKH = apply_rotary(k_BTKH, cos, sin, cfg.rope.layout)
+
+        new_cache = write_cache(cache_layer, {"k": k_BTKH, "v": v_BTKH}, ctx.write_index)
+        if ctx.attend_to_cache:
+            k_BSKH, v_BSKH = new_cache["k"], new_cache["v"]
+        else:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+
+        B, T, N, H = q_BTNH.shape
+        K = cfg.num_kv_heads
+        with jax.named_scope("attention"):
+            q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+            scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                                      preferred_element_type=jnp.float32) * (H ** -0.5)
+            probs_BKGTS = masked_softmax(scores_BKGTS, ctx.mask_BTS[:, None, None])
+            out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
+            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(B, T, N, H), self.o_NHD[...])
+        return out_BTD, new_cache
+
+
+class MLAttention(nnx.Module):
+    """DeepSeek-V2 MLA. The cache holds the normalised latent [B, S, C] and the rotary key [B, S, R] only.
+
+    Prefill decompresses keys and values per head (fewer FLOPs for long T); decode absorbs the key and value
+    up-projections into the query and output (no per-head keys for the S cache slots are ever materialised).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m, D, N, dt = cfg.mla, cfg.d_model, cfg.num_heads, cfg.jnp_dtype
+        self.cfg = cfg
+        if m.q_lora_rank is None:
+            self.q_DNH = param(rngs, (D, N, m.qk_head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), dt)
+        else:
+            self.q_a_DQ = param(rngs, (D, m.q_lora_rank), (axes.EMBED, axes.Q_LORA), dt)
+            self.q_a_norm = RMSNorm(m.q_lora_rank, eps=_LATENT_NORM_EPS, dtype=dt, axis=axes.Q_LORA, rngs=rngs)
+            self.q_b_QNH = param(rngs, (m.q_lora_rank, N, m.qk_head_dim), (axes.Q_LORA, axes.HEADS, axes.HEAD_DIM), dt)
+        self.kv_a_DC = param(rngs, (D, m.kv_lora_rank + m.qk_rope_head_dim), (axes.EMBED, axes.KV_LORA), dt)
+        self.kv_a_norm = RMSNorm(m.kv_lora_rank, eps=_LATENT_NORM_EPS, dtype=dt, axis=axes.KV_LORA, rngs=rngs)
+        self.kv_b_CNH = param(rngs, (m.kv_lora_rank, N, m.qk_nope_head_dim + m.v_head_dim),
+                              (axes.KV_LORA, axes.HEADS, axes.HEAD_DIM), dt)
+        self.o_NVD = param(rngs, (N, m.v_head_dim, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), dt)
+
+    def cache_shapes(self, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+        m = self.cfg.mla
+        return {"latent": (batch, length, m.kv_lora_rank), "k_rope": (batch, length, m.qk_rope_head_dim)}
+
+    def __call__(self, x_BTD, ctx: AttentionContext, cache_layer: dict | None):
+        cfg, m = self.cfg, self.cfg.mla
+        P, R, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank
+        with jax.named_scope("q_proj"):
+            if m.q_lora_rank is None:
+                q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.q_DNH[...])
+            else:
+                q_BTQ = self.q_a_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.q_a_DQ[...]))
+                q_BTNH = jnp.einsum("BTQ,QNH->BTNH", q_BTQ, self.q_b_QNH[...])
+        q_nope_BTNP, q_rope_BTNR = q_BTNH[..., :P], q_BTNH[..., P:]
+        with jax.named_scope("kv_a_proj"):
+            kv_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_a_DC[...])
+        latent_BTC, k_rope_BTR = self.kv_a_norm(kv_BTC[..., :C]), kv_BTC[..., C:]
+
+        cos, sin = rotary_angles(cfg.rope, R, ctx.positions_BT)
+        q_rope_BTNR = apply_rotary(q_rope_BTNR, cos, sin, cfg.rope.layout)
+        k_rope_BTR = apply_rotary(k_rope_BTR[:, :, None, :], cos, sin, cfg.rope.layout)[:, :, 0, :]
+
+        new_cache = write_cache(cache_layer, {"latent": latent_BTC, "k_rope": k_rope_BTR}, ctx.write_index)
+        w_k_CNP, w_v_CNV = self.kv_b_CNH[..., :P], self.kv_b_CNH[..., P:]
+        scale = m.qk_head_dim ** -0.5 * cfg.rope.softmax_scale_factor
+        mask_B1TS = ctx.mask_BTS[:, None]
+        with jax.named_scope("attention"):
+            if ctx.attend_to_cache:
+                latent_BSC, k_rope_BSR = new_cache["latent"], new_cache["k_rope"]
+                q_latent_BTNC = jnp.einsum("BTNP,CNP->BTNC", q_nope_BTNP, w_k_CNP)
+                scores_BNTS = (jnp.einsum("BTNC,BSC->BNTS", q_latent_BTNC, latent_BSC,
+                                          preferred_element_type=jnp.float32)
+                               + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, k_rope_BSR,
+                                            preferred_element_type=jnp.float32)) * scale
+                probs_BNTS = masked_softmax(scores_BNTS, mask_B1TS).astype(latent_BSC.dtype)
+                out_latent_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS, latent_BSC)
+                out_BTNV = jnp.einsum("BTNC,CNV->BTNV", out_latent_BTNC, w_v_CNV)
+            else:
+                k_nope_BSNP = jnp.einsum("BSC,CNP->BSNP", latent_BTC, w_k_CNP)
+                v_BSNV = jnp.einsum("BSC,CNV->BSNV", latent_BTC, w_v_CNV)
+                scores_BNTS = (jnp.einsum("BTNP,BSNP->BNTS", q_nope_BTNP, k_nope_BSNP,
+                                          preferred_element_type=jnp.float32)
+                               + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, k_rope_BTR,
+                                            preferred_element_type=jnp.float32)) * scale
+                probs_BNTS = masked_softmax(scores_BNTS, mask_B1TS).astype(v_BSNV.dtype)
+                out_BTNV = jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV)
+            out_BTD = jnp.einsum("BTNV,NVD->BTD", out_BTNV, self.o_NVD[...])
+        return out_BTD, new_cache
+
+
+def make_attention(cfg: ModelConfig, *, rngs: nnx.Rngs):
+    return GQAAttention(cfg, rngs=rngs) if cfg.mla is None else MLAttention(cfg, rngs=rngs)

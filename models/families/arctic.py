@@ -1,0 +1,37 @@
+"""Snowflake Arctic: Mixtral-style layers plus a dense residual MLP (width d_model) in parallel with every MoE.
+
+transformers has no Arctic class; names follow the Hub checkpoint (remote code `modeling_arctic.py`).
+"""
+
+from __future__ import annotations
+
+from models.config import ModelConfig
+from models.families import common, mixtral
+
+
+def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
+    frequency = hf.get("moe_layer_frequency", 1)
+    if frequency != 1:
+        raise NotImplementedError(f"Arctic with moe_layer_frequency={frequency} is not supported (released: 1)")
+    if not hf.get("parallel_attn_mlp_res", False):
+        raise NotImplementedError("Arctic without parallel_attn_mlp_res is not supported (released: true)")
+    base = mixtral.config_from_hf(hf, dtype=dtype, name="arctic")
+    return base.replace(family="arctic", dense_residual=True, dense_ffn_dim=hf["hidden_size"])
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {**mixtral.config_to_hf(cfg), "architectures": ["ArcticForCausalLM"], "model_type": "arctic",
+            "moe_layer_frequency": 1, "parallel_attn_mlp_res": True}
+
+
+def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
+    rules = mixtral.embedding_rules(cfg)
+    for layer in range(cfg.num_layers):
+        prefix, path = f"model.layers.{layer}.", ("layers", layer)
+        rules += mixtral.layer_rules(cfg, layer)
+        rules.append(common.identity(prefix + "residual_layernorm.weight", path + ("residual_norm", "scale"),
+                                     (cfg.d_model,)))
+        rules += common.gated_mlp(prefix + "residual_mlp.w1.weight", prefix + "residual_mlp.w3.weight",
+                                  prefix + "residual_mlp.w2.weight", path + ("residual_mlp",), cfg.d_model,
+                                  cfg.dense_ffn_dim)
+    return rules

@@ -1,0 +1,125 @@
+"""Pieces shared by the family mappings between Hugging Face checkpoints and our parameter tree.
+
+A `TensorRule` ties one or more HF tensors to one or more of our parameters: `load` turns the HF arrays (in the
+order of hf_names) into our arrays (in the order of paths) and `save` does the reverse. HF linear weights are
+[out, in]; ours put inputs first and split heads out, e.g. q_proj [N*H, D] <-> q_DNH [D, N, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+Path = tuple  # e.g. ("layers", 0, "attn", "q_DNH")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    hf_names: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    paths: tuple[Path, ...]
+    load: Callable[[list[np.ndarray]], list[np.ndarray]]
+    save: Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+def identity(hf_name: str, path: Path, shape: tuple[int, ...]) -> TensorRule:
+    return TensorRule((hf_name,), (tuple(shape),), (path,), load=lambda a: [a[0]], save=lambda a: [a[0]])
+
+
+def linear(hf_name: str, path: Path, shape: tuple[int, ...], n_in: int = 1) -> TensorRule:
+    """Our weight has its n_in input dims first: shape = (*in, *out); HF stores [prod(out), prod(in)]."""
+    n_inputs, n_outputs = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    return TensorRule(
+        (hf_name,), ((n_outputs, n_inputs),), (path,),
+        load=lambda a: [np.ascontiguousarray(a[0].T).reshape(shape)],
+        save=lambda a: [np.ascontiguousarray(a[0].reshape(n_inputs, n_outputs).T)])
+
+
+def stacked_experts(hf_names: list[str], path: Path, shape: tuple[int, int, int]) -> TensorRule:
+    """E per-expert HF linears [out, in] <-> our stacked [E, in, out]."""
+    E, n_in, n_out = shape
+    return TensorRule(
+        tuple(hf_names), ((n_out, n_in),) * E, (path,),
+        load=lambda a: [np.stack([w.T for w in a])],
+        save=lambda a: [np.ascontiguousarray(w.T) for w in a[0]])
+
+
+def gqa_attention(prefix: str, layer_path: Path, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                  qk_norm: bool) -> list[TensorRule]:
+    """Llama-style q/k/v/o_proj (+ Qwen3 q_norm/k_norm) under `prefix` (e.g. "model.layers.3.self_attn.")."""
+    attn = layer_path + ("attn",)
+    rules = [
+        linear(prefix + "q_proj.weight", attn + ("q_DNH",), (d_model, num_heads, head_dim)),
+        linear(prefix + "k_proj.weight", attn + ("k_DKH",), (d_model, num_kv_heads, head_dim)),
+        linear(prefix + "v_proj.weight", attn + ("v_DKH",), (d_model, num_kv_heads, head_dim)),
+        linear(prefix + "o_proj.weight", attn + ("o_NHD",), (num_heads, head_dim, d_model), n_in=2),
+    ]
+    if qk_norm:
+        rules += [identity(prefix + "q_norm.weight", attn + ("q_norm", "scale"), (head_dim,)),
+                  identity(prefix + "k_norm.weight", attn + ("k_norm", "scale"), (head_dim,))]
+    return rules
+
+
+def gated_mlp(gate: str, up: str, down: str, path: Path, d_model: int, ffn_dim: int) -> list[TensorRule]:
+    return [linear(gate, path + ("gate_DF",), (d_model, ffn_dim)),
+            linear(up, path + ("up_DF",), (d_model, ffn_dim)),
+            linear(down, path + ("down_FD",), (ffn_dim, d_model))]
+
+
+def per_expert_moe(prefix: str, names: tuple[str, str, str], router_name: str, layer_path: Path, num_experts: int,
+                   d_model: int, ffn_dim: int) -> list[TensorRule]:
+    """Router + per-expert gate/up/down tensors named prefix + "experts.{e}." + names[i] + ".weight"."""
+    moe = layer_path + ("moe",)
+    expert = lambda kind: [f"{prefix}experts.{e}.{kind}.weight" for e in range(num_experts)]
+    gate, up, down = names
+    return [
+        linear(prefix + router_name + ".weight", moe + ("router", "kernel_DE"), (d_model, num_experts)),
+        stacked_experts(expert(gate), moe + ("w_gate_EDF",), (num_experts, d_model, ffn_dim)),
+        stacked_experts(expert(up), moe + ("w_up_EDF",), (num_experts, d_model, ffn_dim)),
+        stacked_experts(expert(down), moe + ("w_down_EFD",), (num_experts, ffn_dim, d_model)),
+    ]
+
+
+def rope_from_hf(hf: dict) -> dict:
+    """RopeConfig fields from an HF config: transformers 5 `rope_parameters`, or the Hub's `rope_theta` and
+    `rope_scaling` (transformers 4 layout)."""
+    params = dict(hf.get("rope_parameters") or {})
+    if not params:
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    fields = {"theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+    if kind == "yarn":
+        fields.update(
+            yarn_factor=float(params["factor"]),
+            yarn_original_max_position=int(params["original_max_position_embeddings"]),
+            yarn_beta_fast=float(params.get("beta_fast") or 32), yarn_beta_slow=float(params.get("beta_slow") or 1),
+            yarn_mscale=params.get("mscale"), yarn_mscale_all_dim=params.get("mscale_all_dim"))
+        if params.get("attention_factor") is not None:
+            raise NotImplementedError("an explicit YaRN attention_factor is not supported")
+    elif kind != "default":
+        raise NotImplementedError(f"rope type {kind!r} is not supported (supported: default, yarn)")
+    return fields
+
+
+def rope_to_hf(rope) -> dict:
+    params = {"rope_type": "default", "rope_theta": rope.theta}
+    if rope.yarn_factor is not None:
+        params.update(rope_type="yarn", factor=rope.yarn_factor,
+                      original_max_position_embeddings=rope.yarn_original_max_position,
+                      beta_fast=rope.yarn_beta_fast, beta_slow=rope.yarn_beta_slow, mscale=rope.yarn_mscale,
+                      mscale_all_dim=rope.yarn_mscale_all_dim)
+    return {"rope_parameters": params}
+
+
+def first_token_id(value) -> int | None:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return None if value is None else int(value)
+
+
+def hf_dtype_name(dtype: str) -> str:
+    return {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}[dtype]

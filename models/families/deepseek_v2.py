@@ -1,0 +1,90 @@
+"""DeepSeek-V2 / V2-Lite: MLA attention, group-limited greedy routing, shared experts, first-k dense layers."""
+
+from __future__ import annotations
+
+from models.config import MLAConfig, ModelConfig, RopeConfig, RouterConfig
+from models.families import common, mixtral, qwen3_moe
+
+
+def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
+    if hf.get("num_experts_per_tok") is None:
+        raise ValueError("DeepSeek-V2 config.json has no num_experts_per_tok")
+    if hf.get("attention_bias"):
+        raise NotImplementedError("attention_bias=true is not supported")
+    layers, first_dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
+    freq = hf.get("moe_layer_freq", 1)
+    dense = tuple(l for l in range(layers) if l < first_dense or l % freq != 0)
+    grouped = hf.get("topk_method", "greedy") == "group_limited_greedy"
+    # DeepSeek-V2 either renormalises the top-k weights or scales them by routed_scaling_factor, never both.
+    renormalise = bool(hf.get("norm_topk_prob", False)) and hf["num_experts_per_tok"] > 1
+    router = RouterConfig(
+        top_k=hf["num_experts_per_tok"], topk_norm_p=1.0 if renormalise else None,
+        n_group=(hf.get("n_group") or 1) if grouped else 1, topk_group=(hf.get("topk_group") or 1) if grouped else 1,
+        routed_scaling_factor=1.0 if renormalise else float(hf.get("routed_scaling_factor", 1.0)))
+    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
+                    qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
+                    v_head_dim=hf["v_head_dim"])
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        name="deepseek_v2", family="deepseek_v2", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=mla.qk_head_dim, num_experts=hf["n_routed_experts"], expert_ffn_dim=hf["moe_intermediate_size"],
+        dense_ffn_dim=hf["intermediate_size"], shared_ffn_dim=(hf.get("n_shared_experts") or 0) * hf[
+            "moe_intermediate_size"], dense_layers=dense, router=router, mla=mla,
+        rope=RopeConfig(layout="interleaved", **common.rope_from_hf(hf)), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
+        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
+        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    m, r = cfg.mla, cfg.router
+    first_dense = len(cfg.dense_layers)
+    if cfg.dense_layers != tuple(range(first_dense)):
+        raise ValueError(f"DeepSeek-V2 checkpoints express dense layers as a prefix, got {cfg.dense_layers}")
+    return {
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.dense_ffn_dim, "moe_intermediate_size": cfg.expert_ffn_dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "n_routed_experts": cfg.num_experts,
+        "n_shared_experts": cfg.shared_ffn_dim // cfg.expert_ffn_dim, "num_experts_per_tok": r.top_k,
+        "topk_method": "group_limited_greedy" if r.n_group > 1 else "greedy", "n_group": r.n_group,
+        "topk_group": r.topk_group, "routed_scaling_factor": r.routed_scaling_factor,
+        "norm_topk_prob": r.topk_norm_p is not None, "first_k_dense_replace": first_dense, "moe_layer_freq": 1,
+        "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "attention_bias": False,
+        "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
+
+
+def mla_rules(cfg: ModelConfig, prefix: str, path) -> list[common.TensorRule]:
+    m, D, N = cfg.mla, cfg.d_model, cfg.num_heads
+    attn = path + ("attn",)
+    if m.q_lora_rank is None:
+        rules = [common.linear(prefix + "q_proj.weight", attn + ("q_DNH",), (D, N, m.qk_head_dim))]
+    else:
+        rules = [common.linear(prefix + "q_a_proj.weight", attn + ("q_a_DQ",), (D, m.q_lora_rank)),
+                 common.identity(prefix + "q_a_layernorm.weight", attn + ("q_a_norm", "scale"), (m.q_lora_rank,)),
+                 common.linear(prefix + "q_b_proj.weight", attn + ("q_b_QNH",), (m.q_lora_rank, N, m.qk_head_dim))]
+    return rules + [
+        common.linear(prefix + "kv_a_proj_with_mqa.weight", attn + ("kv_a_DC",),
+                      (D, m.kv_lora_rank + m.qk_rope_head_dim)),
+        common.identity(prefix + "kv_a_layernorm.weight", attn + ("kv_a_norm", "scale"), (m.kv_lora_rank,)),
+        common.linear(prefix + "kv_b_proj.weight", attn + ("kv_b_CNH",),
+                      (m.kv_lora_rank, N, m.qk_nope_head_dim + m.v_head_dim)),
+        common.linear(prefix + "o_proj.weight", attn + ("o_NVD",), (N, m.v_head_dim, D), n_in=2),
+    ]
+
+
+def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
+    rules = mixtral.embedding_rules(cfg)
+    for layer in range(cfg.num_layers):
+        prefix, path = f"model.layers.{layer}.", ("layers", layer)
+        rules += [
+            common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
+            common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+            *mla_rules(cfg, prefix + "self_attn.", path),
+            *qwen3_moe.mlp_rules(cfg, layer, prefix + "mlp.", path),
+        ]
+    return rules

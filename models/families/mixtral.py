@@ -1,0 +1,57 @@
+"""Mixtral (and the Llama-style skeleton Arctic shares): HF config and tensor names."""
+
+from __future__ import annotations
+
+from models.config import ModelConfig, RopeConfig, RouterConfig
+from models.families import common
+
+
+def config_from_hf(hf: dict, *, dtype: str, name: str = "mixtral") -> ModelConfig:
+    if hf.get("sliding_window") is not None:
+        raise NotImplementedError(f"sliding-window attention (sliding_window={hf['sliding_window']}) is not supported")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        name=name, family="mixtral", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, num_experts=hf["num_local_experts"],
+        expert_ffn_dim=hf["intermediate_size"], router=RouterConfig(top_k=hf["num_experts_per_tok"]),
+        rope=RopeConfig(**common.rope_from_hf(hf)), norm_eps=hf.get("rms_norm_eps", 1e-5),
+        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
+        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
+        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.expert_ffn_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.router.top_k, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "sliding_window": None,
+        "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
+
+
+def embedding_rules(cfg: ModelConfig) -> list[common.TensorRule]:
+    rules = [common.identity("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, cfg.d_model)),
+             common.identity("model.norm.weight", ("final_norm", "scale"), (cfg.d_model,))]
+    if not cfg.tie_embeddings:
+        rules.append(common.linear("lm_head.weight", ("lm_head_DV",), (cfg.d_model, cfg.vocab_size)))
+    return rules
+
+
+def layer_rules(cfg: ModelConfig, layer: int) -> list[common.TensorRule]:
+    """Attention, norms and the block_sparse_moe of one Llama-style layer."""
+    prefix, path = f"model.layers.{layer}.", ("layers", layer)
+    return [
+        common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
+        common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+        *common.gqa_attention(prefix + "self_attn.", path, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                              cfg.head_dim, cfg.qk_norm),
+        *common.per_expert_moe(prefix + "block_sparse_moe.", ("w1", "w3", "w2"), "gate", path, cfg.num_experts,
+                               cfg.d_model, cfg.expert_ffn_dim),
+    ]
+
+
+def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
+    return embedding_rules(cfg) + [r for layer in range(cfg.num_layers) for r in layer_rules(cfg, layer)]

@@ -1,0 +1,71 @@
+"""Qwen3-MoE: GQA with per-head q/k RMSNorm, softmax top-k (optionally renormalised), some dense layers."""
+
+from __future__ import annotations
+
+from models.config import ModelConfig, RopeConfig, RouterConfig
+from models.families import common, mixtral
+
+
+def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
+    if hf.get("use_sliding_window"):
+        raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
+    if hf.get("attention_bias"):
+        raise NotImplementedError("attention_bias=true is not supported")
+    layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    mlp_only = set(hf.get("mlp_only_layers") or [])
+    dense = tuple(l for l in range(layers) if l in mlp_only or (l + 1) % step != 0)
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        name="qwen3_moe", family="qwen3_moe", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        # The Hub's config.json says num_experts; transformers 5 writes num_local_experts.
+        num_experts=hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
+        expert_ffn_dim=hf["moe_intermediate_size"], dense_ffn_dim=hf["intermediate_size"] if dense else 0,
+        dense_layers=dense,
+        router=RouterConfig(top_k=hf["num_experts_per_tok"], topk_norm_p=1.0 if hf.get("norm_topk_prob") else None),
+        rope=RopeConfig(**common.rope_from_hf(hf)), qk_norm=True, norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
+        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
+        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.dense_ffn_dim or cfg.expert_ffn_dim,
+        "moe_intermediate_size": cfg.expert_ffn_dim, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+        "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.router.top_k,
+        "norm_topk_prob": cfg.router.topk_norm_p == 1.0, "decoder_sparse_step": 1,
+        "mlp_only_layers": list(cfg.dense_layers), "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "use_sliding_window": False,
+        "attention_bias": False, "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
+
+
+def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
+    rules = mixtral.embedding_rules(cfg)
+    for layer in range(cfg.num_layers):
+        prefix, path = f"model.layers.{layer}.", ("layers", layer)
+        rules += [
+            common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
+            common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+            *common.gqa_attention(prefix + "self_attn.", path, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
+                                  cfg.head_dim, cfg.qk_norm),
+        ]
+        rules += mlp_rules(cfg, layer, prefix + "mlp.", path)
+    return rules
+
+
+def mlp_rules(cfg: ModelConfig, layer: int, prefix: str, path) -> list[common.TensorRule]:
+    """A dense `mlp.{gate,up,down}_proj` or an MoE `mlp.gate` + `mlp.experts.{e}.*` (+ `mlp.shared_experts.*`)."""
+    proj = lambda p: (f"{p}gate_proj.weight", f"{p}up_proj.weight", f"{p}down_proj.weight")
+    if not cfg.is_moe_layer(layer):
+        return common.gated_mlp(*proj(prefix), path + ("mlp",), cfg.d_model, cfg.dense_ffn_dim)
+    rules = common.per_expert_moe(prefix, ("gate_proj", "up_proj", "down_proj"), "gate", path, cfg.num_experts,
+                                  cfg.d_model, cfg.expert_ffn_dim)
+    if cfg.shared_ffn_dim:
+        rules += common.gated_mlp(*proj(prefix + "shared_experts."), path + ("moe", "shared"),
+                                  cfg.d_model, cfg.shared_ffn_dim)
+    return rules

@@ -1,0 +1,131 @@
+"""The MoE FFN block and the narrow interface through which it runs its routed experts.
+
+The block owns the router, the stacked expert weights and the shared experts; *how* the routed experts run
+(one device, expert parallelism over a mesh, disaggregated, offloaded) is an `ExpertCompute` passed at call time.
+Every implementation has the same contract:
+
+    y_TD, stats = experts(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
+
+y_TD[t] = sum_k weights_TK[t, k] * FFN_{ids_TK[t, k]}(x_TD[t]) for valid tokens (0 for invalid ones), and
+stats reports the tokens routed to each expert and how many assignments were dropped (0 unless a capacity was
+asked for). Implementations are frozen dataclasses: hashable, so they can be static arguments of jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from models.config import ModelConfig
+from models.layers import GatedMLP, param
+from models.router import Router
+from sharding import axes
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEStats:
+    tokens_per_expert: jax.Array  # [E] int32: valid (token, k) assignments routed to each expert
+    dropped: jax.Array            # [] int32: assignments dropped by a capacity limit
+
+
+jax.tree_util.register_dataclass(MoEStats, data_fields=["tokens_per_expert", "dropped"], meta_fields=[])
+
+
+class ExpertCompute(Protocol):
+    def __call__(self, x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T) -> tuple[
+            jax.Array, MoEStats]: ...
+
+
+def sort_by_expert(ids_TK, valid_T, num_experts: int):
+    """Orders the T*K (token, k) assignments by expert; invalid ones go last under the sentinel id E.
+
+    Returns order [T*K] (sorted position -> flat assignment index), sorted ids [T*K] and group_sizes [E].
+    """
+    K = ids_TK.shape[1]
+    flat_ids = jnp.where(jnp.repeat(valid_T, K), ids_TK.reshape(-1), num_experts)
+    order = jnp.argsort(flat_ids, stable=True)
+    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_ids].add(1, mode="drop")
+    return order, flat_ids[order], group_sizes
+
+
+def apply_capacity(ids_TK, valid_T, num_experts: int, capacity: int):
+    """Marks assignments beyond `capacity` per expert (in token order) invalid. Returns new ids [T, K] with
+    dropped assignments set to the sentinel E, and the number dropped."""
+    T, K = ids_TK.shape
+    order, sorted_ids, group_sizes = sort_by_expert(ids_TK, valid_T, num_experts)
+    starts_E = jnp.cumsum(group_sizes) - group_sizes
+    starts = jnp.concatenate([starts_E, jnp.array([T * K], jnp.int32)])
+    rank_sorted = jnp.arange(T * K, dtype=jnp.int32) - starts[sorted_ids]
+    rank_flat = jnp.zeros((T * K,), jnp.int32).at[order].set(rank_sorted)
+    valid_flat = jnp.repeat(valid_T, K)
+    keep_flat = valid_flat & (rank_flat < capacity)
+    dropped = jnp.sum(valid_flat & ~keep_flat).astype(jnp.int32)
+    return jnp.where(keep_flat, ids_TK.reshape(-1), num_experts).reshape(T, K), dropped
+
+
+def combine(y_sorted_MD, order, weights_TK):
+    """Un-sorts expert outputs [T*K, D] back to assignments and sums them weighted by the router: [T, D]."""
+    T, K = weights_TK.shape
+    y_flat = jnp.zeros_like(y_sorted_MD).at[order].set(y_sorted_MD)
+    y_TKD = y_flat.reshape(T, K, -1)
+    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExperts:
+    """All experts on this device: sort by expert, one grouped expert FFN (pallas_kernels), un-sort, combine.
+
+    backend: a pallas_kernels backend name, or "auto" for the load-aware selector.
+    capacity_factor: None is dropless (the default). Otherwise each expert takes at most
+        ceil(capacity_factor * T * K / E) assignments, in token order, and MoEStats.dropped counts the rest.
+    """
+
+    backend: str = "auto"
+    capacity_factor: float | None = None
+
+    def __post_init__(self):
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
+
+    def __call__(self, x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T):
+        T, K = ids_TK.shape
+        E = w_gate_EDF.shape[0]
+        _, _, routed_E = sort_by_expert(ids_TK, valid_T, E)
+        dropped = jnp.zeros((), jnp.int32)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * T * K / E)
+            ids_TK, dropped = apply_capacity(ids_TK, valid_T, E, capacity)
+        order, _, group_sizes = sort_by_expert(ids_TK, valid_T, E)
+        x_sorted_MD = x_TD[order // K]  # [T*K, D]
+        with jax.named_scope("routed_experts"):
+            y_sorted_MD = pallas_kernels.expert_ffn(x_sorted_MD, w_gate_EDF, w_up_EDF, w_down_EFD, group_sizes,
+                                                    backend=self.backend)
+        y_TD = combine(y_sorted_MD, order, weights_TK).astype(x_TD.dtype)
+        return y_TD, MoEStats(tokens_per_expert=routed_E, dropped=dropped)
+
+
+class MoEBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, D, F, dt = cfg.num_experts, cfg.d_model, cfg.expert_ffn_dim, cfg.jnp_dtype
+        self.router = Router(D, E, cfg.router, dtype=dt, rngs=rngs)
+        self.w_gate_EDF = param(rngs, (E, D, F), (axes.EXPERTS, axes.EMBED, axes.EXPERT_MLP), dt)
+        self.w_up_EDF = param(rngs, (E, D, F), (axes.EXPERTS, axes.EMBED, axes.EXPERT_MLP), dt)
+        self.w_down_EFD = param(rngs, (E, F, D), (axes.EXPERTS, axes.EXPERT_MLP, axes.EMBED), dt)
+        self.shared = GatedMLP(D, cfg.shared_ffn_dim, dtype=dt, rngs=rngs) if cfg.shared_ffn_dim else None
+
+    def __call__(self, x_BTD, valid_BT, experts: ExpertCompute):
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        ids_TK, weights_TK = self.router(x_TD)
+        y_TD, stats = experts(x_TD, ids_TK, weights_TK, self.w_gate_EDF[...], self.w_up_EDF[...],
+                              self.w_down_EFD[...], valid_BT.reshape(B * T))
+        y_BTD = y_TD.reshape(B, T, D)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        return y_BTD, stats

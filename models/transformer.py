@@ -1,0 +1,108 @@
+"""Decoder layers and the whole MoE transformer (embedding -> layers -> norm -> LM head), with a KV cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import AttentionContext, make_attention
+from models.config import ModelConfig
+from models.layers import Embedding, GatedMLP, make_norm, param
+from models.moe import ExpertCompute, MoEBlock, MoEStats
+from sharding import axes
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOutput:
+    logits: jax.Array            # [B, T, V] float32 (T = 1 when only the last position was asked for)
+    cache: list[dict] | None     # per layer: the attention's cache entries, [B, S, ...] each
+    moe_stats: MoEStats          # stacked over MoE layers: tokens_per_expert [L_moe, E], dropped [L_moe]
+
+
+jax.tree_util.register_dataclass(ForwardOutput, data_fields=["logits", "cache", "moe_stats"], meta_fields=[])
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention, then a dense FFN or an MoE FFN (with Arctic's parallel dense residual if configured)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        dt = cfg.jnp_dtype
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+        self.attn = make_attention(cfg, rngs=rngs)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+        self.moe = MoEBlock(cfg, rngs=rngs) if cfg.is_moe_layer(layer) else None
+        self.mlp = None if cfg.is_moe_layer(layer) else GatedMLP(cfg.d_model, cfg.dense_ffn_dim, dtype=dt, rngs=rngs)
+        if self.moe is not None and cfg.dense_residual:
+            self.residual_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+            self.residual_mlp = GatedMLP(cfg.d_model, cfg.dense_ffn_dim, dtype=dt, rngs=rngs)
+        else:
+            self.residual_norm = self.residual_mlp = None
+
+    def __call__(self, x_BTD, valid_BT, ctx: AttentionContext, cache_layer, experts: ExpertCompute):
+        attn_BTD, cache_layer = self.attn(self.attn_norm(x_BTD), ctx, cache_layer)
+        h_BTD = x_BTD + attn_BTD
+        if self.moe is None:
+            return h_BTD + self.mlp(self.ffn_norm(h_BTD)), cache_layer, None
+        if self.residual_mlp is not None:
+            # Arctic: the MoE reads the layer's input, in parallel with attention + dense residual MLP.
+            dense_BTD = h_BTD + self.residual_mlp(self.residual_norm(h_BTD))
+            moe_BTD, stats = self.moe(self.ffn_norm(x_BTD), valid_BT, experts)
+            return dense_BTD + moe_BTD, cache_layer, stats
+        moe_BTD, stats = self.moe(self.ffn_norm(h_BTD), valid_BT, experts)
+        return h_BTD + moe_BTD, cache_layer, stats
+
+
+def prefill_mask(valid_BT):
+    """[B, T, T]: causal, and padding keys hidden."""
+    T = valid_BT.shape[1]
+    causal_TT = jnp.tril(jnp.ones((T, T), bool))
+    return causal_TT[None] & valid_BT[:, None, :]
+
+
+def decode_mask(kv_valid_BS, write_index, num_new: int):
+    """[B, T, S] for T new tokens written at slots write_index.. : a query sees valid slots up to its own."""
+    S = kv_valid_BS.shape[1]
+    query_slot_T = write_index + jnp.arange(num_new)
+    return (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
+
+
+class MoETransformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.jnp_dtype
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, dtype=dt, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, layer, rngs=rngs) for layer in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+        self.lm_head_DV = None if cfg.tie_embeddings else param(rngs, (cfg.d_model, cfg.vocab_size),
+                                                                (axes.EMBED, axes.VOCAB), dt)
+
+    def init_cache(self, batch: int, length: int) -> list[dict]:
+        return [{name: jnp.zeros(shape, self.cfg.jnp_dtype) for name, shape in
+                 layer.attn.cache_shapes(batch, length).items()} for layer in self.layers]
+
+    def __call__(self, tokens_BT, positions_BT, valid_BT, mask_BTS, *, experts: ExpertCompute,
+                 cache: list[dict] | None = None, write_index=0, attend_to_cache: bool = False,
+                 last_logits_only: bool = False) -> ForwardOutput:
+        ctx = AttentionContext(positions_BT=positions_BT, mask_BTS=mask_BTS, write_index=write_index,
+                               attend_to_cache=attend_to_cache)
+        x_BTD = self.embed(tokens_BT)
+        new_cache, stats = [], []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                x_BTD, layer_cache, layer_stats = layer(x_BTD, valid_BT, ctx, None if cache is None else cache[i],
+                                                        experts)
+            new_cache.append(layer_cache)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        x_BTD = self.final_norm(x_BTD)
+        if last_logits_only:
+            x_BTD = x_BTD[:, -1:]
+        head_DV = self.embed.embedding[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
+        with jax.named_scope("lm_head"):
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
+        moe_stats = MoEStats(tokens_per_expert=jnp.stack([s.tokens_per_expert for s in stats]),
+                             dropped=jnp.stack([s.dropped for s in stats]))
+        return ForwardOutput(logits=logits_BTV, cache=None if cache is None else new_cache, moe_stats=moe_stats)
