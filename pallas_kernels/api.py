@@ -1,19 +1,45 @@
 """The two calls the models layer makes: ``group_gemm`` and ``expert_ffn``.
 
-Both dispatch on ``backend`` to one implementation; ``"auto"`` asks
-:func:`pallas_kernels.selector.select_backend` (static shapes, device kind).
+Both dispatch on ``backend`` to one implementation module; ``"auto"`` asks
+:func:`pallas_kernels.selector.select_backend` (static shape, device kind).
 The semantics every backend shares are in :mod:`pallas_kernels.semantics`.
+
+Backends (all take the same arguments):
+
+==============  ===============================================================
+reference       plain jnp, E times the work: the test oracle
+ragged_dot      jax.lax.ragged_dot (the XLA baseline)
+dense           DenseGemm: capacity buckets through XLA's batched matmul
+chunked         GroupGemm as an XLA loop over row chunks (the CPU path)
+pallas_triton   Pallas kernel through the Triton lowering (GPU; interpret on CPU)
+mosaic_gpu      Pallas Mosaic GPU kernel for Hopper (GPU; interpret on CPU)
+jax_triton      Triton kernel through jax-triton (GPU only, needs jax_triton)
+==============  ===============================================================
 """
 
 from __future__ import annotations
 
-from pallas_kernels import ragged_dot, selector, semantics
+import functools
 
-# name -> (group_gemm implementation, expert_ffn implementation)
-_IMPLS = {
-    "reference": (semantics.group_gemm_reference, semantics.expert_ffn_reference),
-    "ragged_dot": (ragged_dot.group_gemm, ragged_dot.expert_ffn),
-}
+from pallas_kernels import selector, semantics
+
+_INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
+
+
+def _module(name: str):
+  """The implementation module of a backend (imported lazily)."""
+  from pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
+                              group_gemm_triton, ragged_dot)
+
+  return {
+      "reference": semantics,
+      "ragged_dot": ragged_dot,
+      "dense": dense_gemm,
+      "chunked": chunked_gemm,
+      "pallas_triton": group_gemm_triton,
+      "mosaic_gpu": group_gemm_mgpu,
+      "jax_triton": group_gemm_jax_triton,
+  }[name]
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
@@ -29,20 +55,28 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
       rhs[g - group_offset] when group_offset <= g < group_offset + E; rows
       of other groups produce zeros.
     slot_of_expert: optional [G] int32: group g uses rhs[slot_of_expert[g]];
-      -1 (not resident) produces zeros.  Requires group_offset == 0 (static).
+      -1 (not resident) produces zeros; resident experts have distinct slots.
+      Requires group_offset == 0 (static), else ValueError.
     backend: "auto" or one of :data:`pallas_kernels.selector.BACKENDS`.
     tiling: the backend's tiling object, or None for its default / the table.
-    interpret: run Pallas backends in interpret mode (CPU testing).
+    interpret: run the Pallas backends (pallas_triton, mosaic_gpu) in
+      interpret mode, e.g. on CPU.  "auto" never picks an interpreted kernel.
 
   Returns:
     [M, N] in lhs.dtype, accumulated in float32.
   """
   semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
-  name, tiling = _resolve(backend, tiling, lhs, rhs.shape[0], group_sizes.shape[0],
-                          rhs.shape[1], rhs.shape[2], interpret, op="group_gemm")
-  impl = _IMPLS[name][0]
-  kwargs = _backend_kwargs(name, tiling, interpret)
-  return impl(lhs, rhs, group_sizes, group_offset=group_offset, slot_of_expert=slot_of_expert, **kwargs)
+  name, tiling = _resolve(backend, tiling, interpret, lhs.shape[0], rhs.shape[0],
+                          group_sizes.shape[0], rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
+  kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
+  if name == "reference":
+    return semantics.group_gemm_reference(lhs, rhs, group_sizes, **kwargs)
+  if name == "ragged_dot":
+    return _module(name).group_gemm(lhs, rhs, group_sizes, **kwargs)
+  if name == "dense":
+    kwargs["fallback_fn"] = _dense_fallback(tiling, lhs.shape[0], rhs.shape[0], group_sizes.shape[0],
+                                            rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
+  return _module(name).group_gemm(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret, **kwargs)
 
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
@@ -58,30 +92,55 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
   Returns:
     [M, D] in x.dtype.  Accumulation is float32; the hidden [M, F] is
     rounded to x.dtype between the fused gate/up GEMM and the down GEMM.
+    The gate and up products share one kernel (pallas_triton, mosaic_gpu,
+    jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
+    at a time).
   """
   semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
-  name, tiling = _resolve(backend, tiling, x, w_gate.shape[0], group_sizes.shape[0],
-                          w_gate.shape[1], w_gate.shape[2], interpret, op="expert_ffn")
-  impl = _IMPLS[name][1]
-  kwargs = _backend_kwargs(name, tiling, interpret)
-  return impl(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
-              slot_of_expert=slot_of_expert, **kwargs)
+  name, tiling = _resolve(backend, tiling, interpret, x.shape[0], w_gate.shape[0],
+                          group_sizes.shape[0], w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
+  kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
+  args = (x, w_gate, w_up, w_down, group_sizes)
+  if name == "reference":
+    return semantics.expert_ffn_reference(*args, **kwargs)
+  if name == "ragged_dot":
+    return _module(name).expert_ffn(*args, **kwargs)
+  if name == "dense":
+    kwargs["fallback_fn"] = _dense_fallback(tiling, x.shape[0], w_gate.shape[0], group_sizes.shape[0],
+                                            w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
+  return _module(name).expert_ffn(*args, tiling=tiling, interpret=interpret, **kwargs)
 
 
-def _resolve(backend, tiling, lhs, num_slots, num_groups, k, n, interpret, op):
+def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, op):
+  """(backend name, tiling) after "auto" and the platform checks."""
   if backend == "auto":
-    choice = selector.select_backend(
-        tokens_per_expert=lhs.shape[0] / max(num_groups, 1), num_experts=num_slots,
-        k=k, n=n, dtype=lhs.dtype, op=op)
+    choice = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots,
+                                     k=k, n=n, dtype=dtype, op=op)
     return choice.backend, tiling if tiling is not None else choice.tiling
-  if backend not in _IMPLS:
-    raise ValueError(f"unknown backend {backend=}; expected 'auto' or one of {sorted(_IMPLS)}")
+  if backend not in selector.BACKENDS:
+    raise ValueError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
+  if tiling is not None and backend in ("reference", "ragged_dot"):
+    raise ValueError(f"backend {backend!r} takes no tiling; got {tiling=}")
+  if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
+    raise ValueError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
+  if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
+    if backend == "jax_triton" or not interpret:
+      hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
+      raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the default device is "
+                       f"{selector.platform()!r}{hint}")
+  if interpret and backend == "jax_triton":
+    raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
   return backend, tiling
 
 
-def _backend_kwargs(name, tiling, interpret):
-  if name in ("reference", "ragged_dot"):
-    if tiling is not None:
-      raise ValueError(f"backend {name!r} takes no tiling; got {tiling=}")
-    return {}
-  return {"tiling": tiling, "interpret": interpret}
+def _dense_fallback(tiling, m, num_slots, num_groups, k, n, dtype, op):
+  """The grouped implementation the dense path runs when no capacity bucket fits."""
+  name = getattr(tiling, "fallback", "auto")
+  if name == "auto":
+    name = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots, k=k, n=n,
+                                   dtype=dtype, op=op, max_tokens_per_expert=float(m),
+                                   exclude=("dense",)).backend
+  if name == "dense" or name not in selector.BACKENDS:
+    raise ValueError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
+  impl = getattr(_module(name), op) if name != "reference" else getattr(semantics, f"{op}_reference")
+  return functools.partial(impl) if name in ("reference", "ragged_dot") else functools.partial(impl, tiling=None)

@@ -1,0 +1,240 @@
+"""Grouped GEMM as a Pallas Mosaic GPU kernel for Hopper (wgmma, TMA, persistent).
+
+Algorithm.  The work items of :mod:`pallas_kernels.work_list` (one aligned
+``block_m`` row tile x one group segment) times the ``N / block_n`` column
+blocks form a static list of output tiles.  A persistent grid of ``num_sms``
+thread blocks walks that list (``plgpu.nd_loop`` over the ``"sm"`` axis, tile
+``i`` goes to block ``i mod num_sms``), so ``num_sms`` below the device's SM
+count leaves SMs free for communication kernels, as EPS-MoE does.  For each
+tile:
+
+* the K loop is a software pipeline (``plgpu.emit_pipeline``) of
+  ``max_concurrent_steps`` stages: TMA copies ``lhs[tile rows, k block]`` and
+  ``rhs[slot, k block, n block]`` into swizzled shared memory while the
+  previous stages feed ``wgmma`` into a float32 register accumulator;
+* the epilogue casts the accumulator into shared memory and TMA-stores only the
+  rows ``[lo, hi)`` of the item.  TMA stores need static shapes, so the row
+  count is written as a sum of powers of two, one store per set bit (at most
+  ``log2(block_m) + 1`` stores; no other group's rows are touched);
+* items without a slot store zeros (no loads, no wgmma); idle items past the
+  traced item count do nothing.
+
+Rows of a tile that belong to other groups are multiplied too (wgmma has no
+row mask), the usual price of aligned tiles; TMA zero-fills rows past M.
+
+The fused gate/up mode runs two accumulators over the same lhs stages and
+writes ``silu(gate) * up``; the expert FFN then runs the down projection.
+
+Tiling: ``block_m`` (multiple of 64, one warpgroup wgmma M), ``block_n``
+(multiple of 64, <= 256), ``block_k`` (``block_k * itemsize`` = 128 bytes: 64
+for 16-bit types), ``max_concurrent_steps`` (pipeline depth), ``num_sms``
+(persistent grid size; None = every SM of the device).  Requires 16-bit
+inputs (float16 / bfloat16) and ``K % block_k == N % block_n == 0``.
+
+On CPU it runs in Mosaic GPU interpret mode (``interpret=True`` is turned into
+``plgpu.InterpretGPUParams()``), which simulates shared memory, TMA and
+barriers; the compiled path needs an sm_90 GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import semantics, work_list
+
+_SWIZZLE_BYTES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiling:
+  """Tile sizes, pipeline depth and persistent grid size."""
+
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 64
+  max_concurrent_steps: int = 4
+  num_sms: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.block_m, int) or self.block_m % 64 or self.block_m & (self.block_m - 1):
+      raise ValueError(f"MosaicTiling.block_m must be a power of two and a multiple of 64; got {self.block_m=}")
+    if not isinstance(self.block_n, int) or self.block_n % 64 or not 64 <= self.block_n <= 256:
+      raise ValueError(f"MosaicTiling.block_n must be 64, 128, 192 or 256; got {self.block_n=}")
+    if not isinstance(self.block_k, int) or self.block_k < 8 or self.block_k & (self.block_k - 1):
+      raise ValueError(f"MosaicTiling.block_k must be a power of two >= 8; got {self.block_k=}")
+    if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
+      raise ValueError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
+    if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms < 1):
+      raise ValueError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
+
+
+def _kernel(tile_gmem, lo_gmem, hi_gmem, slot_gmem, lhs_gmem, *refs,
+            tiling: MosaicTiling, fused: bool, num_items: int):
+  """The persistent body, run by every block of the ``"sm"`` grid.
+
+  tile_gmem, lo_gmem, hi_gmem, slot_gmem: [W] int32 work list.
+  lhs_gmem: [M, K].  refs: rhs_gmem [S, K, N] (and up_gmem when fused), out_gmem [M, N].
+  """
+  *w_gmems, out_gmem = refs
+  bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+  k = lhs_gmem.shape[1]
+  n = out_gmem.shape[1]
+  grid_n = n // bn
+  swizzle_elems = _SWIZZLE_BYTES // jnp.dtype(lhs_gmem.dtype).itemsize
+  transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+
+  @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+  def _tile_loop(info: plgpu.NDLoopInfo):
+    (linear,) = info.index
+    item = linear // grid_n
+    n_block = linear % grid_n
+    tile = tile_gmem[item]
+    lo = lo_gmem[item]
+    hi = hi_gmem[item]
+    slot = slot_gmem[item]
+    row0 = tile * bm
+
+    def product():
+      def acc_scope(*acc_refs):  # each [block_m, block_n] float32
+        def k_step(_, lhs_smem, *w_smems):  # [block_m, block_k], [block_k, block_n] ...
+          for acc_ref, w_smem in zip(acc_refs, w_smems):
+            plgpu.wgmma(acc_ref, lhs_smem, w_smem)
+          plgpu.wgmma_wait(0)
+
+        plgpu.emit_pipeline(
+            k_step,
+            grid=(k // bk,),
+            in_specs=[
+                plgpu.BlockSpec((bm, bk), lambda kb: (tile, kb), transforms=transforms),
+                *[plgpu.BlockSpec((bk, bn), lambda kb: (kb, n_block), transforms=transforms)
+                  for _ in w_gmems],
+            ],
+            max_concurrent_steps=tiling.max_concurrent_steps,
+        )(lhs_gmem, *[w.at[slot] for w in w_gmems])
+        return tuple(acc_ref[...] for acc_ref in acc_refs)
+
+      accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), jnp.float32) for _ in w_gmems])
+      if fused:
+        gate, up = accs
+        return semantics.silu(gate) * up
+      return accs[0]
+
+    @pl.when((lo < hi) & (slot >= 0))
+    def _():
+      _store_rows(product().astype(out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
+
+    @pl.when((lo < hi) & (slot < 0))
+    def _():
+      _store_rows(jnp.zeros((bm, bn), out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
+
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _store_rows(value, out_gmem, row0, lo, hi, n_block, bm: int, bn: int):
+  """TMA-stores rows ``[lo, hi)`` of the tile ``value [block_m, block_n]`` at row0."""
+
+  def scope(o_smem):  # [block_m, block_n]
+    o_smem[...] = value
+    plgpu.commit_smem()
+    count = hi - lo
+    start = lo - row0
+    size = bm
+    while size >= 1:  # one TMA store per set bit of count, largest first
+      @pl.when(count & size != 0)
+      def _(size=size, start=start):
+        plgpu.copy_smem_to_gmem(
+            o_smem.at[pl.ds(start, size)],
+            out_gmem.at[pl.ds(row0 + start, size), pl.ds(n_block * bn, bn)])
+
+      start = start + (count & size)
+      size //= 2
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  pl.run_scoped(scope, plgpu.SMEM((bm, bn), out_gmem.dtype))
+
+
+def _num_sms(tiling: MosaicTiling) -> int:
+  if tiling.num_sms is not None:
+    return tiling.num_sms
+  if abstract := jax.sharding.get_abstract_mesh().abstract_device:
+    return abstract.num_cores
+  device = jax.devices()[0]
+  return getattr(device, "core_count", None) or 132
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def _call(lhs, rhs_list, group_sizes, slots, *, tiling: MosaicTiling, interpret: bool):
+  m = lhs.shape[0]
+  n = rhs_list[0].shape[2]
+  items = work_list.build(group_sizes, slots, m, tiling.block_m)
+  num_items = items.tile.shape[0]
+  kernel = plgpu.kernel(
+      functools.partial(_kernel, tiling=tiling, fused=len(rhs_list) == 2, num_items=num_items),
+      out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      grid=(_num_sms(tiling),),
+      grid_names=("sm",),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return kernel(items.tile, items.lo, items.hi, items.slot, lhs, *rhs_list)
+
+
+def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
+               tiling: MosaicTiling | None = None, interpret: bool = False):
+  """Grouped GEMM ``[M, K] x [S, K, N] -> [M, N]`` (semantics: :mod:`pallas_kernels.semantics`)."""
+  semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
+  tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2])
+  slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
+  return _call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret)
+
+
+def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None,
+            tiling: MosaicTiling | None = None, interpret: bool = False):
+  """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
+  semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
+  if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+    raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
+  tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2])
+  slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
+  return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
+
+
+def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
+               tiling: MosaicTiling | None = None, interpret: bool = False):
+  """Expert FFN: the fused gate/up kernel, then the grouped down projection."""
+  semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
+  kw = dict(group_offset=group_offset, slot_of_expert=slot_of_expert, tiling=tiling, interpret=interpret)
+  hidden = gate_up(x, w_gate, w_up, group_sizes, **kw)  # [M, F]
+  return group_gemm(hidden, w_down, group_sizes, **kw)  # [M, D]
+
+
+def supports(dtype, k: int, n: int, tiling: MosaicTiling | None = None) -> bool:
+  """Whether the kernel takes these operands (16-bit dtype, K and N divisible by the tiles)."""
+  try:
+    check_tiling(tiling, dtype, k, n)
+  except ValueError:
+    return False
+  return True
+
+
+def check_tiling(tiling, dtype, k: int, n: int) -> MosaicTiling:
+  tiling = MosaicTiling() if tiling is None else tiling
+  if not isinstance(tiling, MosaicTiling):
+    raise ValueError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
+  itemsize = jnp.dtype(dtype).itemsize
+  if itemsize != 2:
+    raise ValueError(f"the mosaic_gpu backend needs float16 or bfloat16 operands; got {dtype=}")
+  if tiling.block_k * itemsize != _SWIZZLE_BYTES:
+    raise ValueError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} bytes; got {tiling.block_k=} {dtype=}")
+  if k % tiling.block_k or n % tiling.block_n:
+    raise ValueError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
+  return tiling
+
+
+group_gemm_reference = semantics.group_gemm_reference
+expert_ffn_reference = semantics.expert_ffn_reference
