@@ -18,11 +18,14 @@ FAMILIES = ["mixtral", "deepseek_v2_lora", "deepseek_v2_nolora", "qwen3_moe", "d
 LOGIT_TOL = 1e-4  # float32; transformers' own eager path is the oracle
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, b) for f in FAMILIES for b in ("auto", "reference")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def loaded(request):
-    path = FIXTURES / request.param
-    engine = Engine(load_checkpoint(path, dtype="float32", progress=False), experts=LocalExperts(backend="reference"))
-    return request.param, engine, load_file(str(path / "expected.safetensors"))
+    """(name, engine, expected) for each family, with the default expert backend and the plain-jnp reference."""
+    family, backend = request.param
+    path = FIXTURES / family
+    engine = Engine(load_checkpoint(path, dtype="float32", progress=False), experts=LocalExperts(backend=backend))
+    return family, engine, load_file(str(path / "expected.safetensors"))
 
 
 def test_logits_match_transformers(loaded):
