@@ -25,3 +25,10 @@ ACT_EMBED = "act_embed"
 ACT_HEADS = "act_heads"
 ACT_KV_HEADS = "act_kv_heads"
 ACT_EXPERTS = "act_experts"
+
+# The flattened [B*T] tokens inside the MoE's shard_map: split over the batch's mesh axes and the expert-parallel
+# axes, so that every device of an expert-parallel group routes different tokens.
+MOE_TOKENS = "moe_tokens"
+
+PARAM_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, Q_LORA, KV_LORA, MLP, EXPERTS, EXPERT_MLP, NORM)
+ACTIVATION_AXES = (BATCH, SEQ, CACHE_SEQ, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_EXPERTS, MOE_TOKENS)

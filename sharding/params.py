@@ -1,0 +1,87 @@
+"""Parameters in their shards: creation, checkpoint placement and the batch's sharding for one rule set.
+
+`create_sharded_model` builds the model inside one jit whose outputs are constrained to the rule set's
+shardings, so XLA generates each device's shard of each parameter on that device (jax's threefry is
+partitionable: the values equal an unsharded model's from the same rngs). No parameter exists whole on one
+device. `param_shardings` gives `epsjax.checkpoint.load_checkpoint` the same placement per parameter path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from models import ModelConfig, MoETransformer
+from sharding.rules import Rules, get_rules, rules_for_model
+
+ParamPath = tuple
+
+
+def _logical_axes(variable: nnx.Variable) -> tuple:
+    return tuple(variable.get_metadata().get("out_sharding") or (None,) * variable.ndim)
+
+
+def abstract_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules):
+    """(graphdef, abstract state, state of NamedShardings) of the model under a rule set; checks that every
+    sharded dimension of every parameter divides by its mesh axes, naming the parameter if not."""
+    rules = rules_for_model(cfg, mesh, rule_set)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
+
+    def sharding_of(path, variable):
+        logical = _logical_axes(variable)
+        spec = rules.spec(logical)
+        for dim, (size, mesh_axes) in enumerate(zip(variable.shape, spec)):
+            names = () if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+            parts = math.prod(mesh.shape[a] for a in names)
+            if size % parts:
+                where = "/".join(str(p) for p in path)
+                raise ValueError(f"{cfg.name}: parameter {where} {tuple(variable.shape)} dimension {dim} "
+                                 f"({logical[dim]}={size}) does not divide over mesh axes {names} ({parts} "
+                                 f"devices) of rule set {rules.name!r}")
+        return variable.replace(NamedSharding(mesh, spec))
+
+    shardings = nnx.map_state(sharding_of, abstract)
+    return graphdef, abstract, shardings
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules) -> Callable[[ParamPath], NamedSharding]:
+    """parameter path (e.g. ("layers", 0, "attn", "q_DNH")) -> its NamedSharding, for load_checkpoint."""
+    _, _, shardings = abstract_shardings(cfg, mesh, rule_set)
+    table = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
+
+    def sharding(path: ParamPath) -> NamedSharding:
+        if tuple(path) not in table:
+            raise KeyError(f"{cfg.name} has no parameter {path}")
+        return table[tuple(path)]
+
+    return sharding
+
+
+def create_sharded_model(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
+                         rngs: nnx.Rngs | int = 0) -> MoETransformer:
+    """A freshly initialised model whose parameters are created directly in their shards.
+
+    Equal, parameter for parameter, to MoETransformer(cfg, rngs=rngs) built on one device from the same rngs.
+    """
+    rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+    _, _, shardings = abstract_shardings(cfg, mesh, rule_set)
+
+    @nnx.jit
+    def create(rngs):
+        model = MoETransformer(cfg, rngs=rngs)
+        state = nnx.state(model)
+        nnx.update(model, jax.lax.with_sharding_constraint(state, shardings))
+        return model
+
+    return create(rngs)
+
+
+def batch_sharding(mesh: Mesh, rule_set: str | Rules) -> NamedSharding:
+    """Where [B, ...] inputs go (Engine(batch_sharding=...)): the batch split over the rule set's batch axes.
+    B must divide by their size."""
+    axes = get_rules(rule_set).batch_axes
+    return NamedSharding(mesh, PartitionSpec(axes or None))
