@@ -19,8 +19,6 @@ jax_triton      Triton kernel through jax-triton (GPU only, needs jax_triton)
 
 from __future__ import annotations
 
-import functools
-
 from pallas_kernels import selector, semantics
 
 _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
@@ -123,13 +121,13 @@ def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, 
     raise ValueError(f"backend {backend!r} takes no tiling; got {tiling=}")
   if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
     raise ValueError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
+  if interpret and backend == "jax_triton":
+    raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
   if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
     if backend == "jax_triton" or not interpret:
       hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
       raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the default device is "
                        f"{selector.platform()!r}{hint}")
-  if interpret and backend == "jax_triton":
-    raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
   return backend, tiling
 
 
@@ -142,5 +140,6 @@ def _dense_fallback(tiling, m, num_slots, num_groups, k, n, dtype, op):
                                    exclude=("dense",)).backend
   if name == "dense" or name not in selector.BACKENDS:
     raise ValueError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
-  impl = getattr(_module(name), op) if name != "reference" else getattr(semantics, f"{op}_reference")
-  return functools.partial(impl) if name in ("reference", "ragged_dot") else functools.partial(impl, tiling=None)
+  if name == "reference":
+    return getattr(semantics, f"{op}_reference")
+  return getattr(_module(name), op)  # a module-level function: a stable static argument

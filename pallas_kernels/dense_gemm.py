@@ -124,10 +124,15 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
   del interpret  # plain XLA
   semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
   tiling = _check_tiling(tiling)
-  fallback_fn = fallback_fn or _default_fallback("group_gemm")
+  capacities = tiling.buckets(lhs.shape[0], rhs.shape[0])
+  return _group_gemm(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32), slot_of_expert,
+                     capacities=capacities, fallback_fn=fallback_fn or _default_fallback("group_gemm"))
+
+
+@functools.partial(jax.jit, static_argnames=("capacities", "fallback_fn"))
+def _group_gemm(lhs, rhs, group_sizes, group_offset, slot_of_expert, *, capacities, fallback_fn):
   slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
   layout = slot_layout(group_sizes, slots, lhs.shape[0], rhs.shape[0])
-  capacities = tiling.buckets(lhs.shape[0], rhs.shape[0])
 
   def branch(capacity):
     blocks = to_blocks(lhs, layout, capacity)  # [S, C, K]
@@ -135,7 +140,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
     return from_blocks(out, layout).astype(lhs.dtype)
 
   def fallback():
-    return fallback_fn(lhs, rhs, group_sizes, group_offset=group_offset, slot_of_expert=slot_of_expert)
+    return fallback_fn(lhs, rhs, group_sizes, **_indirection(group_offset, slot_of_expert))
 
   return bucketed(branch, fallback, layout, capacities)
 
@@ -147,10 +152,17 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
   del interpret
   semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
   tiling = _check_tiling(tiling)
-  fallback_fn = fallback_fn or _default_fallback("expert_ffn")
+  capacities = tiling.buckets(x.shape[0], w_gate.shape[0])
+  return _expert_ffn(x, w_gate, w_up, w_down, group_sizes, jnp.asarray(group_offset, jnp.int32),
+                     slot_of_expert, capacities=capacities,
+                     fallback_fn=fallback_fn or _default_fallback("expert_ffn"))
+
+
+@functools.partial(jax.jit, static_argnames=("capacities", "fallback_fn"))
+def _expert_ffn(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert, *, capacities,
+                fallback_fn):
   slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
   layout = slot_layout(group_sizes, slots, x.shape[0], w_gate.shape[0])
-  capacities = tiling.buckets(x.shape[0], w_gate.shape[0])
 
   def branch(capacity):
     blocks = to_blocks(x, layout, capacity)  # [S, C, D]
@@ -161,10 +173,16 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
     return from_blocks(out, layout).astype(x.dtype)
 
   def fallback():
-    return fallback_fn(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
-                       slot_of_expert=slot_of_expert)
+    return fallback_fn(x, w_gate, w_up, w_down, group_sizes, **_indirection(group_offset, slot_of_expert))
 
   return bucketed(branch, fallback, layout, capacities)
+
+
+def _indirection(group_offset, slot_of_expert):
+  """Keyword arguments for the fallback: slot_of_expert implies a static zero offset."""
+  if slot_of_expert is not None:
+    return {"slot_of_expert": slot_of_expert}
+  return {"group_offset": group_offset}
 
 
 def _default_fallback(op):

@@ -28,8 +28,11 @@ writes ``silu(gate) * up``; the expert FFN then runs the down projection.
 Tiling: ``block_m`` (multiple of 64, one warpgroup wgmma M), ``block_n``
 (multiple of 64, <= 256), ``block_k`` (``block_k * itemsize`` = 128 bytes: 64
 for 16-bit types), ``max_concurrent_steps`` (pipeline depth), ``num_sms``
-(persistent grid size; None = every SM of the device).  Requires 16-bit
-inputs (float16 / bfloat16) and ``K % block_k == N % block_n == 0``.
+(persistent grid size; None = every SM of the device); stages that do not
+fit the 227 KiB of shared memory are dropped (the fused gate/up mode holds
+two weight tiles per stage).  Requires 16-bit
+inputs (float16 / bfloat16) and ``K % block_k == N % block_n == 0``; M is padded to
+a multiple of 8 (the TMA row tiling) when it is not one.
 
 On CPU it runs in Mosaic GPU interpret mode (``interpret=True`` is turned into
 ``plgpu.InterpretGPUParams()``), which simulates shared memory, TMA and
@@ -49,6 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import semantics, work_list
 
 _SWIZZLE_BYTES = 128
+MAX_SMEM_BYTES = 232448  # sm_90 dynamic shared memory per block (227 KiB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +163,23 @@ def _store_rows(value, out_gmem, row0, lo, hi, n_block, bm: int, bn: int):
   pl.run_scoped(scope, plgpu.SMEM((bm, bn), out_gmem.dtype))
 
 
+def smem_bytes(tiling: MosaicTiling, itemsize: int, num_weights: int = 1) -> int:
+  """Shared memory of the kernel: pipeline stages, the epilogue tile, barriers (estimate)."""
+  stage = (tiling.block_m * tiling.block_k + num_weights * tiling.block_k * tiling.block_n) * itemsize
+  epilogue = tiling.block_m * tiling.block_n * itemsize
+  return tiling.max_concurrent_steps * stage + epilogue + 64 * tiling.max_concurrent_steps
+
+
+def fit_stages(tiling: MosaicTiling, itemsize: int, num_weights: int) -> MosaicTiling:
+  """``tiling`` with max_concurrent_steps lowered until the kernel fits shared memory."""
+  while smem_bytes(tiling, itemsize, num_weights) > MAX_SMEM_BYTES:
+    if tiling.max_concurrent_steps == 1:
+      raise ValueError(f"MosaicTiling does not fit shared memory even with one stage: {tiling=} "
+                       f"needs {smem_bytes(tiling, itemsize, num_weights)} > {MAX_SMEM_BYTES} bytes")
+    tiling = dataclasses.replace(tiling, max_concurrent_steps=tiling.max_concurrent_steps - 1)
+  return tiling
+
+
 def _num_sms(tiling: MosaicTiling) -> int:
   if tiling.num_sms is not None:
     return tiling.num_sms
@@ -172,16 +193,20 @@ def _num_sms(tiling: MosaicTiling) -> int:
 def _call(lhs, rhs_list, group_sizes, slots, *, tiling: MosaicTiling, interpret: bool):
   m = lhs.shape[0]
   n = rhs_list[0].shape[2]
-  items = work_list.build(group_sizes, slots, m, tiling.block_m)
+  m_pad = -(-m // 8) * 8  # TMA tiles GMEM rows by 8; the pad rows are padding (zeros)
+  lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0))) if m_pad != m else lhs
+  tiling = fit_stages(tiling, jnp.dtype(lhs.dtype).itemsize, len(rhs_list))
+  items = work_list.build(group_sizes, slots, m_pad, tiling.block_m)
   num_items = items.tile.shape[0]
   kernel = plgpu.kernel(
       functools.partial(_kernel, tiling=tiling, fused=len(rhs_list) == 2, num_items=num_items),
-      out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_type=jax.ShapeDtypeStruct((m_pad, n), lhs.dtype),
       grid=(_num_sms(tiling),),
       grid_names=("sm",),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )
-  return kernel(items.tile, items.lo, items.hi, items.slot, lhs, *rhs_list)
+  out = kernel(items.tile, items.lo, items.hi, items.slot, lhs, *rhs_list)
+  return out[:m] if m_pad != m else out
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
