@@ -80,6 +80,9 @@ class GQAAttention(nnx.Module):
         q_BTNH = apply_rotary(q_BTNH, cos, sin, cfg.rope.layout)
         k_BTKH = apply_rotary(k_BTKH, cos, sin, cfg.rope.layout)
 
+        q_BTNH = axes.constrain(q_BTNH, (axes.BATCH, axes.SEQ, axes.ACT_HEADS, None))
+        k_BTKH = axes.constrain(k_BTKH, (axes.BATCH, axes.SEQ, axes.ACT_KV_HEADS, None))
+        v_BTKH = axes.constrain(v_BTKH, (axes.BATCH, axes.SEQ, axes.ACT_KV_HEADS, None))
         new_cache = write_cache(cache_layer, {"k": k_BTKH, "v": v_BTKH}, ctx.write_index)
         if ctx.attend_to_cache:
             k_BSKH, v_BSKH = new_cache["k"], new_cache["v"]
@@ -133,6 +136,7 @@ class MLAttention(nnx.Module):
             else:
                 q_BTQ = self.q_a_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.q_a_DQ[...]))
                 q_BTNH = jnp.einsum("BTQ,QNH->BTNH", q_BTQ, self.q_b_QNH[...])
+        q_BTNH = axes.constrain(q_BTNH, (axes.BATCH, axes.SEQ, axes.ACT_HEADS, None))
         q_nope_BTNP, q_rope_BTNR = q_BTNH[..., :P], q_BTNH[..., P:]
         with jax.named_scope("kv_a_proj"):
             kv_BTC = jnp.einsum("BTD,DC->BTC", x_BTD, self.kv_a_DC[...])

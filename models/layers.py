@@ -74,7 +74,7 @@ class Embedding(nnx.Module):
         self.embedding = param(rngs, (vocab_size, dim), (axes.VOCAB, axes.EMBED), dtype)
 
     def __call__(self, tokens_BT):
-        return jnp.take(self.embedding[...], tokens_BT, axis=0)
+        return axes.constrain(jnp.take(self.embedding[...], tokens_BT, axis=0), (axes.BATCH, axes.SEQ, axes.ACT_EMBED))
 
 
 class GatedMLP(nnx.Module):
@@ -89,4 +89,5 @@ class GatedMLP(nnx.Module):
         with jax.named_scope("gated_mlp"):
             gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...])
             up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...])
-            return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.down_FD[...])
+            hidden_BTF = axes.constrain(jax.nn.silu(gate_BTF) * up_BTF, (axes.BATCH, axes.SEQ, axes.ACT_MLP))
+            return jnp.einsum("BTF,FD->BTD", hidden_BTF, self.down_FD[...])

@@ -42,17 +42,29 @@ class DecoderLayer(nnx.Module):
             self.residual_norm = self.residual_mlp = None
 
     def __call__(self, x_BTD, valid_BT, ctx: AttentionContext, cache_layer, experts: ExpertCompute):
-        attn_BTD, cache_layer = self.attn(self.attn_norm(x_BTD), ctx, cache_layer)
-        h_BTD = x_BTD + attn_BTD
+        h_BTD, cache_layer = self.attention(x_BTD, ctx, cache_layer)
         if self.moe is None:
             return h_BTD + self.mlp(self.ffn_norm(h_BTD)), cache_layer, None
+        moe_BTD, stats = self.moe(self.moe_input(x_BTD, h_BTD), valid_BT, experts)
+        return self.moe_output(h_BTD, moe_BTD), cache_layer, stats
+
+    # The pieces __call__ composes, for runtimes that drive an MoE layer step by step (epsjax/offload).
+
+    def attention(self, x_BTD, ctx: AttentionContext, cache_layer):
+        """Pre-norm attention plus its residual: h [B, T, D] and the layer's updated cache."""
+        attn_BTD, cache_layer = self.attn(self.attn_norm(x_BTD), ctx, cache_layer)
+        return x_BTD + attn_BTD, cache_layer
+
+    def moe_input(self, x_BTD, h_BTD):
+        """What the MoE reads: the normed attention output h, or (Arctic, in parallel with attention and the dense
+        residual MLP) the normed layer input x."""
+        return self.ffn_norm(x_BTD if self.residual_mlp is not None else h_BTD)
+
+    def moe_output(self, h_BTD, moe_BTD):
+        """The layer's output from h and the MoE block's output (Arctic adds its dense residual MLP on h)."""
         if self.residual_mlp is not None:
-            # Arctic: the MoE reads the layer's input, in parallel with attention + dense residual MLP.
-            dense_BTD = h_BTD + self.residual_mlp(self.residual_norm(h_BTD))
-            moe_BTD, stats = self.moe(self.ffn_norm(x_BTD), valid_BT, experts)
-            return dense_BTD + moe_BTD, cache_layer, stats
-        moe_BTD, stats = self.moe(self.ffn_norm(h_BTD), valid_BT, experts)
-        return h_BTD + moe_BTD, cache_layer, stats
+            return h_BTD + self.residual_mlp(self.residual_norm(h_BTD)) + moe_BTD
+        return h_BTD + moe_BTD
 
 
 def prefill_mask(valid_BT):
@@ -94,6 +106,7 @@ class MoETransformer(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 x_BTD, layer_cache, layer_stats = layer(x_BTD, valid_BT, ctx, None if cache is None else cache[i],
                                                         experts)
+            x_BTD = axes.constrain(x_BTD, (axes.BATCH, axes.SEQ, axes.ACT_EMBED))
             new_cache.append(layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
@@ -103,6 +116,7 @@ class MoETransformer(nnx.Module):
         head_DV = self.embed.embedding[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
         with jax.named_scope("lm_head"):
             logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
+            logits_BTV = axes.constrain(logits_BTV, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
         moe_stats = MoEStats(tokens_per_expert=jnp.stack([s.tokens_per_expert for s in stats]),
                              dropped=jnp.stack([s.dropped for s in stats]))
         return ForwardOutput(logits=logits_BTV, cache=None if cache is None else new_cache, moe_stats=moe_stats)

@@ -32,3 +32,25 @@ MOE_TOKENS = "moe_tokens"
 
 PARAM_AXES = (VOCAB, EMBED, HEADS, KV_HEADS, HEAD_DIM, Q_LORA, KV_LORA, MLP, EXPERTS, EXPERT_MLP, NORM)
 ACTIVATION_AXES = (BATCH, SEQ, CACHE_SEQ, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_EXPERTS, MOE_TOKENS)
+ACT_MLP = "act_mlp"
+ACT_VOCAB = "act_vocab"
+
+
+def constrain(x, logical_axes: tuple[str | None, ...]):
+    """Constrains an activation's sharding by logical axis names (MaxText's with_logical_constraint).
+
+    A no-op unless a mesh is set and flax logical-axis rules are active (sharding/ sets both); a name the rules do
+    not mention leaves that dimension to the compiler.
+    """
+    import jax
+    from flax.core import spmd
+
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"{logical_axes=} does not match an activation of shape {x.shape}")
+    table = dict(rules)
+    spec = jax.sharding.PartitionSpec(*(
+        table[name] if name in table else jax.sharding.PartitionSpec.UNCONSTRAINED for name in logical_axes))
+    return jax.lax.with_sharding_constraint(x, spec)
