@@ -122,10 +122,18 @@ class MoEBlock(nnx.Module):
     def __call__(self, x_BTD, valid_BT, experts: ExpertCompute):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
-        ids_TK, weights_TK = self.router(x_TD)
+        ids_TK, weights_TK = self.route(x_BTD)
         y_TD, stats = experts(x_TD, ids_TK, weights_TK, self.w_gate_EDF[...], self.w_up_EDF[...],
                               self.w_down_EFD[...], valid_BT.reshape(B * T))
-        y_BTD = y_TD.reshape(B, T, D)
-        if self.shared is not None:
-            y_BTD = y_BTD + self.shared(x_BTD)
-        return y_BTD, stats
+        return self.add_shared(x_BTD, y_TD.reshape(B, T, D)), stats
+
+    # The two halves of __call__, for runtimes that must see the routing before the experts run (epsjax/offload).
+
+    def route(self, x_BTD):
+        """The router's choice for the block's input x [B, T, D]: ids [B*T, K] int32, weights [B*T, K] float32."""
+        B, T, D = x_BTD.shape
+        return self.router(x_BTD.reshape(B * T, D))
+
+    def add_shared(self, x_BTD, y_BTD):
+        """The routed experts' output y [B, T, D] plus the shared experts' (if any) on the block's input x."""
+        return y_BTD if self.shared is None else y_BTD + self.shared(x_BTD)
