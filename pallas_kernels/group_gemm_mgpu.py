@@ -105,18 +105,24 @@ def _kernel(tile_gmem, lo_gmem, hi_gmem, slot_gmem, lhs_gmem, *refs,
     row0 = tile * bm
 
     def product():
+      # With two or more stages, a stage's buffers are released one step late, so
+      # the wgmma reading them may still run while the next one is issued.
+      delay = 1 if tiling.max_concurrent_steps > 1 else 0
+
       def acc_scope(*acc_refs):  # each [block_m, block_n] float32
         def k_step(_, lhs_smem, *w_smems):  # [block_m, block_k], [block_k, block_n] ...
           for acc_ref, w_smem in zip(acc_refs, w_smems):
             plgpu.wgmma(acc_ref, lhs_smem, w_smem)
-          plgpu.wgmma_wait(0)
+          plgpu.wgmma_wait(delay * len(w_smems))  # the previous step's wgmmas are done
 
         plgpu.emit_pipeline(
             k_step,
             grid=(k // bk,),
             in_specs=[
-                plgpu.BlockSpec((bm, bk), lambda kb: (tile, kb), transforms=transforms),
-                *[plgpu.BlockSpec((bk, bn), lambda kb: (kb, n_block), transforms=transforms)
+                plgpu.BlockSpec((bm, bk), lambda kb: (tile, kb), transforms=transforms,
+                                delay_release=delay),
+                *[plgpu.BlockSpec((bk, bn), lambda kb: (kb, n_block), transforms=transforms,
+                                  delay_release=delay)
                   for _ in w_gmems],
             ],
             max_concurrent_steps=tiling.max_concurrent_steps,

@@ -2,8 +2,10 @@
 
 ``select_backend`` looks for the profile table of the device kind in
 ``pallas_kernels/profiles/*.json`` (written by ``scripts/profile_gemm.py``,
-one file per device kind; tables say whether they were measured on a CPU or a
-GPU).  In the table it takes the entries of the same op, the same dtype when
+one file per device kind, named by :func:`table_name`; a table whose
+``device_family`` is a substring of the kind also matches; tables say whether
+they were measured on a CPU or a GPU).  In the table it takes the entries of
+the same op (the expert FFN falls back to GroupGemm entries), the same dtype when
 there are any, the nearest shape ``(E, K, N)`` in log distance, the same load
 kind (``"balanced"``, or ``"skewed"`` when ``max_tokens_per_expert`` exceeds
 twice the mean), and the nearest measured tokens per expert (log2); among the
@@ -130,8 +132,9 @@ def select_backend(*, tokens_per_expert: float, num_experts: int, k: int, n: int
 
 
 def _from_table(table, tpe, e, k, n, dtype, op, load, plat, exclude) -> Choice | None:
-  entries = [x for x in table["entries"] if x["op"] == op and x.get("seconds")
-             and available(x["backend"], plat) and x["backend"] not in exclude]
+  usable = [x for x in table["entries"] if x.get("seconds") and available(x["backend"], plat)
+            and x["backend"] not in exclude]
+  entries = [x for x in usable if x["op"] == op] or [x for x in usable if x["op"] == "group_gemm"]
   same_dtype = [x for x in entries if x["dtype"] == dtype.name]
   entries = same_dtype or entries
   if not entries:
@@ -163,16 +166,18 @@ def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude) -> Choice:
     if not skewed and tpe >= CPU_DENSE_MIN_TOKENS and dtype.itemsize == 2:
       return pick("dense", "chunked", reason="CPU, balanced 16-bit load")
     return pick("chunked", "dense", reason="CPU")
-  if tpe >= DENSE_CROSSOVER_TOKENS and not skewed:
-    return pick("dense", "ragged_dot", reason=f">= {DENSE_CROSSOVER_TOKENS} tokens per expert")
   from pallas_kernels import group_gemm_mgpu
 
   hopper = re.search(r"H100|H200|H800|H20\b|GH200", kind) is not None
   if hopper and group_gemm_mgpu.supports(dtype, k, n):
-    return pick("mosaic_gpu", "pallas_triton", "ragged_dot", reason="Hopper GroupGemm regime")
-  if dtype.itemsize == 2:
-    return pick("pallas_triton", "ragged_dot", reason="GPU GroupGemm regime")
-  return pick("ragged_dot", reason="GPU, float32")
+    grouped, regime = ("mosaic_gpu", "pallas_triton", "ragged_dot"), "Hopper GroupGemm regime"
+  elif dtype.itemsize == 2:
+    grouped, regime = ("pallas_triton", "ragged_dot"), "GPU GroupGemm regime"
+  else:
+    grouped, regime = ("ragged_dot",), "GPU, float32"
+  if tpe >= DENSE_CROSSOVER_TOKENS and not skewed:
+    return pick("dense", *grouped, reason=f">= {DENSE_CROSSOVER_TOKENS} tokens per expert")
+  return pick(*grouped, reason=regime)
 
 
 def tiling_from_dict(backend: str, fields: dict | None):
