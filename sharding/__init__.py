@@ -23,6 +23,7 @@ _LAZY = {
     "batch_sharding": "sharding.params",
     "create_sharded_model": "sharding.params",
     "param_shardings": "sharding.params",
+    "shard_model": "sharding.params",
 }
 
 __all__ = ["AXES", "DATA", "EXPERT", "TENSOR", "ExpertPlan", "RULE_SETS", "Rules", "get_rules", "initialize_distributed",

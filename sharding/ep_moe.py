@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 from models.moe import MoEStats
@@ -78,6 +78,12 @@ class EPExperts:
         if E % ep:
             raise ValueError(f"{E} experts do not divide over the expert-parallel size {ep} (mesh axes {ep_axes})")
         groups = plan.expert_groups(E // ep)
+        # The model around the MoE keeps its tokens split as its batch is, in and out (without this, a split over
+        # an axis only the MoE uses, e.g. tp_ep's "tensor", propagates into attention and the KV cache, and the
+        # decode step's cache scatters then abort XLA's SPMD partitioner on mismatched device groups).
+        batch = NamedSharding(self.mesh, P(rules.batch_axes or None))
+        x_TD, ids_TK, weights_TK, valid_T = (jax.lax.with_sharding_constraint(a, batch)
+                                             for a in (x_TD, ids_TK, weights_TK, valid_T))
         # Pad the tokens to a multiple of (token shards x token chunks): padding rows are invalid, never routed.
         T = x_TD.shape[0]
         pad = -T % (axis_size(self.mesh, token_axes) * plan.token_chunks)
@@ -96,8 +102,9 @@ class EPExperts:
         y_TD, tokens_per_expert = jax.shard_map(
             local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, experts_DF, experts_DF, experts_FD, tokens),
             out_specs=(tokens, P()), check_vma=False)(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
-        return y_TD[:T].astype(x_TD.dtype), MoEStats(tokens_per_expert=tokens_per_expert,
-                                                     dropped=jnp.zeros((), jnp.int32))
+        y_TD = jax.lax.with_sharding_constraint(y_TD[:T], batch)
+        return y_TD.astype(x_TD.dtype), MoEStats(tokens_per_expert=tokens_per_expert,
+                                                 dropped=jnp.zeros((), jnp.int32))
 
 
 def destination_keys(ep_size: int, local_experts: int, groups) -> np.ndarray:
@@ -133,21 +140,11 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
     y_parts = []
     for u in range(chunks):
         x_sorted_MD = x_TD[u * T_u:(u + 1) * T_u][order_UM[u] // K]
-        starts_PE = transports.exclusive_cumsum(counts_PUE[:, u], axis=1)  # each key's start, per source
         y_sorted_MD = jnp.zeros_like(x_sorted_MD)
         for s, (j0, j1) in enumerate(groups):
-            E_s, stage = j1 - j0, u * len(groups) + s
-            block_PPJ = counts_PUE[:, u, Pep * j0:Pep * j1].reshape(Pep, Pep, E_s)  # [source, destination, expert]
-            sent_PP = block_PPJ.sum(-1)
-            route = transports.Route(
-                send_offsets=starts_PE[me, Pep * j0 + jnp.arange(Pep) * E_s],
-                send_sizes=sent_PP[me],
-                recv_sizes=sent_PP[:, me],
-                offsets_at_peer=transports.exclusive_cumsum(sent_PP, axis=0)[me],
-                recv_offsets=transports.exclusive_cumsum(sent_PP[:, me]),
-                peer_send_offsets=starts_PE[:, Pep * j0 + me * E_s])
-            recv_counts_PJ = block_PPJ[:, me, :]
-            rows = transports.rows_per_peer(T_u, K, E_s)
+            stage = u * len(groups) + s
+            route, recv_counts_PJ = stage_route(counts_PUE[:, u], me, j0, j1)
+            rows = transports.rows_per_peer(T_u, K, j1 - j0)
             with jax.named_scope(f"ep_dispatch_{stage}"):
                 if transport == "padded":
                     recv_XD, recv_start_P = transports.padded_dispatch(x_sorted_MD, route, rows, ep_axes)
@@ -169,6 +166,23 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
     if tp_axes:
         y_TD = jax.lax.psum(y_TD, tp_axes)  # each expert-TP rank holds a partial sum over its FFN slice
     return y_TD, tokens_per_expert
+
+
+def stage_route(counts_PE, me, j0: int, j1: int):
+    """The Route of the stage holding local experts [j0, j1) at device `me`, and the rows it receives per
+    (source, stage expert) [P, j1 - j0], from every source's per-key counts [P, E] (keys: `destination_keys`)."""
+    Pep, E_s = counts_PE.shape[0], j1 - j0
+    starts_PE = transports.exclusive_cumsum(counts_PE, axis=1)  # where each key's rows start, per source
+    block_PPJ = counts_PE[:, Pep * j0:Pep * j1].reshape(Pep, Pep, E_s)  # [source, destination, expert]
+    sent_PP = block_PPJ.sum(-1)
+    route = transports.Route(
+        send_offsets=starts_PE[me, Pep * j0 + jnp.arange(Pep) * E_s],
+        send_sizes=sent_PP[me],
+        recv_sizes=sent_PP[:, me],
+        offsets_at_peer=transports.exclusive_cumsum(sent_PP, axis=0)[me],
+        recv_offsets=transports.exclusive_cumsum(sent_PP[:, me]),
+        peer_send_offsets=starts_PE[:, Pep * j0 + me * E_s])
+    return route, block_PPJ[:, me, :]
 
 
 def _collective(transport: str):

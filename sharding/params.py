@@ -80,6 +80,14 @@ def create_sharded_model(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
     return create(rngs)
 
 
+def shard_model(model: MoETransformer, mesh: Mesh, rule_set: str | Rules) -> MoETransformer:
+    """A copy of an existing model with each parameter moved into its shards (one parameter at a time)."""
+    _, _, shardings = abstract_shardings(model.cfg, mesh, rule_set)
+    graphdef, state = nnx.split(model)
+    placed = jax.tree.map(lambda value, where: jax.device_put(value, where), state, shardings)
+    return nnx.merge(graphdef, placed)
+
+
 def batch_sharding(mesh: Mesh, rule_set: str | Rules) -> NamedSharding:
     """Where [B, ...] inputs go (Engine(batch_sharding=...)): the batch split over the rule set's batch axes.
     B must divide by their size."""

@@ -1,0 +1,140 @@
+"""Every model family on a mesh of 8 CPU devices gives the single-device logits: each rule set, EP size in
+{2, 4, 8}, pipeline degree in {1, 2, 4}, with the router as initialised and with a skewed router (all router
+weights zero: every token ties, and top-k sends every token to the first experts, which all live on device 0).
+
+The default run covers each family on each rule set once; the rest of the grid is marked slow (CI runs it).
+Models, shardings and compiled prefills are built once per family / mesh / plan and reused: the skewed router is
+only a different parameter value for the same compiled function.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sharding
+from epsjax.engine import Engine
+from models import MoETransformer, get_preset
+
+FAMILIES = ("tiny-mixtral", "tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-dbrx", "tiny-arctic")
+# (rule set, EP size) -> mesh over the 8 devices. Axes a rule set does not use for attention act as data
+# parallelism; tp_ep's EP group is expert x tensor.
+MESHES = {
+    ("tp", 1): dict(data=2, tensor=2, expert=2),
+    ("dp", 1): dict(data=8),
+    ("tp_ep", 2): dict(data=4, tensor=2),
+    ("tp_ep", 4): dict(data=2, tensor=2, expert=2),
+    ("tp_ep", 8): dict(tensor=4, expert=2),
+    ("dp_ep", 2): dict(data=4, expert=2),
+    ("dp_ep", 4): dict(data=2, expert=4),
+    ("dp_ep", 8): dict(expert=8),
+}
+LOGIT_TOL = {"float32": 1e-4}
+B, S = 8, 8
+
+
+def _config(family):
+    # Two layers where the family's first layer is dense (DeepSeek-V2, Qwen3 presets), else one MoE layer.
+    cfg = get_preset(family)
+    return cfg.replace(num_layers=2 if cfg.dense_layers else 1)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 256, (B, S)).astype(np.int32)
+    mask = np.ones((B, S), bool)
+    mask[1, :3] = mask[5, :5] = False  # left padding: never routed, never attended to
+    return tokens, mask
+
+
+def _skewed(state):
+    """The same parameters with every router kernel zeroed (placement kept)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if "kernel_DE" in jax.tree_util.keystr(path) else v, state)
+
+
+@functools.cache
+def _reference(family):
+    """Single-device model and its (logits, tokens per expert) with the initialised and the skewed router."""
+    cfg = _config(family)
+    model = MoETransformer(cfg, rngs=nnx.Rngs(0))
+    engine = Engine(model)
+    tokens, mask = _inputs()
+    results = {}
+    for skew, params in (("initialised", engine.params), ("skewed", _skewed(engine.params))):
+        engine.params = params
+        logits, _, stats = engine.prefill(tokens, mask, all_logits=True, cache_len=S)
+        results[skew] = np.asarray(logits), np.asarray(stats.tokens_per_expert)
+    return model, results
+
+
+@functools.cache
+def _sharded_params(family, rule_set, ep):
+    model, _ = _reference(family)
+    mesh = sharding.make_mesh(**MESHES[rule_set, ep])
+    sharded = sharding.shard_model(model, mesh, rule_set)
+    graphdef, params = nnx.split(sharded)
+    return mesh, sharded, {"initialised": params, "skewed": _skewed(params)}
+
+
+def _plan(family, ep, pipeline_degree):
+    local_experts = _config(family).num_experts // ep
+    return sharding.ExpertPlan(pipeline_degree, "experts" if pipeline_degree <= local_experts else "tokens")
+
+
+def _check(family, rule_set, ep, pipeline_degree):
+    mesh, model, params = _sharded_params(family, rule_set, ep)
+    plan = _plan(family, ep, pipeline_degree)
+    engine = Engine(model, experts=sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan),
+                    batch_sharding=sharding.batch_sharding(mesh, rule_set))
+    _, expected = _reference(family)
+    tokens, mask = _inputs()
+    for skew in ("initialised", "skewed"):
+        engine.params = params[skew]
+        logits, _, stats = engine.prefill(tokens, mask, all_logits=True, cache_len=S)
+        want_logits, want_counts = expected[skew]
+        err = np.abs(np.asarray(logits) - want_logits)[mask].max()
+        assert err < LOGIT_TOL["float32"], f"{family} {rule_set} EP={ep} {plan} {skew}: max |logits diff| = {err}"
+        np.testing.assert_array_equal(np.asarray(stats.tokens_per_expert), want_counts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skewed_router_sends_every_token_to_the_first_experts(family):
+    cfg = _config(family)
+    _, expected = _reference(family)
+    counts = expected["skewed"][1]  # [MoE layers, E]
+    real_tokens = int(_inputs()[1].sum())
+    np.testing.assert_array_equal(counts[:, :cfg.router.top_k], real_tokens)
+    assert counts[:, cfg.router.top_k:].sum() == 0
+
+
+GRID = [(f, rs, ep, pn) for f in FAMILIES for (rs, ep) in MESHES for pn in ((1,) if ep == 1 else (1, 2, 4))]
+# One point per family and rule set runs by default: EP=4 with a 2-stage pipeline, EP=8 with 4 stages.
+DEFAULT = [(f, rs, ep, pn) for (f, rs, ep, pn) in GRID
+           if (rs, ep, pn) in (("tp", 1, 1), ("dp", 1, 1), ("tp_ep", 4, 2), ("dp_ep", 8, 4))]
+
+
+@pytest.mark.parametrize("family,rule_set,ep,pipeline_degree", DEFAULT)
+def test_mesh_matches_single_device(family, rule_set, ep, pipeline_degree):
+    _check(family, rule_set, ep, pipeline_degree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,rule_set,ep,pipeline_degree", [g for g in GRID if g not in DEFAULT])
+def test_mesh_matches_single_device_full_grid(family, rule_set, ep, pipeline_degree):
+    _check(family, rule_set, ep, pipeline_degree)
+
+
+def test_decode_on_a_mesh_matches_single_device():
+    """generate (prefill + decode steps, batch sharded, EP pipeline) gives the single-device tokens."""
+    model, _ = _reference("tiny-mixtral")
+    mesh, sharded, _ = _sharded_params("tiny-mixtral", "tp_ep", 4)
+    prompts = [[5, 17, 99], [3, 1, 4, 1, 5], [2, 7], [11] * 6, [8, 9, 10], [100, 200], [42], [7, 7, 7, 7]]
+    want = Engine(model).generate(prompts, max_new_tokens=4, stop_at_eos=False).tokens
+    engine = Engine(sharded, experts=sharding.EPExperts(mesh=mesh, rule_set="tp_ep",
+                                                        plan=sharding.ExpertPlan(2, "tokens")),
+                    batch_sharding=sharding.batch_sharding(mesh, "tp_ep"))
+    assert engine.generate(prompts, max_new_tokens=4, stop_at_eos=False).tokens == want
