@@ -110,13 +110,17 @@ class MoETransformer(nnx.Module):
             new_cache.append(layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        logits_BTV = self.logits(x_BTD, last_logits_only=last_logits_only)
+        moe_stats = MoEStats(tokens_per_expert=jnp.stack([s.tokens_per_expert for s in stats]),
+                             dropped=jnp.stack([s.dropped for s in stats]))
+        return ForwardOutput(logits=logits_BTV, cache=None if cache is None else new_cache, moe_stats=moe_stats)
+
+    def logits(self, x_BTD, *, last_logits_only: bool = False):
+        """Final norm and LM head on the last layer's output: [B, T, V] float32 (T = 1 for the last position only)."""
         x_BTD = self.final_norm(x_BTD)
         if last_logits_only:
             x_BTD = x_BTD[:, -1:]
         head_DV = self.embed.embedding[...].T if self.lm_head_DV is None else self.lm_head_DV[...]
         with jax.named_scope("lm_head"):
             logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, head_DV, preferred_element_type=jnp.float32)
-            logits_BTV = axes.constrain(logits_BTV, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
-        moe_stats = MoEStats(tokens_per_expert=jnp.stack([s.tokens_per_expert for s in stats]),
-                             dropped=jnp.stack([s.dropped for s in stats]))
-        return ForwardOutput(logits=logits_BTV, cache=None if cache is None else new_cache, moe_stats=moe_stats)
+            return axes.constrain(logits_BTV, (axes.BATCH, axes.SEQ, axes.ACT_VOCAB))
