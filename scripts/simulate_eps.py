@@ -1,0 +1,175 @@
+"""EPS-MoE's prefill setting in simulation: TP+TP, TP/DP+EP without pipeline, and the scheduler's EPS plan.
+
+For each model on H800 nodes (DeepSeek-V2: attention DP + EP on 8 GPUs; Mixtral-8x7B: attention TP + EP on 4;
+DBRX and Arctic: attention TP + EP on 8) the script searches the EPS plan, simulates a whole prefill step under
+the three strategies, prints the throughputs beside the paper's reported figures and writes
+
+    scripts/results/simulate_eps.json                 every number, the plans, the workload and cost sources
+    scripts/results/simulate_eps_<model>.png          Gantt chart of one MoE layer under the chosen plan
+    scripts/results/simulate_eps_<model>.trace.json   the same as a Perfetto / Chrome trace
+
+    .venv/bin/python scripts/simulate_eps.py [--tokens-per-gpu 8192] [--seq-len 1024] [--out-dir DIR]
+
+Nothing here is fitted to the paper's throughputs: the cost models come from hardware.py (datasheets plus
+stated efficiency assumptions) or from measured GEMM profiles when a table for the device kind exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from epsjax.scheduler import (CostModel, Layout, Plan, Workload, build_layer, gantt, search_plan,  # noqa: E402
+                              simulate, simulate_step, write_trace)
+from epsjax.scheduler.step import weight_bytes_per_device  # noqa: E402
+from models.config import get_preset  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    model: str
+    devices: int
+    attention: str                 # "dp" or "tp" beside EP
+    paper_baseline: float | None   # tokens/s reported by EPS-MoE (Table 1)
+    paper_eps: float | None
+    paper_baseline_is: str
+    dtype: str | None = None       # None: the model's dtype (bfloat16)
+    label: str | None = None
+
+
+# EPS-MoE (arXiv:2410.12247v2) Table 1: DeepSeekV2 and DBRX on 8xH800-80GB SXM, Mixtral 8x7B on 4xH800.
+SETTINGS = (
+    Setting("deepseek-v2", 8, "dp", 100.0e3, 121.8e3, "DeepSeek's own claim (DeepSeek-V2 paper: FP8 weights)"),
+    Setting("mixtral-8x7b", 4, "tp", 71.84e3, 94.89e3, "vLLM (tensor parallel)"),
+    Setting("dbrx", 8, "tp", 37.23e3, 56.74e3, "vLLM (tensor parallel)"),
+    Setting("arctic", 8, "tp", None, None, "not reported in Table 1"),
+    # Sensitivity, not a fit: the DeepSeek-V2 paper (arXiv:2405.04434 sec. 3.2.3) serves the model in FP8.
+    Setting("deepseek-v2", 8, "dp", 100.0e3, 121.8e3, "DeepSeek's own claim (DeepSeek-V2 paper: FP8 weights)",
+            dtype="float8_e4m3fn", label="deepseek-v2 (fp8 GEMMs)"),
+)
+
+WHY = {
+    "deepseek-v2": "The 100K baseline is DeepSeek's own serving stack (FP8 weights, its own kernels), not a TP/DP+EP "
+                   "run of ours; our bf16 model is slower in absolute terms. The fp8 row shows the dtype alone moves "
+                   "the absolute numbers most of the way. The relative EPS gain is comparable.",
+    "mixtral-8x7b": "The paper's baseline is vLLM, whose fused-MoE Triton kernel and TP all-reduces differ from our "
+                    "TP+TP (same best kernel as the EP runs). With 2 experts per GPU, all-to-all is a small share "
+                    "of the layer in our model, so the pipeline gains little; the paper's gain also includes the "
+                    "kernel switch (GroupGemm vs DenseGemm) against vLLM's kernel.",
+    "dbrx": "As for Mixtral: the vLLM baseline matches our TP+TP closely, but most of the paper's +52% must come from "
+            "kernels and from dropping TP all-reduces in the MoE; in our model the remaining attention TP "
+            "reduce-scatter/all-gather cannot be overlapped and the MoE all-to-all is small next to the GEMMs.",
+    "arctic": "No paper figure. Its weights (~960 GB bf16) exceed 8 x 80 GB, so a real run needs quantization or "
+              "more GPUs; simulated anyway.",
+}
+
+
+def run_setting(s: Setting, args) -> dict:
+    cfg = get_preset(s.model)
+    dtype = s.dtype or cfg.dtype
+    costs = CostModel.build(args.hardware, dtype, profile_dir=args.profile_dir)
+    ep_layout = Layout.dp_ep(s.devices) if s.attention == "dp" else Layout.tp_ep(s.devices)
+    w = Workload(cfg, ep_layout, tokens=args.tokens_per_gpu * s.devices, seq_len=args.seq_len)
+    w_tp = w.replace(layout=Layout.tp_tp(s.devices))
+    choice = search_plan(w, costs, tight_tilings=False)
+    tp_tp = simulate_step(w_tp, costs, Plan(backends=("auto",)))
+    ep = simulate_step(w, costs, Plan(backends=("auto",)))
+    eps = simulate_step(w, costs, choice.plan)
+    name = s.label or s.model
+    stem = args.out_dir / f"simulate_eps_{name.replace(' ', '_').replace('(', '').replace(')', '')}"
+    timeline = simulate(build_layer(w, costs, choice.plan))
+    files = {}
+    if not args.no_png:
+        files["gantt"] = str(gantt(timeline, stem.with_suffix(".png"), title=(
+            f"{name} {ep_layout.name} on {s.devices}x{costs.hw.name.upper()}: one MoE layer, {choice.plan.describe()}"
+            f" - {timeline.makespan * 1e3:.2f} ms (unpipelined {choice.unpipelined_s * 1e3:.2f} ms)")).name)
+    files["trace"] = write_trace(timeline, stem.with_suffix(".trace.json")).name  # beside the JSON
+    paper_gain = s.paper_eps / s.paper_baseline if s.paper_baseline else None
+    return {
+        "model": s.model, "label": name, "devices": s.devices, "dtype": dtype, "hardware": costs.hw.name,
+        "layouts": {"tp_tp": w_tp.layout.name, "ep": ep_layout.name},
+        "tokens_per_step": w.tokens, "seq_len": w.seq_len,
+        "weights_gb_per_gpu": {"tp_tp": weight_bytes_per_device(w_tp, costs) / 1e9,
+                               "ep": weight_bytes_per_device(w, costs) / 1e9, "hbm_gb": costs.hw.hbm_gb},
+        "simulated_tokens_per_s": {"tp_tp": tp_tp.throughput, "ep": ep.throughput, "eps": eps.throughput},
+        "simulated_gain_eps_vs_ep": eps.throughput / ep.throughput,
+        "simulated_gain_eps_vs_tp_tp": eps.throughput / tp_tp.throughput,
+        "paper_tokens_per_s": {"baseline": s.paper_baseline, "eps": s.paper_eps,
+                               "baseline_is": s.paper_baseline_is},
+        "paper_gain": paper_gain,
+        "eps_sim_vs_paper": eps.throughput / s.paper_eps - 1 if s.paper_eps else None,
+        "plan": choice.plan.as_dict(), "expert_plan": repr(choice.plan.to_expert_plan()),
+        "search": {"seconds": choice.search_seconds, "candidates": choice.evaluated,
+                   "moe_layer_ms": choice.predicted_s * 1e3, "unpipelined_moe_layer_ms": choice.unpipelined_s * 1e3,
+                   "best_ms_by_pipeline": {k: v * 1e3 for k, v in choice.as_dict()["best_by_pn"].items()}},
+        "steps": {"tp_tp": tp_tp.as_dict(), "ep": ep.as_dict(), "eps": eps.as_dict()},
+        "why_it_differs": WHY.get(s.model, ""),
+        "cost_sources": dict(costs.sources), "files": files,
+    }
+
+
+def fmt_k(x):
+    return "-" if x is None else f"{x / 1e3:6.1f}K"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hardware", default="h800")
+    parser.add_argument("--tokens-per-gpu", type=int, default=8192,
+                        help="prompt tokens per GPU per prefill step (assumption; the paper does not state it)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="prompt length (assumption)")
+    parser.add_argument("--models", nargs="*", help="labels or model names to run (default: all)")
+    parser.add_argument("--profile-dir", default=None, help="GEMM profile tables (default pallas_kernels/profiles)")
+    parser.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"))
+    parser.add_argument("--no-png", action="store_true")
+    args = parser.parse_args(argv)
+    args.out_dir = pathlib.Path(args.out_dir).resolve()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    settings = [s for s in SETTINGS if not args.models or s.model in args.models or (s.label or s.model) in args.models]
+    t0 = time.perf_counter()
+    rows = [run_setting(s, args) for s in settings]
+    elapsed = time.perf_counter() - t0
+
+    print(f"Simulated prefill throughput on {args.hardware.upper()} ({args.tokens_per_gpu} tokens/GPU per step, "
+          f"prompts of {args.seq_len}); paper = EPS-MoE Table 1")
+    header = (f"{'model':24s} {'GPUs':>4s}  {'TP+TP':>7s} {'TP/DP+EP':>8s} {'EPS':>7s} {'gain':>6s}   "
+              f"{'paper base':>10s} {'paper EPS':>9s} {'gain':>6s}  {'EPS sim/paper':>13s}  plan (search ms)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        sim, paper = r["simulated_tokens_per_s"], r["paper_tokens_per_s"]
+        vs = "-" if r["eps_sim_vs_paper"] is None else f"{100 * r['eps_sim_vs_paper']:+.1f}%"
+        pg = "-" if r["paper_gain"] is None else f"{100 * (r['paper_gain'] - 1):+.1f}%"
+        plan = r["plan"]
+        print(f"{r['label']:24s} {r['devices']:4d}  {fmt_k(sim['tp_tp'])} {fmt_k(sim['ep']):>8s} {fmt_k(sim['eps'])} "
+              f"{100 * (r['simulated_gain_eps_vs_ep'] - 1):+5.1f}%   {fmt_k(paper['baseline']):>10s} "
+              f"{fmt_k(paper['eps']):>9s} {pg:>6s}  {vs:>13s}  PN={plan['pipeline_degree']} {plan['split']} "
+              f"{'/'.join(sorted(set(plan['backends'])))} sm_comm={plan['sm_for_comm']} "
+              f"({1e3 * r['search']['seconds']:.0f})")
+    print("gain = EPS vs TP/DP+EP without pipeline (sim) or vs the paper's baseline (paper).")
+    sources = rows[0]["cost_sources"] if rows else {}
+    for part, src in sources.items():
+        print(f"  {part}: {src}")
+    out = {
+        "command": " ".join(["scripts/simulate_eps.py", *(argv if argv is not None else sys.argv[1:])]),
+        "hardware": args.hardware, "workload": {"tokens_per_gpu": args.tokens_per_gpu, "seq_len": args.seq_len,
+                                               "context": 0, "routing": "uniform shares with multinomial noise"},
+        "paper": "EPS-MoE (Qian et al., arXiv:2410.12247v2) Table 1",
+        "elapsed_s": elapsed, "results": rows,
+    }
+    path = args.out_dir / "simulate_eps.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

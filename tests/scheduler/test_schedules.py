@@ -1,0 +1,148 @@
+"""Layer task graphs and the plan search: the closed-form unpipelined layer, and the search's properties
+(more bandwidth never slower; never loses to the best fixed pipeline degree; reacts to skewed loads)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from epsjax.scheduler import CostModel, Layout, Plan, Workload, build_layer, search_plan, simulate
+from epsjax.scheduler import layer_costs as lc
+from epsjax.scheduler.schedules import stage_gemm_times
+from models.config import get_preset
+
+COSTS = CostModel.build("h800", use_profiles=False)
+MODELS = {"deepseek-v2": "dp", "mixtral-8x7b": "tp", "dbrx": "tp", "arctic": "tp", "qwen3-30b-a3b": "dp"}
+
+
+@st.composite
+def workloads(draw, devices=(2, 4, 8), max_tokens=8192):
+    name = draw(st.sampled_from(sorted(MODELS)))
+    cfg = get_preset(name)
+    P = draw(st.sampled_from([p for p in devices if cfg.num_experts % p == 0 and cfg.num_heads % p == 0]))
+    attention = draw(st.sampled_from(["dp", "tp"]))
+    layout = Layout.dp_ep(P) if attention == "dp" else Layout.tp_ep(P)
+    tokens = P * draw(st.sampled_from([128, 512, 2048, max_tokens]))
+    skew = draw(st.sampled_from([None, 0.3, 2.0]))
+    load = None
+    if skew is not None:
+        load = tuple(np.random.default_rng(draw(st.integers(0, 9))).dirichlet(np.full(cfg.num_experts, skew)) + 1e-6)
+    return Workload(cfg, layout, tokens, seq_len=draw(st.sampled_from([256, 1024])), expert_load=load)
+
+
+def closed_form_unpipelined(w: Workload, costs: CostModel, backend: str) -> float:
+    """The TP/DP + EP layer written out: every step after the other, the all-to-alls waiting for all devices."""
+    cfg, lay = w.cfg, w.layout
+    P, tp, D = lay.devices, lay.attention_tp, cfg.d_model
+    t_group, t_dev = w.tokens / lay.attention_dp, w.tokens / P
+    hidden = t_group * D * costs.itemsize
+    side = lc.side_ffn_width(cfg)
+    t = lc.attention_time(costs, cfg, int(round(t_group)), w.seq_len, w.context, tp)
+    if tp > 1:
+        t += costs.all_reduce(hidden, tp) if side else costs.reduce_scatter(hidden, tp)
+    t += lc.router_time(costs, cfg, int(round(t_dev))) + lc.permute_time(costs, cfg, t_dev)
+    if side:
+        t += lc.dense_ffn_time(costs, int(round(t_group if tp > 1 else t_dev)), D, side, tp)
+    mu = (w.tokens * cfg.router.top_k * w.shares()).reshape(P, -1)
+    send = np.repeat(mu.sum(1)[None, :] / P, P, axis=0) * D * costs.itemsize
+    a2a = costs.all_to_all(send)
+    gemm = stage_gemm_times(costs, backend, mu, w.tokens * cfg.router.top_k, D, cfg.expert_ffn_dim).max()
+    t += a2a + gemm + a2a + lc.unpermute_time(costs, cfg, t_dev)
+    if tp > 1:
+        t += (costs.reduce_scatter(hidden, tp) if side else 0.0) + costs.all_gather(hidden, tp)
+    return t
+
+
+@settings(max_examples=25, deadline=None)
+@given(workloads(), st.sampled_from(["mosaic_gpu", "dense"]))
+def test_pn1_reproduces_unpipelined(w, backend):
+    t = simulate(build_layer(w, COSTS, Plan(1, backends=(backend,)))).makespan
+    assert t == pytest.approx(closed_form_unpipelined(w, COSTS, backend), rel=1e-9)
+    # The one-device view of a balanced layer has the same makespan as the full one.
+    assert simulate(build_layer(w, COSTS, Plan(1, backends=(backend,)), collapse=True)).makespan == pytest.approx(t)
+
+
+def test_pipeline_overlaps():
+    """A pipelined layer: dispatch_1 runs while GEMM_0 does, and the layer is shorter than unpipelined."""
+    w = Workload(get_preset("deepseek-v2"), Layout.dp_ep(8), 8 * 8192, 1024)
+    t = simulate(build_layer(w, COSTS, Plan(4, backends=("mosaic_gpu",), sm_for_comm=24)))
+    assert t.start["dispatch_1"] < t.end["gpu0/expert_gemm_0"] and t.end["dispatch_1"] > t.start["gpu0/expert_gemm_0"]
+    assert t.start["gpu0/expert_gemm_1"] >= t.end["dispatch_1"] and t.start["combine_0"] >= t.end["gpu7/expert_gemm_0"]
+    assert t.makespan < simulate(build_layer(w, COSTS, Plan(1, backends=("mosaic_gpu",)))).makespan
+    assert w.cfg.num_experts // 8 == 20 and len({x.name for x in t.schedule.tasks if x.kind == "dispatch"}) == 4
+
+
+def test_tp_tp_layer():
+    w = Workload(get_preset("mixtral-8x7b"), Layout.tp_tp(4), 4 * 1024, 1024)
+    tasks = build_layer(w, COSTS, Plan(backends=("dense",))).tasks
+    kinds = [x.kind for x in tasks]
+    assert kinds.count("allreduce") == 2 and "dispatch" not in kinds
+    assert [x.streams for x in tasks if x.kind == "allreduce"][0] == tuple(f"gpu{d}/comm" for d in range(4))
+
+
+def faster_links(costs: CostModel, factor: float) -> CostModel:
+    hw = costs.hw.replace(nvlink_gbs=costs.hw.nvlink_gbs * factor, pcie_gbs=costs.hw.pcie_gbs * factor,
+                          network_gbs=costs.hw.network_gbs * factor)
+    return dataclasses.replace(costs, hw=hw)
+
+
+@settings(max_examples=12, deadline=None)
+@given(workloads(max_tokens=2048), st.floats(1.0, 8.0), st.integers(1, 4), st.sampled_from(["experts", "tokens"]),
+       st.sampled_from([0, 8, 24]))
+def test_more_bandwidth_never_slower(w, factor, pn, split, sm):
+    fast = faster_links(COSTS, factor)
+    if split == "experts":
+        pn = min(pn, w.cfg.num_experts // w.layout.devices)
+    plan = Plan(pn, split, backends=("mosaic_gpu",), sm_for_comm=sm)
+    assert (simulate(build_layer(w, fast, plan)).makespan
+            <= simulate(build_layer(w, COSTS, plan)).makespan * (1 + 1e-12))
+    assert (search_plan(w, fast, max_pipeline=6, tight_tilings=False).predicted_s
+            <= search_plan(w, COSTS, max_pipeline=6, tight_tilings=False).predicted_s * (1 + 1e-12))
+
+
+@settings(max_examples=10, deadline=None)
+@given(workloads(max_tokens=4096))
+def test_never_loses_to_best_fixed_pn(w):
+    """Brute force, independently of the search: every fixed (split, PN) with every uniform backend and SM
+    split; the searched plan is at least as fast as the best of them."""
+    choice = search_plan(w, COSTS, max_pipeline=6, tight_tilings=False)
+    local = w.cfg.num_experts // w.layout.devices
+    shapes = [("experts", pn) for pn in range(1, min(local, 6) + 1)] + [("tokens", pn) for pn in (2, 4)]
+    best = min(simulate(build_layer(w, COSTS, Plan(pn, split, backends=(b,), sm_for_comm=sm))).makespan
+               for split, pn in shapes for b in COSTS.backends for sm in (0, 8, 16, 24, 32))
+    assert choice.predicted_s <= best * (1 + 1e-9)
+    assert choice.predicted_s <= choice.unpipelined_s
+    plan_t = simulate(build_layer(w, COSTS, choice.plan)).makespan
+    assert plan_t == pytest.approx(choice.predicted_s, rel=1e-9)
+
+
+def test_reacts_to_skew():
+    """A hot expert: the load-aware plan differs from the uniform one and beats it on the skewed load; skew
+    costs time (the fullest device sets the pace)."""
+    cfg = get_preset("deepseek-v2")
+    w = Workload(cfg, Layout.dp_ep(8), 8 * 8192, 1024)
+    shares = np.ones(cfg.num_experts)
+    shares[0] = 8.0
+    skewed = w.replace(expert_load=tuple(shares))
+    uniform_choice = search_plan(w, COSTS, tight_tilings=False)
+    skew_choice = search_plan(skewed, COSTS, tight_tilings=False)
+    assert skew_choice.plan != uniform_choice.plan
+    uniform_plan_on_skew = simulate(build_layer(skewed, COSTS, uniform_choice.plan)).makespan
+    assert skew_choice.predicted_s < uniform_plan_on_skew
+    assert skew_choice.predicted_s > uniform_choice.predicted_s
+    assert skew_choice.unpipelined_s > uniform_choice.unpipelined_s
+
+
+@settings(max_examples=10, deadline=None)
+@given(workloads(max_tokens=2048), st.floats(1.5, 6.0))
+def test_hot_device_costs_time(w, heat):
+    """From a uniform load, making one device's experts hotter never makes the best plan faster (from a skewed
+    load it can: the device that was the slowest gets less)."""
+    w = w.replace(expert_load=None)
+    P, E = w.layout.devices, w.cfg.num_experts
+    shares = w.shares().copy()
+    shares[: E // P] *= heat
+    hot = w.replace(expert_load=tuple(shares / shares.sum()))
+    assert (search_plan(hot, COSTS, max_pipeline=6, tight_tilings=False).predicted_s
+            >= search_plan(w, COSTS, max_pipeline=6, tight_tilings=False).predicted_s * (1 - 1e-3))
