@@ -53,6 +53,21 @@ def test_parity_hypothesis(backend, tiling, interpret, dtype, k, n, data):
   kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,tiling,interpret,dtype,k,n",
+                         [p for p in PARAMS if p.values[3] in ("float32", "bfloat16")][:6])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), num_groups=st.integers(1, 9), m=st.integers(1, 200))
+def test_parity_wide_grid(backend, tiling, interpret, dtype, k, n, data, num_groups, m):
+  """Random M and G too (each example compiles anew): the wide grid."""
+  sizes = data.draw(kc.group_sizes(m, num_groups), label="group_sizes")
+  kw = data.draw(kc.indirection(num_groups, NUM_SLOTS), label="indirection")
+  lhs, rhs = kc.random_operands(int(sizes.sum()), m, k, n, NUM_SLOTS, dtype)
+  out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
+  slots = kc.expected_slots(num_groups, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
+  kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
+
+
 # Worked edge cases, each named for what it exercises (M = 100, 5 groups, 4 slots).
 EDGE_CASES = {
     "all_to_one_expert": ([0, 0, 100, 0, 0], {}),
