@@ -17,6 +17,8 @@ down once.
     (the table is already indexed by global expert id), else ValueError.
 
   Rows of a group without a slot (and slots outside ``[0, S)``) produce zeros.
+  Resident experts must have distinct slots (a cache slot holds one expert);
+  the dense backend relies on it.
 * Products accumulate in float32; the output has ``lhs.dtype``.
 
 The plain-jnp references at the bottom are the ground truth of the parity tests.
