@@ -154,7 +154,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
             with jax.named_scope(f"ep_experts_{stage}"):
                 y_recv_XD = _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_EDF[j0:j1],
                                            w_up_EDF[j0:j1], w_down_EFD[j0:j1], group_offset=me * E_l + j0,
-                                           num_experts=E, backend=plan.backend(stage))
+                                           num_experts=E, backend=plan.backend(stage), tiling=plan.tiling(stage))
             with jax.named_scope(f"ep_return_{stage}"):
                 if transport == "padded":
                     y_sorted_MD = transports.padded_return(y_recv_XD, y_sorted_MD, route, rows, ep_axes)
@@ -190,7 +190,7 @@ def _collective(transport: str):
 
 
 def _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_JDF, w_up_JDF, w_down_JFD, *, group_offset,
-                   num_experts, backend):
+                   num_experts, backend, tiling):
     """The stage's expert FFN on the received rows: source q's rows for expert j sit at recv_start[q] +
     (rows of q's experts < j); they are sorted by expert for the grouped kernel and put back afterwards."""
     X = recv_XD.shape[0]
@@ -205,7 +205,7 @@ def _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_JDF, w_up_JDF, 
     group_sizes_E = jax.lax.dynamic_update_slice(jnp.zeros((num_experts,), jnp.int32),
                                                  recv_counts_PJ.sum(0).astype(jnp.int32), (group_offset,))
     y_XD = pallas_kernels.expert_ffn(recv_XD[perm_X], w_gate_JDF, w_up_JDF, w_down_JFD, group_sizes_E,
-                                     group_offset=group_offset, backend=backend)
+                                     group_offset=group_offset, backend=backend, tiling=tiling)
     return jnp.zeros_like(y_XD).at[perm_X].set(y_XD)
 
 

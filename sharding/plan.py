@@ -22,11 +22,14 @@ class ExpertPlan:
         device, groups differ in size by at most one); "tokens" gives each stage a chunk of every device's
         tokens, each chunk routed over all experts.
     backends: the pallas_kernels backend of each stage: one name for all stages or PN names.
+    tilings: the kernel tiling object of each stage (1 or PN entries; None = the backend's default or table).
+        Mosaic GPU tilings carry num_sms, which is how SMs are left to the collectives.
     """
 
     pipeline_degree: int = 1
     split: Literal["experts", "tokens"] = "experts"
     backends: tuple[str, ...] = ("auto",)
+    tilings: tuple[object, ...] = (None,)
 
     def __post_init__(self):
         if not isinstance(self.pipeline_degree, int) or self.pipeline_degree < 1:
@@ -35,15 +38,19 @@ class ExpertPlan:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if isinstance(self.backends, str):
             object.__setattr__(self, "backends", (self.backends,))
-        if len(self.backends) not in (1, self.pipeline_degree):
-            raise ValueError(f"backends must name 1 or pipeline_degree={self.pipeline_degree} backends, "
-                             f"got {self.backends!r}")
+        for name, value in (("backends", self.backends), ("tilings", self.tilings)):
+            if len(value) not in (1, self.pipeline_degree):
+                raise ValueError(f"{name} must have 1 or pipeline_degree={self.pipeline_degree} entries, "
+                                 f"got {value!r}")
         bad = [b for b in self.backends if b != "auto" and b not in pallas_kernels.BACKENDS]
         if bad:
             raise ValueError(f"unknown backends {bad}; expected 'auto' or one of {pallas_kernels.BACKENDS}")
 
     def backend(self, stage: int) -> str:
         return self.backends[0] if len(self.backends) == 1 else self.backends[stage]
+
+    def tiling(self, stage: int):
+        return self.tilings[0] if len(self.tilings) == 1 else self.tilings[stage]
 
     def expert_groups(self, num_local_experts: int) -> tuple[tuple[int, int], ...]:
         """[start, end) of each stage's local experts: all of them for split="tokens"."""

@@ -79,12 +79,34 @@ PLANS = [sharding.ExpertPlan(1), sharding.ExpertPlan(2, "experts"), sharding.Exp
          sharding.ExpertPlan(4, "tokens"), sharding.ExpertPlan(4, "experts")]
 
 
-@pytest.mark.parametrize("ep", [2, 4, 8])
-@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"PN{p.pipeline_degree}-{p.split}")
-def test_ep_matches_single_device(ep, plan):
-    if plan.split == "experts" and plan.pipeline_degree > E // ep:
-        pytest.skip(f"{E // ep} local experts cannot form {plan.pipeline_degree} stages (an error, tested below)")
+GRID = [(ep, plan) for ep in (2, 4, 8) for plan in PLANS
+        if not (plan.split == "experts" and plan.pipeline_degree > E // ep)]  # too few experts: an error (below)
+DEFAULT = [(2, PLANS[0]), (4, PLANS[1]), (8, PLANS[3])]
+
+
+def _grid_id(case):
+    ep, plan = case
+    return f"EP{ep}-PN{plan.pipeline_degree}-{plan.split}"
+
+
+@pytest.mark.parametrize("case", DEFAULT, ids=_grid_id)
+def test_ep_matches_single_device(case):
+    ep, plan = case
     _check("dp_ep", dict(data=8 // ep, expert=ep), plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in GRID if c not in DEFAULT], ids=_grid_id)
+def test_ep_matches_single_device_full_grid(case):
+    ep, plan = case
+    _check("dp_ep", dict(data=8 // ep, expert=ep), plan)
+
+
+def test_per_stage_backends_and_tilings():
+    from pallas_kernels.chunked_gemm import ChunkTiling
+
+    plan = sharding.ExpertPlan(2, "experts", backends=("chunked", "ragged_dot"), tilings=(ChunkTiling(8), None))
+    _check("dp_ep", dict(data=2, expert=4), plan, routings=("random", "one_expert"))
 
 
 def test_ep_size_one_and_expert_tensor_parallel():
@@ -139,7 +161,7 @@ def test_plan_and_transport_errors():
         sharding.EPExperts(mesh=mesh, transport="nccl")
     with pytest.raises(ValueError, match="split must be one of"):
         sharding.ExpertPlan(2, "layers")
-    with pytest.raises(ValueError, match="backends must name 1 or pipeline_degree=2"):
+    with pytest.raises(ValueError, match="backends must have 1 or pipeline_degree=2 entries"):
         sharding.ExpertPlan(2, backends=("auto", "dense", "chunked"))
     with pytest.raises(ValueError, match="unknown backends"):
         sharding.ExpertPlan(1, backends=("cublas",))
