@@ -25,121 +25,121 @@ _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
 
 
 def _module(name: str):
-  """The implementation module of a backend (imported lazily)."""
-  from pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
-                              group_gemm_triton, ragged_dot)
+    """The implementation module of a backend (imported lazily)."""
+    from pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
+                                group_gemm_triton, ragged_dot)
 
-  return {
-      "reference": semantics,
-      "ragged_dot": ragged_dot,
-      "dense": dense_gemm,
-      "chunked": chunked_gemm,
-      "pallas_triton": group_gemm_triton,
-      "mosaic_gpu": group_gemm_mgpu,
-      "jax_triton": group_gemm_jax_triton,
-  }[name]
+    return {
+        "reference": semantics,
+        "ragged_dot": ragged_dot,
+        "dense": dense_gemm,
+        "chunked": chunked_gemm,
+        "pallas_triton": group_gemm_triton,
+        "mosaic_gpu": group_gemm_mgpu,
+        "jax_triton": group_gemm_jax_triton,
+    }[name]
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
                backend: str = "auto", tiling=None, interpret: bool = False):
-  """Grouped GEMM over rows sorted by group.
+    """Grouped GEMM over rows sorted by group.
 
-  Args:
-    lhs: [M, K] rows sorted by group; rows at index >= sum(group_sizes) are
-      padding and produce zero rows.
-    rhs: [E, K, N] weight matrices (E local experts, or S cache slots).
-    group_sizes: [G] int32 rows per group (traced).
-    group_offset: first local expert (int or traced int32 scalar): group g uses
-      rhs[g - group_offset] when group_offset <= g < group_offset + E; rows
-      of other groups produce zeros.
-    slot_of_expert: optional [G] int32: group g uses rhs[slot_of_expert[g]];
-      -1 (not resident) produces zeros; resident experts have distinct slots.
-      Requires group_offset == 0 (static), else ValueError.
-    backend: "auto" or one of :data:`pallas_kernels.selector.BACKENDS`.
-    tiling: the backend's tiling object, or None for its default / the table.
-    interpret: run the Pallas backends (pallas_triton, mosaic_gpu) in
-      interpret mode, e.g. on CPU.  "auto" never picks an interpreted kernel.
+    Args:
+      lhs: [M, K] rows sorted by group; rows at index >= sum(group_sizes) are
+        padding and produce zero rows.
+      rhs: [E, K, N] weight matrices (E local experts, or S cache slots).
+      group_sizes: [G] int32 rows per group (traced).
+      group_offset: first local expert (int or traced int32 scalar): group g uses
+        rhs[g - group_offset] when group_offset <= g < group_offset + E; rows
+        of other groups produce zeros.
+      slot_of_expert: optional [G] int32: group g uses rhs[slot_of_expert[g]];
+        -1 (not resident) produces zeros; resident experts have distinct slots.
+        Requires group_offset == 0 (static), else ValueError.
+      backend: "auto" or one of :data:`pallas_kernels.selector.BACKENDS`.
+      tiling: the backend's tiling object, or None for its default / the table.
+      interpret: run the Pallas backends (pallas_triton, mosaic_gpu) in
+        interpret mode, e.g. on CPU.  "auto" never picks an interpreted kernel.
 
-  Returns:
-    [M, N] in lhs.dtype, accumulated in float32.
-  """
-  semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
-  name, tiling = _resolve(backend, tiling, interpret, lhs.shape[0], rhs.shape[0],
-                          group_sizes.shape[0], rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
-  kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
-  if name == "reference":
-    return semantics.group_gemm_reference(lhs, rhs, group_sizes, **kwargs)
-  if name == "ragged_dot":
-    return _module(name).group_gemm(lhs, rhs, group_sizes, **kwargs)
-  if name == "dense":
-    kwargs["fallback_fn"] = _dense_fallback(tiling, lhs.shape[0], rhs.shape[0], group_sizes.shape[0],
-                                            rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
-  return _module(name).group_gemm(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret, **kwargs)
+    Returns:
+      [M, N] in lhs.dtype, accumulated in float32.
+    """
+    semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
+    name, tiling = _resolve(backend, tiling, interpret, lhs.shape[0], rhs.shape[0],
+                            group_sizes.shape[0], rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
+    kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
+    if name == "reference":
+        return semantics.group_gemm_reference(lhs, rhs, group_sizes, **kwargs)
+    if name == "ragged_dot":
+        return _module(name).group_gemm(lhs, rhs, group_sizes, **kwargs)
+    if name == "dense":
+        kwargs["fallback_fn"] = _dense_fallback(tiling, lhs.shape[0], rhs.shape[0], group_sizes.shape[0],
+                                                rhs.shape[1], rhs.shape[2], lhs.dtype, "group_gemm")
+    return _module(name).group_gemm(lhs, rhs, group_sizes, tiling=tiling, interpret=interpret, **kwargs)
 
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
                backend: str = "auto", tiling=None, interpret: bool = False):
-  """Per-row expert FFN: y = (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e].
+    """Per-row expert FFN: y = (silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e].
 
-  Args:
-    x: [M, D] rows sorted by group (padding rows past sum(group_sizes) -> 0).
-    w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-    group_sizes, group_offset, slot_of_expert, backend, tiling, interpret: as
-      in :func:`group_gemm` (e = the group's slot; slotless rows -> 0).
+    Args:
+      x: [M, D] rows sorted by group (padding rows past sum(group_sizes) -> 0).
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      group_sizes, group_offset, slot_of_expert, backend, tiling, interpret: as
+        in :func:`group_gemm` (e = the group's slot; slotless rows -> 0).
 
-  Returns:
-    [M, D] in x.dtype.  Accumulation is float32; the hidden [M, F] is
-    rounded to x.dtype between the fused gate/up GEMM and the down GEMM.
-    The gate and up products share one kernel (pallas_triton, mosaic_gpu,
-    jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
-    at a time).
-  """
-  semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
-  name, tiling = _resolve(backend, tiling, interpret, x.shape[0], w_gate.shape[0],
-                          group_sizes.shape[0], w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
-  kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
-  args = (x, w_gate, w_up, w_down, group_sizes)
-  if name == "reference":
-    return semantics.expert_ffn_reference(*args, **kwargs)
-  if name == "ragged_dot":
-    return _module(name).expert_ffn(*args, **kwargs)
-  if name == "dense":
-    kwargs["fallback_fn"] = _dense_fallback(tiling, x.shape[0], w_gate.shape[0], group_sizes.shape[0],
-                                            w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
-  return _module(name).expert_ffn(*args, tiling=tiling, interpret=interpret, **kwargs)
+    Returns:
+      [M, D] in x.dtype.  Accumulation is float32; the hidden [M, F] is
+      rounded to x.dtype between the fused gate/up GEMM and the down GEMM.
+      The gate and up products share one kernel (pallas_triton, mosaic_gpu,
+      jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
+      at a time).
+    """
+    semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
+    name, tiling = _resolve(backend, tiling, interpret, x.shape[0], w_gate.shape[0],
+                            group_sizes.shape[0], w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
+    kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
+    args = (x, w_gate, w_up, w_down, group_sizes)
+    if name == "reference":
+        return semantics.expert_ffn_reference(*args, **kwargs)
+    if name == "ragged_dot":
+        return _module(name).expert_ffn(*args, **kwargs)
+    if name == "dense":
+        kwargs["fallback_fn"] = _dense_fallback(tiling, x.shape[0], w_gate.shape[0], group_sizes.shape[0],
+                                                w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
+    return _module(name).expert_ffn(*args, tiling=tiling, interpret=interpret, **kwargs)
 
 
 def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, op):
-  """(backend name, tiling) after "auto" and the platform checks."""
-  if backend == "auto":
-    choice = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots,
-                                     k=k, n=n, dtype=dtype, op=op)
-    return choice.backend, tiling if tiling is not None else choice.tiling
-  if backend not in selector.BACKENDS:
-    raise ValueError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
-  if tiling is not None and backend in ("reference", "ragged_dot"):
-    raise ValueError(f"backend {backend!r} takes no tiling; got {tiling=}")
-  if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
-    raise ValueError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
-  if interpret and backend == "jax_triton":
-    raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
-  if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
-    if backend == "jax_triton" or not interpret:
-      hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
-      raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the default device is "
-                       f"{selector.platform()!r}{hint}")
-  return backend, tiling
+    """(backend name, tiling) after "auto" and the platform checks."""
+    if backend == "auto":
+        choice = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots,
+                                         k=k, n=n, dtype=dtype, op=op)
+        return choice.backend, tiling if tiling is not None else choice.tiling
+    if backend not in selector.BACKENDS:
+        raise ValueError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
+    if tiling is not None and backend in ("reference", "ragged_dot"):
+        raise ValueError(f"backend {backend!r} takes no tiling; got {tiling=}")
+    if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
+        raise ValueError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
+    if interpret and backend == "jax_triton":
+        raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
+    if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
+        if backend == "jax_triton" or not interpret:
+            hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
+            raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the default device is "
+                             f"{selector.platform()!r}{hint}")
+    return backend, tiling
 
 
 def _dense_fallback(tiling, m, num_slots, num_groups, k, n, dtype, op):
-  """The grouped implementation the dense path runs when no capacity bucket fits."""
-  name = getattr(tiling, "fallback", "auto")
-  if name == "auto":
-    name = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots, k=k, n=n,
-                                   dtype=dtype, op=op, max_tokens_per_expert=float(m),
-                                   exclude=("dense",)).backend
-  if name == "dense" or name not in selector.BACKENDS:
-    raise ValueError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
-  if name == "reference":
-    return getattr(semantics, f"{op}_reference")
-  return getattr(_module(name), op)  # a module-level function: a stable static argument
+    """The grouped implementation the dense path runs when no capacity bucket fits."""
+    name = getattr(tiling, "fallback", "auto")
+    if name == "auto":
+        name = selector.select_backend(tokens_per_expert=m / max(num_groups, 1), num_experts=num_slots, k=k, n=n,
+                                       dtype=dtype, op=op, max_tokens_per_expert=float(m),
+                                       exclude=("dense",)).backend
+    if name == "dense" or name not in selector.BACKENDS:
+        raise ValueError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
+    if name == "reference":
+        return getattr(semantics, f"{op}_reference")
+    return getattr(_module(name), op)  # a module-level function: a stable static argument

@@ -57,214 +57,214 @@ MAX_SMEM_BYTES = 232448  # sm_90 dynamic shared memory per block (227 KiB)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicTiling:
-  """Tile sizes, pipeline depth and persistent grid size."""
+    """Tile sizes, pipeline depth and persistent grid size."""
 
-  block_m: int = 128
-  block_n: int = 128
-  block_k: int = 64
-  max_concurrent_steps: int = 4
-  num_sms: int | None = None
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    num_sms: int | None = None
 
-  def __post_init__(self):
-    if not isinstance(self.block_m, int) or self.block_m % 64 or self.block_m & (self.block_m - 1):
-      raise ValueError(f"MosaicTiling.block_m must be a power of two and a multiple of 64; got {self.block_m=}")
-    if not isinstance(self.block_n, int) or self.block_n % 64 or not 64 <= self.block_n <= 256:
-      raise ValueError(f"MosaicTiling.block_n must be 64, 128, 192 or 256; got {self.block_n=}")
-    if not isinstance(self.block_k, int) or self.block_k < 8 or self.block_k & (self.block_k - 1):
-      raise ValueError(f"MosaicTiling.block_k must be a power of two >= 8; got {self.block_k=}")
-    if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
-      raise ValueError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
-    if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms < 1):
-      raise ValueError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
+    def __post_init__(self):
+        if not isinstance(self.block_m, int) or self.block_m % 64 or self.block_m & (self.block_m - 1):
+            raise ValueError(f"MosaicTiling.block_m must be a power of two and a multiple of 64; got {self.block_m=}")
+        if not isinstance(self.block_n, int) or self.block_n % 64 or not 64 <= self.block_n <= 256:
+            raise ValueError(f"MosaicTiling.block_n must be 64, 128, 192 or 256; got {self.block_n=}")
+        if not isinstance(self.block_k, int) or self.block_k < 8 or self.block_k & (self.block_k - 1):
+            raise ValueError(f"MosaicTiling.block_k must be a power of two >= 8; got {self.block_k=}")
+        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
+            raise ValueError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
+        if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms < 1):
+            raise ValueError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
 
 
 def _kernel(tile_gmem, lo_gmem, hi_gmem, slot_gmem, lhs_gmem, *refs,
             tiling: MosaicTiling, fused: bool, num_items: int):
-  """The persistent body, run by every block of the ``"sm"`` grid.
+    """The persistent body, run by every block of the ``"sm"`` grid.
 
-  tile_gmem, lo_gmem, hi_gmem, slot_gmem: [W] int32 work list.
-  lhs_gmem: [M, K].  refs: rhs_gmem [S, K, N] (and up_gmem when fused), out_gmem [M, N].
-  """
-  *w_gmems, out_gmem = refs
-  bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
-  k = lhs_gmem.shape[1]
-  n = out_gmem.shape[1]
-  grid_n = n // bn
-  swizzle_elems = _SWIZZLE_BYTES // jnp.dtype(lhs_gmem.dtype).itemsize
-  transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
+    tile_gmem, lo_gmem, hi_gmem, slot_gmem: [W] int32 work list.
+    lhs_gmem: [M, K].  refs: rhs_gmem [S, K, N] (and up_gmem when fused), out_gmem [M, N].
+    """
+    *w_gmems, out_gmem = refs
+    bm, bn, bk = tiling.block_m, tiling.block_n, tiling.block_k
+    k = lhs_gmem.shape[1]
+    n = out_gmem.shape[1]
+    grid_n = n // bn
+    swizzle_elems = _SWIZZLE_BYTES // jnp.dtype(lhs_gmem.dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(_SWIZZLE_BYTES))
 
-  @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
-  def _tile_loop(info: plgpu.NDLoopInfo):
-    (linear,) = info.index
-    item = linear // grid_n
-    n_block = linear % grid_n
-    tile = tile_gmem[item]
-    lo = lo_gmem[item]
-    hi = hi_gmem[item]
-    slot = slot_gmem[item]
-    row0 = tile * bm
+    @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
+    def _tile_loop(info: plgpu.NDLoopInfo):
+        (linear,) = info.index
+        item = linear // grid_n
+        n_block = linear % grid_n
+        tile = tile_gmem[item]
+        lo = lo_gmem[item]
+        hi = hi_gmem[item]
+        slot = slot_gmem[item]
+        row0 = tile * bm
 
-    def product():
-      # With two or more stages, a stage's buffers are released one step late, so
-      # the wgmma reading them may still run while the next one is issued.
-      delay = 1 if tiling.max_concurrent_steps > 1 else 0
+        def product():
+            # With two or more stages, a stage's buffers are released one step late, so
+            # the wgmma reading them may still run while the next one is issued.
+            delay = 1 if tiling.max_concurrent_steps > 1 else 0
 
-      def acc_scope(*acc_refs):  # each [block_m, block_n] float32
-        def k_step(_, lhs_smem, *w_smems):  # [block_m, block_k], [block_k, block_n] ...
-          for acc_ref, w_smem in zip(acc_refs, w_smems):
-            plgpu.wgmma(acc_ref, lhs_smem, w_smem)
-          plgpu.wgmma_wait(delay * len(w_smems))  # the previous step's wgmmas are done
+            def acc_scope(*acc_refs):  # each [block_m, block_n] float32
+                def k_step(_, lhs_smem, *w_smems):  # [block_m, block_k], [block_k, block_n] ...
+                    for acc_ref, w_smem in zip(acc_refs, w_smems):
+                        plgpu.wgmma(acc_ref, lhs_smem, w_smem)
+                    plgpu.wgmma_wait(delay * len(w_smems))  # the previous step's wgmmas are done
 
-        plgpu.emit_pipeline(
-            k_step,
-            grid=(k // bk,),
-            in_specs=[
-                plgpu.BlockSpec((bm, bk), lambda kb: (tile, kb), transforms=transforms,
-                                delay_release=delay),
-                *[plgpu.BlockSpec((bk, bn), lambda kb: (kb, n_block), transforms=transforms,
-                                  delay_release=delay)
-                  for _ in w_gmems],
-            ],
-            max_concurrent_steps=tiling.max_concurrent_steps,
-        )(lhs_gmem, *[w.at[slot] for w in w_gmems])
-        return tuple(acc_ref[...] for acc_ref in acc_refs)
+                plgpu.emit_pipeline(
+                    k_step,
+                    grid=(k // bk,),
+                    in_specs=[
+                        plgpu.BlockSpec((bm, bk), lambda kb: (tile, kb), transforms=transforms,
+                                        delay_release=delay),
+                        *[plgpu.BlockSpec((bk, bn), lambda kb: (kb, n_block), transforms=transforms,
+                                          delay_release=delay)
+                          for _ in w_gmems],
+                    ],
+                    max_concurrent_steps=tiling.max_concurrent_steps,
+                )(lhs_gmem, *[w.at[slot] for w in w_gmems])
+                return tuple(acc_ref[...] for acc_ref in acc_refs)
 
-      accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), jnp.float32) for _ in w_gmems])
-      if fused:
-        gate, up = accs
-        return semantics.silu(gate) * up
-      return accs[0]
+            accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), jnp.float32) for _ in w_gmems])
+            if fused:
+                gate, up = accs
+                return semantics.silu(gate) * up
+            return accs[0]
 
-    @pl.when((lo < hi) & (slot >= 0))
-    def _():
-      _store_rows(product().astype(out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
+        @pl.when((lo < hi) & (slot >= 0))
+        def _():
+            _store_rows(product().astype(out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
 
-    @pl.when((lo < hi) & (slot < 0))
-    def _():
-      _store_rows(jnp.zeros((bm, bn), out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
+        @pl.when((lo < hi) & (slot < 0))
+        def _():
+            _store_rows(jnp.zeros((bm, bn), out_gmem.dtype), out_gmem, row0, lo, hi, n_block, bm, bn)
 
-  plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _store_rows(value, out_gmem, row0, lo, hi, n_block, bm: int, bn: int):
-  """TMA-stores rows ``[lo, hi)`` of the tile ``value [block_m, block_n]`` at row0."""
+    """TMA-stores rows ``[lo, hi)`` of the tile ``value [block_m, block_n]`` at row0."""
 
-  def scope(o_smem):  # [block_m, block_n]
-    o_smem[...] = value
-    plgpu.commit_smem()
-    count = hi - lo
-    start = lo - row0
-    size = bm
-    while size >= 1:  # one TMA store per set bit of count, largest first
-      @pl.when(count & size != 0)
-      def _(size=size, start=start):
-        plgpu.copy_smem_to_gmem(
-            o_smem.at[pl.ds(start, size)],
-            out_gmem.at[pl.ds(row0 + start, size), pl.ds(n_block * bn, bn)])
+    def scope(o_smem):  # [block_m, block_n]
+        o_smem[...] = value
+        plgpu.commit_smem()
+        count = hi - lo
+        start = lo - row0
+        size = bm
+        while size >= 1:  # one TMA store per set bit of count, largest first
+            @pl.when(count & size != 0)
+            def _(size=size, start=start):
+                plgpu.copy_smem_to_gmem(
+                    o_smem.at[pl.ds(start, size)],
+                    out_gmem.at[pl.ds(row0 + start, size), pl.ds(n_block * bn, bn)])
 
-      start = start + (count & size)
-      size //= 2
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            start = start + (count & size)
+            size //= 2
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  pl.run_scoped(scope, plgpu.SMEM((bm, bn), out_gmem.dtype))
+    pl.run_scoped(scope, plgpu.SMEM((bm, bn), out_gmem.dtype))
 
 
 def smem_bytes(tiling: MosaicTiling, itemsize: int, num_weights: int = 1) -> int:
-  """Shared memory of the kernel: pipeline stages, the epilogue tile, barriers (estimate)."""
-  stage = (tiling.block_m * tiling.block_k + num_weights * tiling.block_k * tiling.block_n) * itemsize
-  epilogue = tiling.block_m * tiling.block_n * itemsize
-  return tiling.max_concurrent_steps * stage + epilogue + 64 * tiling.max_concurrent_steps
+    """Shared memory of the kernel: pipeline stages, the epilogue tile, barriers (estimate)."""
+    stage = (tiling.block_m * tiling.block_k + num_weights * tiling.block_k * tiling.block_n) * itemsize
+    epilogue = tiling.block_m * tiling.block_n * itemsize
+    return tiling.max_concurrent_steps * stage + epilogue + 64 * tiling.max_concurrent_steps
 
 
 def fit_stages(tiling: MosaicTiling, itemsize: int, num_weights: int) -> MosaicTiling:
-  """``tiling`` with max_concurrent_steps lowered until the kernel fits shared memory."""
-  while smem_bytes(tiling, itemsize, num_weights) > MAX_SMEM_BYTES:
-    if tiling.max_concurrent_steps == 1:
-      raise ValueError(f"MosaicTiling does not fit shared memory even with one stage: {tiling=} "
-                       f"needs {smem_bytes(tiling, itemsize, num_weights)} > {MAX_SMEM_BYTES} bytes")
-    tiling = dataclasses.replace(tiling, max_concurrent_steps=tiling.max_concurrent_steps - 1)
-  return tiling
+    """``tiling`` with max_concurrent_steps lowered until the kernel fits shared memory."""
+    while smem_bytes(tiling, itemsize, num_weights) > MAX_SMEM_BYTES:
+        if tiling.max_concurrent_steps == 1:
+            raise ValueError(f"MosaicTiling does not fit shared memory even with one stage: {tiling=} "
+                             f"needs {smem_bytes(tiling, itemsize, num_weights)} > {MAX_SMEM_BYTES} bytes")
+        tiling = dataclasses.replace(tiling, max_concurrent_steps=tiling.max_concurrent_steps - 1)
+    return tiling
 
 
 def _num_sms(tiling: MosaicTiling) -> int:
-  if tiling.num_sms is not None:
-    return tiling.num_sms
-  if abstract := jax.sharding.get_abstract_mesh().abstract_device:
-    return abstract.num_cores
-  device = jax.devices()[0]
-  return getattr(device, "core_count", None) or 132
+    if tiling.num_sms is not None:
+        return tiling.num_sms
+    if abstract := jax.sharding.get_abstract_mesh().abstract_device:
+        return abstract.num_cores
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 132
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
 def _call(lhs, rhs_list, group_sizes, slots, *, tiling: MosaicTiling, interpret: bool):
-  m = lhs.shape[0]
-  n = rhs_list[0].shape[2]
-  m_pad = -(-m // 8) * 8  # TMA tiles GMEM rows by 8; the pad rows are padding (zeros)
-  lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0))) if m_pad != m else lhs
-  tiling = fit_stages(tiling, jnp.dtype(lhs.dtype).itemsize, len(rhs_list))
-  items = work_list.build(group_sizes, slots, m_pad, tiling.block_m)
-  num_items = items.tile.shape[0]
-  kernel = plgpu.kernel(
-      functools.partial(_kernel, tiling=tiling, fused=len(rhs_list) == 2, num_items=num_items),
-      out_type=jax.ShapeDtypeStruct((m_pad, n), lhs.dtype),
-      grid=(_num_sms(tiling),),
-      grid_names=("sm",),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )
-  out = kernel(items.tile, items.lo, items.hi, items.slot, lhs, *rhs_list)
-  return out[:m] if m_pad != m else out
+    m = lhs.shape[0]
+    n = rhs_list[0].shape[2]
+    m_pad = -(-m // 8) * 8  # TMA tiles GMEM rows by 8; the pad rows are padding (zeros)
+    lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0))) if m_pad != m else lhs
+    tiling = fit_stages(tiling, jnp.dtype(lhs.dtype).itemsize, len(rhs_list))
+    items = work_list.build(group_sizes, slots, m_pad, tiling.block_m)
+    num_items = items.tile.shape[0]
+    kernel = plgpu.kernel(
+        functools.partial(_kernel, tiling=tiling, fused=len(rhs_list) == 2, num_items=num_items),
+        out_type=jax.ShapeDtypeStruct((m_pad, n), lhs.dtype),
+        grid=(_num_sms(tiling),),
+        grid_names=("sm",),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    out = kernel(items.tile, items.lo, items.hi, items.slot, lhs, *rhs_list)
+    return out[:m] if m_pad != m else out
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
                tiling: MosaicTiling | None = None, interpret: bool = False):
-  """Grouped GEMM ``[M, K] x [S, K, N] -> [M, N]`` (semantics: :mod:`pallas_kernels.semantics`)."""
-  semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
-  tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2])
-  slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
-  return _call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret)
+    """Grouped GEMM ``[M, K] x [S, K, N] -> [M, N]`` (semantics: :mod:`pallas_kernels.semantics`)."""
+    semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
+    tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2])
+    slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
+    return _call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret)
 
 
 def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None,
             tiling: MosaicTiling | None = None, interpret: bool = False):
-  """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
-  semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
-  if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
-    raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
-  tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2])
-  slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
-  return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
+    """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
+    semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
+    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+        raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
+    tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2])
+    slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
+    return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
 
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
                tiling: MosaicTiling | None = None, interpret: bool = False):
-  """Expert FFN: the fused gate/up kernel, then the grouped down projection."""
-  semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
-  kw = dict(group_offset=group_offset, slot_of_expert=slot_of_expert, tiling=tiling, interpret=interpret)
-  hidden = gate_up(x, w_gate, w_up, group_sizes, **kw)  # [M, F]
-  return group_gemm(hidden, w_down, group_sizes, **kw)  # [M, D]
+    """Expert FFN: the fused gate/up kernel, then the grouped down projection."""
+    semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
+    kw = dict(group_offset=group_offset, slot_of_expert=slot_of_expert, tiling=tiling, interpret=interpret)
+    hidden = gate_up(x, w_gate, w_up, group_sizes, **kw)  # [M, F]
+    return group_gemm(hidden, w_down, group_sizes, **kw)  # [M, D]
 
 
 def supports(dtype, k: int, n: int, tiling: MosaicTiling | None = None) -> bool:
-  """Whether the kernel takes these operands (16-bit dtype, K and N divisible by the tiles)."""
-  try:
-    check_tiling(tiling, dtype, k, n)
-  except ValueError:
-    return False
-  return True
+    """Whether the kernel takes these operands (16-bit dtype, K and N divisible by the tiles)."""
+    try:
+        check_tiling(tiling, dtype, k, n)
+    except ValueError:
+        return False
+    return True
 
 
 def check_tiling(tiling, dtype, k: int, n: int) -> MosaicTiling:
-  tiling = MosaicTiling() if tiling is None else tiling
-  if not isinstance(tiling, MosaicTiling):
-    raise ValueError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
-  itemsize = jnp.dtype(dtype).itemsize
-  if itemsize != 2:
-    raise ValueError(f"the mosaic_gpu backend needs float16 or bfloat16 operands; got {dtype=}")
-  if tiling.block_k * itemsize != _SWIZZLE_BYTES:
-    raise ValueError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} bytes; got {tiling.block_k=} {dtype=}")
-  if k % tiling.block_k or n % tiling.block_n:
-    raise ValueError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
-  return tiling
+    tiling = MosaicTiling() if tiling is None else tiling
+    if not isinstance(tiling, MosaicTiling):
+        raise ValueError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
+    itemsize = jnp.dtype(dtype).itemsize
+    if itemsize != 2:
+        raise ValueError(f"the mosaic_gpu backend needs float16 or bfloat16 operands; got {dtype=}")
+    if tiling.block_k * itemsize != _SWIZZLE_BYTES:
+        raise ValueError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} bytes; got {tiling.block_k=} {dtype=}")
+    if k % tiling.block_k or n % tiling.block_n:
+        raise ValueError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
+    return tiling
 
 
 group_gemm_reference = semantics.group_gemm_reference

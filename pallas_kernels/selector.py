@@ -52,153 +52,153 @@ SKEW_RATIO = 2.0
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-  """A backend name, its tiling object (None = default) and why it was chosen."""
+    """A backend name, its tiling object (None = default) and why it was chosen."""
 
-  backend: str
-  tiling: object = None
-  reason: str = ""
+    backend: str
+    tiling: object = None
+    reason: str = ""
 
 
 def device_kind() -> str:
-  """The default device's kind, e.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu"``."""
-  return jax.devices()[0].device_kind
+    """The default device's kind, e.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu"``."""
+    return jax.devices()[0].device_kind
 
 
 def platform() -> str:
-  return jax.devices()[0].platform
+    return jax.devices()[0].platform
 
 
 def table_name(kind: str) -> str:
-  """The table file stem of a device kind: lower case, runs of other characters -> ``_``."""
-  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+    """The table file stem of a device kind: lower case, runs of other characters -> ``_``."""
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
 
 
 @functools.lru_cache(maxsize=None)
 def load_table(kind: str) -> dict | None:
-  """The profile table of a device kind, or None (exact file name, then family match)."""
-  path = PROFILE_DIR / f"{table_name(kind)}.json"
-  if path.exists():
-    return json.loads(path.read_text())
-  for path in sorted(PROFILE_DIR.glob("*.json")):
-    table = json.loads(path.read_text())
-    family = table.get("device_family")
-    if family and family.lower() in kind.lower():
-      return table
-  return None
+    """The profile table of a device kind, or None (exact file name, then family match)."""
+    path = PROFILE_DIR / f"{table_name(kind)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    for path in sorted(PROFILE_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        family = table.get("device_family")
+        if family and family.lower() in kind.lower():
+            return table
+    return None
 
 
 def available(backend: str, plat: str) -> bool:
-  """Whether ``backend`` runs natively (compiled, not interpreted) on ``plat``."""
-  if backend == "reference":
-    return False  # a test oracle, never a choice
-  if backend in GPU_ONLY:
-    if plat not in ("gpu", "cuda"):
-      return False
-    if backend == "jax_triton":
-      from pallas_kernels import group_gemm_jax_triton
+    """Whether ``backend`` runs natively (compiled, not interpreted) on ``plat``."""
+    if backend == "reference":
+        return False  # a test oracle, never a choice
+    if backend in GPU_ONLY:
+        if plat not in ("gpu", "cuda"):
+            return False
+        if backend == "jax_triton":
+            from pallas_kernels import group_gemm_jax_triton
 
-      return group_gemm_jax_triton.importable()
-  return True
+            return group_gemm_jax_triton.importable()
+    return True
 
 
 def select_backend(*, tokens_per_expert: float, num_experts: int, k: int, n: int, dtype,
                    op: str = "group_gemm", max_tokens_per_expert: float | None = None,
                    kind: str | None = None, plat: str | None = None,
                    exclude: tuple[str, ...] = ()) -> Choice:
-  """The backend and tiling for a load.
+    """The backend and tiling for a load.
 
-  Args:
-    tokens_per_expert: mean rows per expert (M / G for a static shape).
-    num_experts: E (rhs slots).
-    k, n: the GEMM's contracting and output dims (D and F for the expert FFN).
-    dtype: operand dtype.
-    op: "group_gemm" or "expert_ffn".
-    max_tokens_per_expert: the fullest expert's rows, when known (skew).
-    kind, plat: device kind and platform (default: the default device's).
-    exclude: backend names not to return (e.g. the dense path's own fallback).
-  """
-  kind = device_kind() if kind is None else kind
-  plat = platform() if plat is None else plat
-  dtype = jnp.dtype(dtype)
-  skewed = (max_tokens_per_expert is not None and tokens_per_expert > 0
-            and max_tokens_per_expert > SKEW_RATIO * tokens_per_expert)
-  table = load_table(kind)
-  if table is not None:
-    choice = _from_table(table, tokens_per_expert, num_experts, k, n, dtype, op,
-                         "skewed" if skewed else "balanced", plat, exclude)
-    if choice is not None:
-      return choice
-  return _rules(tokens_per_expert, k, n, dtype, kind, plat, skewed, exclude)
+    Args:
+      tokens_per_expert: mean rows per expert (M / G for a static shape).
+      num_experts: E (rhs slots).
+      k, n: the GEMM's contracting and output dims (D and F for the expert FFN).
+      dtype: operand dtype.
+      op: "group_gemm" or "expert_ffn".
+      max_tokens_per_expert: the fullest expert's rows, when known (skew).
+      kind, plat: device kind and platform (default: the default device's).
+      exclude: backend names not to return (e.g. the dense path's own fallback).
+    """
+    kind = device_kind() if kind is None else kind
+    plat = platform() if plat is None else plat
+    dtype = jnp.dtype(dtype)
+    skewed = (max_tokens_per_expert is not None and tokens_per_expert > 0
+              and max_tokens_per_expert > SKEW_RATIO * tokens_per_expert)
+    table = load_table(kind)
+    if table is not None:
+        choice = _from_table(table, tokens_per_expert, num_experts, k, n, dtype, op,
+                             "skewed" if skewed else "balanced", plat, exclude)
+        if choice is not None:
+            return choice
+    return _rules(tokens_per_expert, k, n, dtype, kind, plat, skewed, exclude)
 
 
 def _from_table(table, tpe, e, k, n, dtype, op, load, plat, exclude) -> Choice | None:
-  usable = [x for x in table["entries"] if x.get("seconds") and available(x["backend"], plat)
-            and x["backend"] not in exclude]
-  entries = [x for x in usable if x["op"] == op] or [x for x in usable if x["op"] == "group_gemm"]
-  same_dtype = [x for x in entries if x["dtype"] == dtype.name]
-  entries = same_dtype or entries
-  if not entries:
-    return None
+    usable = [x for x in table["entries"] if x.get("seconds") and available(x["backend"], plat)
+              and x["backend"] not in exclude]
+    entries = [x for x in usable if x["op"] == op] or [x for x in usable if x["op"] == "group_gemm"]
+    same_dtype = [x for x in entries if x["dtype"] == dtype.name]
+    entries = same_dtype or entries
+    if not entries:
+        return None
 
-  def log_dist(x, keys):
-    return sum(abs(math.log2(max(x[key], 1)) - math.log2(max(val, 1))) for key, val in keys)
+    def log_dist(x, keys):
+        return sum(abs(math.log2(max(x[key], 1)) - math.log2(max(val, 1))) for key, val in keys)
 
-  best_shape = min(log_dist(x, (("E", e), ("K", k), ("N", n))) for x in entries)
-  entries = [x for x in entries if log_dist(x, (("E", e), ("K", k), ("N", n))) == best_shape]
-  entries = [x for x in entries if x["load"] == load] or entries
-  best_tpe = min(log_dist(x, (("tokens_per_expert", tpe),)) for x in entries)
-  entries = [x for x in entries if log_dist(x, (("tokens_per_expert", tpe),)) == best_tpe]
-  fastest = min(entries, key=lambda x: x["seconds"])
-  tiling = tiling_from_dict(fastest["backend"], fastest.get("tiling"))
-  return Choice(fastest["backend"], tiling,
-                f"table {table_name(table['device_kind'])}: fastest at E={fastest['E']} K={fastest['K']} "
-                f"N={fastest['N']} {fastest['load']} {fastest['tokens_per_expert']} tokens/expert")
+    best_shape = min(log_dist(x, (("E", e), ("K", k), ("N", n))) for x in entries)
+    entries = [x for x in entries if log_dist(x, (("E", e), ("K", k), ("N", n))) == best_shape]
+    entries = [x for x in entries if x["load"] == load] or entries
+    best_tpe = min(log_dist(x, (("tokens_per_expert", tpe),)) for x in entries)
+    entries = [x for x in entries if log_dist(x, (("tokens_per_expert", tpe),)) == best_tpe]
+    fastest = min(entries, key=lambda x: x["seconds"])
+    tiling = tiling_from_dict(fastest["backend"], fastest.get("tiling"))
+    return Choice(fastest["backend"], tiling,
+                  f"table {table_name(table['device_kind'])}: fastest at E={fastest['E']} K={fastest['K']} "
+                  f"N={fastest['N']} {fastest['load']} {fastest['tokens_per_expert']} tokens/expert")
 
 
 def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude) -> Choice:
-  def pick(*names, reason):
-    for name in names:
-      if name not in exclude:
-        return Choice(name, None, f"fallback rule: {reason}")
-    return Choice("ragged_dot", None, "fallback rule: everything else excluded")
+    def pick(*names, reason):
+        for name in names:
+            if name not in exclude:
+                return Choice(name, None, f"fallback rule: {reason}")
+        return Choice("ragged_dot", None, "fallback rule: everything else excluded")
 
-  if plat not in ("gpu", "cuda"):
-    if not skewed and tpe >= CPU_DENSE_MIN_TOKENS and dtype.itemsize == 2:
-      return pick("dense", "chunked", reason="CPU, balanced 16-bit load")
-    return pick("chunked", "dense", reason="CPU")
-  from pallas_kernels import group_gemm_mgpu
+    if plat not in ("gpu", "cuda"):
+        if not skewed and tpe >= CPU_DENSE_MIN_TOKENS and dtype.itemsize == 2:
+            return pick("dense", "chunked", reason="CPU, balanced 16-bit load")
+        return pick("chunked", "dense", reason="CPU")
+    from pallas_kernels import group_gemm_mgpu
 
-  hopper = re.search(r"H100|H200|H800|H20\b|GH200", kind) is not None
-  if hopper and group_gemm_mgpu.supports(dtype, k, n):
-    grouped, regime = ("mosaic_gpu", "pallas_triton", "ragged_dot"), "Hopper GroupGemm regime"
-  elif dtype.itemsize == 2:
-    grouped, regime = ("pallas_triton", "ragged_dot"), "GPU GroupGemm regime"
-  else:
-    grouped, regime = ("ragged_dot",), "GPU, float32"
-  if tpe >= DENSE_CROSSOVER_TOKENS and not skewed:
-    return pick("dense", *grouped, reason=f">= {DENSE_CROSSOVER_TOKENS} tokens per expert")
-  return pick(*grouped, reason=regime)
+    hopper = re.search(r"H100|H200|H800|H20\b|GH200", kind) is not None
+    if hopper and group_gemm_mgpu.supports(dtype, k, n):
+        grouped, regime = ("mosaic_gpu", "pallas_triton", "ragged_dot"), "Hopper GroupGemm regime"
+    elif dtype.itemsize == 2:
+        grouped, regime = ("pallas_triton", "ragged_dot"), "GPU GroupGemm regime"
+    else:
+        grouped, regime = ("ragged_dot",), "GPU, float32"
+    if tpe >= DENSE_CROSSOVER_TOKENS and not skewed:
+        return pick("dense", *grouped, reason=f">= {DENSE_CROSSOVER_TOKENS} tokens per expert")
+    return pick(*grouped, reason=regime)
 
 
 def tiling_from_dict(backend: str, fields: dict | None):
-  """The tiling object of ``backend`` from a table's JSON fields (None -> default)."""
-  if not fields:
-    return None
-  cls = tiling_class(backend)
-  if cls is None:
-    return None
-  fields = {key: tuple(val) if isinstance(val, list) else val for key, val in fields.items()}
-  return cls(**fields)
+    """The tiling object of ``backend`` from a table's JSON fields (None -> default)."""
+    if not fields:
+        return None
+    cls = tiling_class(backend)
+    if cls is None:
+        return None
+    fields = {key: tuple(val) if isinstance(val, list) else val for key, val in fields.items()}
+    return cls(**fields)
 
 
 def tiling_class(backend: str):
-  from pallas_kernels import chunked_gemm, dense_gemm, group_gemm_mgpu, group_gemm_triton
+    from pallas_kernels import chunked_gemm, dense_gemm, group_gemm_mgpu, group_gemm_triton
 
-  classes = {
-      "dense": dense_gemm.DenseTiling,
-      "chunked": chunked_gemm.ChunkTiling,
-      "pallas_triton": group_gemm_triton.TritonTiling,
-      "mosaic_gpu": group_gemm_mgpu.MosaicTiling,
-      "jax_triton": group_gemm_triton.TritonTiling,
-  }
-  return classes.get(backend)
+    classes = {
+        "dense": dense_gemm.DenseTiling,
+        "chunked": chunked_gemm.ChunkTiling,
+        "pallas_triton": group_gemm_triton.TritonTiling,
+        "mosaic_gpu": group_gemm_mgpu.MosaicTiling,
+        "jax_triton": group_gemm_triton.TritonTiling,
+    }
+    return classes.get(backend)

@@ -48,11 +48,11 @@ from pallas_kernels.group_gemm_triton import TritonTiling  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class MoeShape:
-  name: str
-  d: int  # model dim: K of the first projection
-  f: int  # expert FFN dim: N of the first projection
-  experts: int
-  top_k: int
+    name: str
+    d: int  # model dim: K of the first projection
+    f: int  # expert FFN dim: N of the first projection
+    experts: int
+    top_k: int
 
 
 SHAPES = (
@@ -75,267 +75,267 @@ TILINGS = {  # candidates per backend; the fastest is recorded
 
 
 def quick_shape(shape: MoeShape) -> MoeShape:
-  return dataclasses.replace(shape, d=max(64, shape.d // 8), f=max(64, shape.f // 8),
-                             experts=max(4, shape.experts // 8))
+    return dataclasses.replace(shape, d=max(64, shape.d // 8), f=max(64, shape.f // 8),
+                               experts=max(4, shape.experts // 8))
 
 
 def group_sizes(load: str, tokens_per_expert: int, experts: int, seed: int = 0) -> np.ndarray:
-  """Balanced: every expert gets the mean.  Skewed: Dirichlet(0.3) shares of the same total."""
-  total = tokens_per_expert * experts
-  if load == "balanced":
-    return np.full(experts, tokens_per_expert, np.int32)
-  shares = np.random.default_rng(seed).dirichlet(np.full(experts, 0.3))
-  sizes = np.floor(shares * total).astype(np.int32)
-  sizes[np.argmax(sizes)] += total - sizes.sum()
-  return sizes
+    """Balanced: every expert gets the mean.  Skewed: Dirichlet(0.3) shares of the same total."""
+    total = tokens_per_expert * experts
+    if load == "balanced":
+        return np.full(experts, tokens_per_expert, np.int32)
+    shares = np.random.default_rng(seed).dirichlet(np.full(experts, 0.3))
+    sizes = np.floor(shares * total).astype(np.int32)
+    sizes[np.argmax(sizes)] += total - sizes.sum()
+    return sizes
 
 
 def time_fn(fn, *args, repeats: int) -> float:
-  """Best-of-``repeats`` seconds of ``fn(*args)`` after one warm-up call (compile).
+    """Best-of-``repeats`` seconds of ``fn(*args)`` after one warm-up call (compile).
 
-  The minimum, not the median: the CPU this runs on in CI is shared, and
-  interference only ever adds time.
-  """
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+    The minimum, not the median: the CPU this runs on in CI is shared, and
+    interference only ever adds time.
+    """
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def dense_peak(m: int, k: int, n: int, dtype, repeats: int) -> float:
-  """TFLOP/s of one plain [M, K] x [K, N] matmul through XLA: the device's dense path.
+    """TFLOP/s of one plain [M, K] x [K, N] matmul through XLA: the device's dense path.
 
-  A grouped GEMM of M rows does the same work, so this is its ceiling at this M;
-  the shape's peak is the best of these over the sweep.
-  """
-  a = jnp.ones((m, k), dtype)
-  b = jnp.ones((k, n), dtype)
-  seconds = time_fn(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype)),
-                    a, b, repeats=repeats)
-  return 2 * m * k * n / seconds / 1e12
+    A grouped GEMM of M rows does the same work, so this is its ceiling at this M;
+    the shape's peak is the best of these over the sweep.
+    """
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    seconds = time_fn(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype)),
+                      a, b, repeats=repeats)
+    return 2 * m * k * n / seconds / 1e12
 
 
 def torch_grouped_mm(lhs, rhs, sizes, repeats: int) -> float | None:
-  """Seconds of torch._grouped_mm on the same problem, or None without torch + CUDA."""
-  try:
-    import torch
-  except ImportError:
-    return None
-  if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
-    return None
-  a = torch.randn(lhs.shape, device="cuda", dtype=torch.bfloat16)
-  b = torch.randn(rhs.shape, device="cuda", dtype=torch.bfloat16)
-  offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
-  torch._grouped_mm(a, b, offs=offs)
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+    """Seconds of torch._grouped_mm on the same problem, or None without torch + CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not hasattr(torch, "_grouped_mm"):
+        return None
+    a = torch.randn(lhs.shape, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(rhs.shape, device="cuda", dtype=torch.bfloat16)
+    offs = torch.tensor(np.cumsum(sizes), device="cuda", dtype=torch.int32)
     torch._grouped_mm(a, b, offs=offs)
     torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
-  return min(times)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch._grouped_mm(a, b, offs=offs)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def backends_here(plat: str, kind: str) -> list[str]:
-  names = ["dense", "ragged_dot"]
-  if plat == "cpu":
-    return names + ["chunked"]
-  names.append("pallas_triton")
-  if any(h in kind for h in ("H100", "H200", "H800", "GH200")):
-    names.append("mosaic_gpu")
-  if group_gemm_jax_triton.importable():
-    names.append("jax_triton")
-  return names
+    names = ["dense", "ragged_dot"]
+    if plat == "cpu":
+        return names + ["chunked"]
+    names.append("pallas_triton")
+    if any(h in kind for h in ("H100", "H200", "H800", "GH200")):
+        names.append("mosaic_gpu")
+    if group_gemm_jax_triton.importable():
+        names.append("jax_triton")
+    return names
 
 
 def run_point(op, backend, tilings, operands, sizes, repeats):
-  """(best seconds, best tiling) over the candidate tilings; (None, None) when none runs."""
-  best = (None, None)
-  for tiling in tilings:
-    if backend == "mosaic_gpu" and not group_gemm_mgpu.supports(operands[0].dtype, operands[1].shape[1],
-                                                                 operands[1].shape[2], tiling):
-      continue
-    fn = getattr(pk, op)
-    jitted = jax.jit(lambda *args, t=tiling: fn(*args, backend=backend, tiling=t))
-    try:
-      seconds = time_fn(jitted, *operands, jnp.asarray(sizes), repeats=repeats)
-    except Exception as err:  # a tiling that does not compile for this shape is skipped, with a note
-      tqdm.write(f"  {backend} {tiling}: {type(err).__name__}: {str(err)[:120]}")
-      continue
-    if best[0] is None or seconds < best[0]:
-      best = (seconds, tiling)
-  return best
+    """(best seconds, best tiling) over the candidate tilings; (None, None) when none runs."""
+    best = (None, None)
+    for tiling in tilings:
+        if backend == "mosaic_gpu" and not group_gemm_mgpu.supports(operands[0].dtype, operands[1].shape[1],
+                                                                     operands[1].shape[2], tiling):
+            continue
+        fn = getattr(pk, op)
+        jitted = jax.jit(lambda *args, t=tiling: fn(*args, backend=backend, tiling=t))
+        try:
+            seconds = time_fn(jitted, *operands, jnp.asarray(sizes), repeats=repeats)
+        except Exception as err:  # a tiling that does not compile for this shape is skipped, with a note
+            tqdm.write(f"  {backend} {tiling}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        if best[0] is None or seconds < best[0]:
+            best = (seconds, tiling)
+    return best
 
 
 def make_operands(op, m, shape, dtype, key):
-  k1, k2, k3, k4 = jax.random.split(key, 4)
-  x = jax.random.normal(k1, (m, shape.d), dtype)
-  w = (jax.random.normal(k2, (shape.experts, shape.d, shape.f), dtype) / np.sqrt(shape.d)).astype(dtype)
-  if op == "group_gemm":
-    return (x, w)
-  w_up = (jax.random.normal(k3, w.shape, dtype) / np.sqrt(shape.d)).astype(dtype)
-  w_down = (jax.random.normal(k4, (shape.experts, shape.f, shape.d), dtype) / np.sqrt(shape.f)).astype(dtype)
-  return (x, w, w_up, w_down)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    x = jax.random.normal(k1, (m, shape.d), dtype)
+    w = (jax.random.normal(k2, (shape.experts, shape.d, shape.f), dtype) / np.sqrt(shape.d)).astype(dtype)
+    if op == "group_gemm":
+        return (x, w)
+    w_up = (jax.random.normal(k3, w.shape, dtype) / np.sqrt(shape.d)).astype(dtype)
+    w_down = (jax.random.normal(k4, (shape.experts, shape.f, shape.d), dtype) / np.sqrt(shape.f)).astype(dtype)
+    return (x, w, w_up, w_down)
 
 
 def tiling_json(tiling):
-  return None if tiling is None else {k: list(v) if isinstance(v, tuple) else v
-                                      for k, v in dataclasses.asdict(tiling).items()}
+    return None if tiling is None else {k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in dataclasses.asdict(tiling).items()}
 
 
 def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform_lib.processor() or "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform_lib.processor() or "unknown"
 
 
 def plot(results, path):
-  import matplotlib
+    import matplotlib
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-  shapes = sorted({(r["model"], r["op"]) for r in results["entries"]})
-  fig, axes = plt.subplots(len(shapes), 1, figsize=(8, 3.2 * len(shapes)), squeeze=False)
-  for ax, (model, op) in zip(axes[:, 0], shapes):
-    rows = [r for r in results["entries"] if r["model"] == model and r["op"] == op]
-    for backend, load in sorted({(r["backend"], r["load"]) for r in rows}):
-      pts = sorted((r["tokens_per_expert"], r["tflops"]) for r in rows if r["backend"] == backend and r["load"] == load)
-      ax.plot(*zip(*pts), marker="o", linestyle="-" if load == "balanced" else "--", label=f"{backend} ({load})")
-    dense = sorted({(r["tokens_per_expert"], r["dense_same_m_tflops"]) for r in rows if r["load"] == "balanced"})
-    if dense:
-      ax.plot(*zip(*dense), color="gray", linestyle=":", label="dense matmul, same M")
-    peak = rows[0]["dense_peak_tflops"]
-    ax.axhline(peak, color="black", linewidth=1, label=f"dense matmul peak {peak:.3g}")
-    r0 = rows[0]
-    ax.set_title(f"{model} {op}: E={r0['E']} K={r0['K']} N={r0['N']} {r0['dtype']} on {results['device_kind']}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens per expert")
-    ax.set_ylabel("TFLOP/s")
-    ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+    shapes = sorted({(r["model"], r["op"]) for r in results["entries"]})
+    fig, axes = plt.subplots(len(shapes), 1, figsize=(8, 3.2 * len(shapes)), squeeze=False)
+    for ax, (model, op) in zip(axes[:, 0], shapes):
+        rows = [r for r in results["entries"] if r["model"] == model and r["op"] == op]
+        for backend, load in sorted({(r["backend"], r["load"]) for r in rows}):
+            pts = sorted((r["tokens_per_expert"], r["tflops"]) for r in rows if r["backend"] == backend and r["load"] == load)
+            ax.plot(*zip(*pts), marker="o", linestyle="-" if load == "balanced" else "--", label=f"{backend} ({load})")
+        dense = sorted({(r["tokens_per_expert"], r["dense_same_m_tflops"]) for r in rows if r["load"] == "balanced"})
+        if dense:
+            ax.plot(*zip(*dense), color="gray", linestyle=":", label="dense matmul, same M")
+        peak = rows[0]["dense_peak_tflops"]
+        ax.axhline(peak, color="black", linewidth=1, label=f"dense matmul peak {peak:.3g}")
+        r0 = rows[0]
+        ax.set_title(f"{model} {op}: E={r0['E']} K={r0['K']} N={r0['N']} {r0['dtype']} on {results['device_kind']}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per expert")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="small shapes and token counts (CPU check)")
-  parser.add_argument("--models", nargs="*", default=[s.name for s in SHAPES])
-  parser.add_argument("--ops", nargs="*", default=["group_gemm", "expert_ffn"])
-  parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--tokens", nargs="*", type=int, help="tokens per expert to sweep")
-  parser.add_argument("--backends", nargs="*", help="default: every backend that runs natively here")
-  parser.add_argument("--repeats", type=int, default=None)
-  parser.add_argument("--max-rows", type=int, default=1 << 20, help="skip points with more rows (memory)")
-  parser.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"))
-  parser.add_argument("--table", default=None, help="selector table path (default: pallas_kernels/profiles/<device>.json)")
-  parser.add_argument("--no-table", action="store_true", help="do not rewrite the selector table")
-  args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes and token counts (CPU check)")
+    parser.add_argument("--models", nargs="*", default=[s.name for s in SHAPES])
+    parser.add_argument("--ops", nargs="*", default=["group_gemm", "expert_ffn"])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tokens", nargs="*", type=int, help="tokens per expert to sweep")
+    parser.add_argument("--backends", nargs="*", help="default: every backend that runs natively here")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--max-rows", type=int, default=1 << 20, help="skip points with more rows (memory)")
+    parser.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"))
+    parser.add_argument("--table", default=None, help="selector table path (default: pallas_kernels/profiles/<device>.json)")
+    parser.add_argument("--no-table", action="store_true", help="do not rewrite the selector table")
+    args = parser.parse_args(argv)
 
-  device = jax.devices()[0]
-  kind, plat = device.device_kind, device.platform
-  dtype = jnp.dtype(args.dtype)
-  tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else GPU_TOKENS))
-  repeats = args.repeats or (5 if plat == "cpu" else 20)
-  backends = args.backends or backends_here(plat, kind)
-  shapes = [quick_shape(s) if args.quick else s for s in SHAPES if s.name in args.models]
-  points = [(op, s, t, load) for op in args.ops for s in shapes for t in tokens for load in ("balanced", "skewed")
-            if t * s.experts <= args.max_rows]
+    device = jax.devices()[0]
+    kind, plat = device.device_kind, device.platform
+    dtype = jnp.dtype(args.dtype)
+    tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else GPU_TOKENS))
+    repeats = args.repeats or (5 if plat == "cpu" else 20)
+    backends = args.backends or backends_here(plat, kind)
+    shapes = [quick_shape(s) if args.quick else s for s in SHAPES if s.name in args.models]
+    points = [(op, s, t, load) for op in args.ops for s in shapes for t in tokens for load in ("balanced", "skewed")
+              if t * s.experts <= args.max_rows]
 
-  results = {
-      "device_kind": kind, "platform": plat, "is_cpu": plat == "cpu",
-      "cpu_model": cpu_model() if plat == "cpu" else None, "cpu_count": os.cpu_count(),
-      "jax_version": jax.__version__, "commit": git_commit(),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "command": " ".join(["scripts/profile_gemm.py", *(argv if argv is not None else sys.argv[1:])]),
-      "quick": args.quick, "dtype": dtype.name, "entries": [], "peers": [],
-  }
-  dense_at_m = {}  # (K, N, M) -> TFLOP/s of one plain [M, K] x [K, N] matmul
-  key = jax.random.key(0)
-  for op, shape, tpe, load in tqdm(points, desc=f"profile {kind}", unit="point"):
-    sizes = group_sizes(load, tpe, shape.experts)
-    m = int(sizes.sum())
-    if (shape.d, shape.f, m) not in dense_at_m:
-      dense_at_m[(shape.d, shape.f, m)] = dense_peak(m, shape.d, shape.f, dtype, repeats)
-    operands = make_operands(op, m, shape, dtype, key)
-    flops = 2 * m * shape.d * shape.f * (3 if op == "expert_ffn" else 1)
-    for backend in backends:
-      seconds, tiling = run_point(op, backend, TILINGS[backend], operands, sizes, repeats)
-      if seconds is None:
-        continue
-      tflops = flops / seconds / 1e12
-      results["entries"].append(dict(
-          op=op, model=shape.name, E=shape.experts, K=shape.d, N=shape.f, dtype=dtype.name, load=load,
-          tokens_per_expert=tpe, max_tokens_per_expert=int(sizes.max()), backend=backend,
-          tiling=tiling_json(tiling), seconds=seconds, tflops=tflops,
-          dense_same_m_tflops=dense_at_m[(shape.d, shape.f, m)]))
-    if op == "group_gemm" and plat == "gpu":
-      peer = torch_grouped_mm(operands[0], operands[1], sizes, repeats)
-      if peer is not None:
-        results["peers"].append(dict(peer="torch._grouped_mm", model=shape.name, load=load, tokens_per_expert=tpe,
-                                     seconds=peer, tflops=flops / peer / 1e12))
+    results = {
+        "device_kind": kind, "platform": plat, "is_cpu": plat == "cpu",
+        "cpu_model": cpu_model() if plat == "cpu" else None, "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__, "commit": git_commit(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["scripts/profile_gemm.py", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick, "dtype": dtype.name, "entries": [], "peers": [],
+    }
+    dense_at_m = {}  # (K, N, M) -> TFLOP/s of one plain [M, K] x [K, N] matmul
+    key = jax.random.key(0)
+    for op, shape, tpe, load in tqdm(points, desc=f"profile {kind}", unit="point"):
+        sizes = group_sizes(load, tpe, shape.experts)
+        m = int(sizes.sum())
+        if (shape.d, shape.f, m) not in dense_at_m:
+            dense_at_m[(shape.d, shape.f, m)] = dense_peak(m, shape.d, shape.f, dtype, repeats)
+        operands = make_operands(op, m, shape, dtype, key)
+        flops = 2 * m * shape.d * shape.f * (3 if op == "expert_ffn" else 1)
+        for backend in backends:
+            seconds, tiling = run_point(op, backend, TILINGS[backend], operands, sizes, repeats)
+            if seconds is None:
+                continue
+            tflops = flops / seconds / 1e12
+            results["entries"].append(dict(
+                op=op, model=shape.name, E=shape.experts, K=shape.d, N=shape.f, dtype=dtype.name, load=load,
+                tokens_per_expert=tpe, max_tokens_per_expert=int(sizes.max()), backend=backend,
+                tiling=tiling_json(tiling), seconds=seconds, tflops=tflops,
+                dense_same_m_tflops=dense_at_m[(shape.d, shape.f, m)]))
+        if op == "group_gemm" and plat == "gpu":
+            peer = torch_grouped_mm(operands[0], operands[1], sizes, repeats)
+            if peer is not None:
+                results["peers"].append(dict(peer="torch._grouped_mm", model=shape.name, load=load, tokens_per_expert=tpe,
+                                             seconds=peer, tflops=flops / peer / 1e12))
 
-  # The dense peak of a shape: the best plain matmul over the sweep's sizes (same K, N, dtype).
-  for e in results["entries"]:
-    peak = max(v for (k, n, _), v in dense_at_m.items() if (k, n) == (e["K"], e["N"]))
-    e["dense_peak_tflops"] = peak
-    e["peak_fraction"] = e["tflops"] / peak
-  out_dir = pathlib.Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  stem = f"gemm_{selector.table_name(kind)}{'_quick' if args.quick else ''}"
-  (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-  plot(results, out_dir / f"{stem}.png")
-  print(f"wrote {out_dir / stem}.json and .png")
-  summarize(results)
-  if not args.no_table:
-    table_path = pathlib.Path(args.table) if args.table else selector.PROFILE_DIR / f"{selector.table_name(kind)}.json"
-    write_table(results, table_path)
-    print(f"wrote selector table {table_path}")
+    # The dense peak of a shape: the best plain matmul over the sweep's sizes (same K, N, dtype).
+    for e in results["entries"]:
+        peak = max(v for (k, n, _), v in dense_at_m.items() if (k, n) == (e["K"], e["N"]))
+        e["dense_peak_tflops"] = peak
+        e["peak_fraction"] = e["tflops"] / peak
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"gemm_{selector.table_name(kind)}{'_quick' if args.quick else ''}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / stem}.json and .png")
+    summarize(results)
+    if not args.no_table:
+        table_path = pathlib.Path(args.table) if args.table else selector.PROFILE_DIR / f"{selector.table_name(kind)}.json"
+        write_table(results, table_path)
+        print(f"wrote selector table {table_path}")
 
 
 def write_table(results, path):
-  """The selector's table: the measured entries plus where they came from."""
-  table = {key: results[key] for key in ("device_kind", "platform", "is_cpu", "cpu_model", "cpu_count",
-                                         "jax_version", "commit", "created", "command", "quick")}
-  table["note"] = ("measured by scripts/profile_gemm.py on this device kind; "
-                   + ("a CPU table (XLA:CPU timings), not GPU numbers" if results["is_cpu"] else "GPU timings"))
-  table["entries"] = [{k: e[k] for k in ("op", "model", "E", "K", "N", "dtype", "load", "tokens_per_expert",
-                                         "max_tokens_per_expert", "backend", "tiling", "seconds", "tflops",
-                                         "peak_fraction")} for e in results["entries"]]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(table, indent=1) + "\n")
+    """The selector's table: the measured entries plus where they came from."""
+    table = {key: results[key] for key in ("device_kind", "platform", "is_cpu", "cpu_model", "cpu_count",
+                                           "jax_version", "commit", "created", "command", "quick")}
+    table["note"] = ("measured by scripts/profile_gemm.py on this device kind; "
+                     + ("a CPU table (XLA:CPU timings), not GPU numbers" if results["is_cpu"] else "GPU timings"))
+    table["entries"] = [{k: e[k] for k in ("op", "model", "E", "K", "N", "dtype", "load", "tokens_per_expert",
+                                           "max_tokens_per_expert", "backend", "tiling", "seconds", "tflops",
+                                           "peak_fraction")} for e in results["entries"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def summarize(results):
-  """The winner per point, printed as a table."""
-  by_point = {}
-  for e in results["entries"]:
-    by_point.setdefault((e["op"], e["model"], e["load"], e["tokens_per_expert"]), []).append(e)
-  print(f"{'op':11s} {'model':14s} {'load':9s} {'tok/exp':>7s}  winner       TFLOP/s  peak%   others")
-  for (op, model, load, tpe), rows in sorted(by_point.items()):
-    rows.sort(key=lambda e: e["seconds"])
-    best = rows[0]
-    others = " ".join(f"{e['backend']}={e['tflops']:.3g}" for e in rows[1:])
-    print(f"{op:11s} {model:14s} {load:9s} {tpe:7d}  {best['backend']:12s} {best['tflops']:7.3g} "
-          f"{100 * best['peak_fraction']:5.1f}%  {others}")
+    """The winner per point, printed as a table."""
+    by_point = {}
+    for e in results["entries"]:
+        by_point.setdefault((e["op"], e["model"], e["load"], e["tokens_per_expert"]), []).append(e)
+    print(f"{'op':11s} {'model':14s} {'load':9s} {'tok/exp':>7s}  winner       TFLOP/s  peak%   others")
+    for (op, model, load, tpe), rows in sorted(by_point.items()):
+        rows.sort(key=lambda e: e["seconds"])
+        best = rows[0]
+        others = " ".join(f"{e['backend']}={e['tflops']:.3g}" for e in rows[1:])
+        print(f"{op:11s} {model:14s} {load:9s} {tpe:7d}  {best['backend']:12s} {best['tflops']:7.3g} "
+              f"{100 * best['peak_fraction']:5.1f}%  {others}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

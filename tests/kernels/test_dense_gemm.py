@@ -25,12 +25,12 @@ TILINGS = [
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_parity_hypothesis(tiling, dtype, data):
-  sizes = data.draw(kc.group_sizes(M, NUM_GROUPS), label="group_sizes")
-  kw = data.draw(kc.indirection(NUM_GROUPS, NUM_SLOTS), label="indirection")
-  lhs, rhs = kc.random_operands(int(sizes.sum()), M, K, N, NUM_SLOTS, dtype)
-  out = pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend="dense", tiling=tiling, **kw)
-  slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
-  kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
+    sizes = data.draw(kc.group_sizes(M, NUM_GROUPS), label="group_sizes")
+    kw = data.draw(kc.indirection(NUM_GROUPS, NUM_SLOTS), label="indirection")
+    lhs, rhs = kc.random_operands(int(sizes.sum()), M, K, N, NUM_SLOTS, dtype)
+    out = pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend="dense", tiling=tiling, **kw)
+    slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
+    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
 
 
 @pytest.mark.parametrize("sizes,expected_branch", [
@@ -40,34 +40,34 @@ def test_parity_hypothesis(tiling, dtype, data):
     ([0, 0, 0, 0, 90], "bucket"),  # group 4 has no slot: it does not count
 ])
 def test_bucket_choice_is_made_at_run_time(sizes, expected_branch):
-  marker = 7.0
+    marker = 7.0
 
-  def fallback(lhs, rhs, group_sizes, **_):
-    return jnp.full((lhs.shape[0], rhs.shape[2]), marker, lhs.dtype)
+    def fallback(lhs, rhs, group_sizes, **_):
+        return jnp.full((lhs.shape[0], rhs.shape[2]), marker, lhs.dtype)
 
-  sizes = np.asarray(sizes, np.int32)
-  lhs, rhs = kc.random_operands(1, M, K, N, NUM_SLOTS, "float32")
-  out = dense_gemm.group_gemm(lhs, rhs, jnp.asarray(sizes), tiling=DenseTiling((8, 16)), fallback_fn=fallback)
-  took_fallback = bool(np.all(np.asarray(out) == marker))
-  assert took_fallback == (expected_branch == "fallback")
-  if not took_fallback:
-    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, kc.expected_slots(5, 4)), "float32")
+    sizes = np.asarray(sizes, np.int32)
+    lhs, rhs = kc.random_operands(1, M, K, N, NUM_SLOTS, "float32")
+    out = dense_gemm.group_gemm(lhs, rhs, jnp.asarray(sizes), tiling=DenseTiling((8, 16)), fallback_fn=fallback)
+    took_fallback = bool(np.all(np.asarray(out) == marker))
+    assert took_fallback == (expected_branch == "fallback")
+    if not took_fallback:
+        kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, kc.expected_slots(5, 4)), "float32")
 
 
 def test_default_buckets():
-  assert DenseTiling().buckets(100, 4) == (32, 56, 100)
-  assert DenseTiling().buckets(4096, 8) == (512, 1024, 2048)
-  assert DenseTiling((8, 16, 1000)).buckets(100, 4) == (8, 16, 100)
+    assert DenseTiling().buckets(100, 4) == (32, 56, 100)
+    assert DenseTiling().buckets(4096, 8) == (512, 1024, 2048)
+    assert DenseTiling((8, 16, 1000)).buckets(100, 4) == (8, 16, 100)
 
 
 @pytest.mark.parametrize("bad", [(), (16, 8), (0, 8), (8, 8), [8, 16]])
 def test_tiling_validation(bad):
-  with pytest.raises(ValueError, match="capacities"):
-    DenseTiling(bad)
+    with pytest.raises(ValueError, match="capacities"):
+        DenseTiling(bad)
 
 
 def test_fallback_must_be_grouped():
-  lhs, rhs = kc.random_operands(1, M, K, N, NUM_SLOTS, "float32")
-  with pytest.raises(ValueError, match="fallback"):
-    pk.group_gemm(lhs, rhs, jnp.full((4,), 10, jnp.int32), backend="dense",
-                  tiling=DenseTiling((8,), fallback="dense"))
+    lhs, rhs = kc.random_operands(1, M, K, N, NUM_SLOTS, "float32")
+    with pytest.raises(ValueError, match="fallback"):
+        pk.group_gemm(lhs, rhs, jnp.full((4,), 10, jnp.int32), backend="dense",
+                      tiling=DenseTiling((8,), fallback="dense"))

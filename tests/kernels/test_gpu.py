@@ -28,7 +28,7 @@ requires_gpu = pytest.mark.skipif(not kc.on_gpu(), reason=NO_GPU)
 
 
 def _is_hopper():
-  return kc.on_gpu() and "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind
+    return kc.on_gpu() and "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind
 
 
 # ---------------------------------------------------------------- compiled, GPU
@@ -53,42 +53,42 @@ GPU_LOADS = {
 @pytest.mark.parametrize("load", sorted(GPU_LOADS))
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_compiled_group_gemm(backend, tiling, load, dtype):
-  if backend == "mosaic_gpu" and not _is_hopper():
-    pytest.skip("mosaic_gpu needs an sm_90 (Hopper) GPU")
-  if backend == "jax_triton" and not group_gemm_jax_triton.importable():
-    pytest.skip("jax_triton / triton do not import: pip install 'epsjax[gpu]'")
-  sizes = np.asarray(GPU_LOADS[load], np.int32)
-  m = 800  # 32 padding rows
-  lhs, rhs = kc.random_operands(0, m, 256, 384, 8, dtype)
-  for kw in ({}, {"group_offset": 3}, {"slot_of_expert": jnp.array([7, -1, 0, 1, 2, 3, -1, 4], jnp.int32)}):
-    out = pk.group_gemm(lhs, rhs[:5] if "group_offset" in kw else rhs, jnp.asarray(sizes),
-                        backend=backend, tiling=tiling, **kw)
-    slots = kc.expected_slots(8, 5 if "group_offset" in kw else 8, kw.get("group_offset", 0),
-                              kw.get("slot_of_expert"))
-    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs[:5] if "group_offset" in kw else rhs, sizes, slots),
-                    dtype)
+    if backend == "mosaic_gpu" and not _is_hopper():
+        pytest.skip("mosaic_gpu needs an sm_90 (Hopper) GPU")
+    if backend == "jax_triton" and not group_gemm_jax_triton.importable():
+        pytest.skip("jax_triton / triton do not import: pip install 'epsjax[gpu]'")
+    sizes = np.asarray(GPU_LOADS[load], np.int32)
+    m = 800  # 32 padding rows
+    lhs, rhs = kc.random_operands(0, m, 256, 384, 8, dtype)
+    for kw in ({}, {"group_offset": 3}, {"slot_of_expert": jnp.array([7, -1, 0, 1, 2, 3, -1, 4], jnp.int32)}):
+        out = pk.group_gemm(lhs, rhs[:5] if "group_offset" in kw else rhs, jnp.asarray(sizes),
+                            backend=backend, tiling=tiling, **kw)
+        slots = kc.expected_slots(8, 5 if "group_offset" in kw else 8, kw.get("group_offset", 0),
+                                  kw.get("slot_of_expert"))
+        kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs[:5] if "group_offset" in kw else rhs, sizes, slots),
+                        dtype)
 
 
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("backend,tiling", GPU_CASES, ids=str)
 def test_compiled_expert_ffn(backend, tiling):
-  if backend == "mosaic_gpu" and not _is_hopper():
-    pytest.skip("mosaic_gpu needs an sm_90 (Hopper) GPU")
-  if backend == "jax_triton" and not group_gemm_jax_triton.importable():
-    pytest.skip("jax_triton / triton do not import: pip install 'epsjax[gpu]'")
-  sizes = np.asarray(GPU_LOADS["skewed_with_zeros"], np.int32)
-  x, w_gate, w_up, w_down = kc.random_ffn_operands(1, 800, 256, 384, 8, "bfloat16")
-  out = pk.expert_ffn(x, w_gate, w_up, w_down, jnp.asarray(sizes), backend=backend, tiling=tiling)
-  expected = kc.oracle_expert_ffn(x, w_gate, w_up, w_down, sizes, kc.expected_slots(8, 8))
-  kc.assert_close(out, expected, "bfloat16", kc.FFN_TOLERANCE)
+    if backend == "mosaic_gpu" and not _is_hopper():
+        pytest.skip("mosaic_gpu needs an sm_90 (Hopper) GPU")
+    if backend == "jax_triton" and not group_gemm_jax_triton.importable():
+        pytest.skip("jax_triton / triton do not import: pip install 'epsjax[gpu]'")
+    sizes = np.asarray(GPU_LOADS["skewed_with_zeros"], np.int32)
+    x, w_gate, w_up, w_down = kc.random_ffn_operands(1, 800, 256, 384, 8, "bfloat16")
+    out = pk.expert_ffn(x, w_gate, w_up, w_down, jnp.asarray(sizes), backend=backend, tiling=tiling)
+    expected = kc.oracle_expert_ffn(x, w_gate, w_up, w_down, sizes, kc.expected_slots(8, 8))
+    kc.assert_close(out, expected, "bfloat16", kc.FFN_TOLERANCE)
 
 
 @pytest.mark.gpu
 @requires_gpu
 def test_auto_on_gpu_picks_a_compiled_backend():
-  choice = pk.select_backend(tokens_per_expert=128, num_experts=8, k=256, n=384, dtype=jnp.bfloat16)
-  assert choice.backend in ("mosaic_gpu", "pallas_triton", "jax_triton", "ragged_dot", "dense")
+    choice = pk.select_backend(tokens_per_expert=128, num_experts=8, k=256, n=384, dtype=jnp.bfloat16)
+    assert choice.backend in ("mosaic_gpu", "pallas_triton", "jax_triton", "ragged_dot", "dense")
 
 
 # ------------------------------------------------------------- lowering, on CPU
@@ -98,8 +98,8 @@ H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
 
 
 def _lower_for_h100(fn, *args):
-  with jax.sharding.use_abstract_mesh(H100):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    with jax.sharding.use_abstract_mesh(H100):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("module,tiling,target", [
@@ -108,52 +108,52 @@ def _lower_for_h100(fn, *args):
     (group_gemm_mgpu, MosaicTiling(64, 256, 64, 2, num_sms=100), "mosaic_gpu"),
 ], ids=["pallas_triton", "mosaic_gpu", "mosaic_gpu_100_sms"])
 def test_lowers_for_h100(module, tiling, target):
-  x = jnp.zeros((300, 512), jnp.bfloat16)
-  w = jnp.zeros((8, 512, 256), jnp.bfloat16)
-  w_down = jnp.zeros((8, 256, 512), jnp.bfloat16)
-  sizes = jnp.full((8,), 30, jnp.int32)
-  text = _lower_for_h100(lambda a, b, g: module.group_gemm(a, b, g, tiling=tiling), x, w, sizes)
-  assert f"custom_call @{target}" in text
-  text = _lower_for_h100(
-      lambda a, b, c, d, g: module.expert_ffn(a, b, c, d, g, group_offset=jnp.int32(0), tiling=tiling),
-      x, w, w, w_down, sizes)
-  assert text.count(f"custom_call @{target}") == 2  # fused gate/up, then down
+    x = jnp.zeros((300, 512), jnp.bfloat16)
+    w = jnp.zeros((8, 512, 256), jnp.bfloat16)
+    w_down = jnp.zeros((8, 256, 512), jnp.bfloat16)
+    sizes = jnp.full((8,), 30, jnp.int32)
+    text = _lower_for_h100(lambda a, b, g: module.group_gemm(a, b, g, tiling=tiling), x, w, sizes)
+    assert f"custom_call @{target}" in text
+    text = _lower_for_h100(
+        lambda a, b, c, d, g: module.expert_ffn(a, b, c, d, g, group_offset=jnp.int32(0), tiling=tiling),
+        x, w, w, w_down, sizes)
+    assert text.count(f"custom_call @{target}") == 2  # fused gate/up, then down
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_triton_kernel_compiles_for_sm90(fused):
-  triton = pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu extra)")
-  from triton.backends.compiler import GPUTarget
+    triton = pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu extra)")
+    from triton.backends.compiler import GPUTarget
 
-  signature = {name: "*i32" for name in ("tile_ptr", "lo_ptr", "hi_ptr", "slot_ptr")}
-  signature |= {name: "*bf16" for name in ("lhs_ptr", "rhs_ptr", "up_ptr", "out_ptr")}
-  constants = dict(M=1000, K=5120, N=1536, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, FUSED=fused)
-  signature |= {name: "constexpr" for name in constants}
-  source = triton.compiler.ASTSource(fn=group_gemm_jax_triton.triton_kernel(), signature=signature,
-                                     constexprs=constants)
-  compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-  assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core path
+    signature = {name: "*i32" for name in ("tile_ptr", "lo_ptr", "hi_ptr", "slot_ptr")}
+    signature |= {name: "*bf16" for name in ("lhs_ptr", "rhs_ptr", "up_ptr", "out_ptr")}
+    constants = dict(M=1000, K=5120, N=1536, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, FUSED=fused)
+    signature |= {name: "constexpr" for name in constants}
+    source = triton.compiler.ASTSource(fn=group_gemm_jax_triton.triton_kernel(), signature=signature,
+                                       constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core path
 
 
 def test_gpu_only_backends_refuse_cpu_without_interpret():
-  if kc.on_gpu():
-    pytest.skip("this checks the CPU error message")
-  lhs, rhs = kc.random_operands(0, 16, 64, 64, 2, "bfloat16")
-  sizes = jnp.array([8, 8], jnp.int32)
-  for backend in ("pallas_triton", "mosaic_gpu", "jax_triton"):
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
-      pk.group_gemm(lhs, rhs, sizes, backend=backend)
-  with pytest.raises(ValueError, match="interpret"):
-    pk.group_gemm(lhs, rhs, sizes, backend="jax_triton", interpret=True)
+    if kc.on_gpu():
+        pytest.skip("this checks the CPU error message")
+    lhs, rhs = kc.random_operands(0, 16, 64, 64, 2, "bfloat16")
+    sizes = jnp.array([8, 8], jnp.int32)
+    for backend in ("pallas_triton", "mosaic_gpu", "jax_triton"):
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            pk.group_gemm(lhs, rhs, sizes, backend=backend)
+    with pytest.raises(ValueError, match="interpret"):
+        pk.group_gemm(lhs, rhs, sizes, backend="jax_triton", interpret=True)
 
 
 @pytest.mark.parametrize("tiling", [MosaicTiling(128, 128, 64, 4), MosaicTiling(128, 256, 64, 8),
                                     MosaicTiling(64, 256, 64, 6)], ids=str)
 def test_mosaic_stages_fit_shared_memory(tiling):
-  # fit_stages drops pipeline stages until Mosaic GPU's own shared-memory check passes at lowering.
-  x = jnp.zeros((256, 512), jnp.bfloat16)
-  w = jnp.zeros((8, 512, 256), jnp.bfloat16)
-  sizes = jnp.full((8,), 32, jnp.int32)
-  _lower_for_h100(lambda a, b, c, g: group_gemm_mgpu.gate_up(a, b, c, g, tiling=tiling), x, w, w, sizes)
-  fitted = group_gemm_mgpu.fit_stages(tiling, 2, 2)
-  assert group_gemm_mgpu.smem_bytes(fitted, 2, 2) <= group_gemm_mgpu.MAX_SMEM_BYTES
+    # fit_stages drops pipeline stages until Mosaic GPU's own shared-memory check passes at lowering.
+    x = jnp.zeros((256, 512), jnp.bfloat16)
+    w = jnp.zeros((8, 512, 256), jnp.bfloat16)
+    sizes = jnp.full((8,), 32, jnp.int32)
+    _lower_for_h100(lambda a, b, c, g: group_gemm_mgpu.gate_up(a, b, c, g, tiling=tiling), x, w, w, sizes)
+    fitted = group_gemm_mgpu.fit_stages(tiling, 2, 2)
+    assert group_gemm_mgpu.smem_bytes(fitted, 2, 2) <= group_gemm_mgpu.MAX_SMEM_BYTES

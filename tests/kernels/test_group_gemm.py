@@ -38,19 +38,19 @@ NUM_SLOTS = 4
 
 
 def _run(backend, tiling, interpret, lhs, rhs, sizes, **kw):
-  return pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend=backend, tiling=tiling, interpret=interpret, **kw)
+    return pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend=backend, tiling=tiling, interpret=interpret, **kw)
 
 
 @pytest.mark.parametrize("backend,tiling,interpret,dtype,k,n", PARAMS)
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_parity_hypothesis(backend, tiling, interpret, dtype, k, n, data):
-  sizes = data.draw(kc.group_sizes(M, NUM_GROUPS), label="group_sizes")
-  kw = data.draw(kc.indirection(NUM_GROUPS, NUM_SLOTS), label="indirection")
-  lhs, rhs = kc.random_operands(int(sizes.sum()), M, k, n, NUM_SLOTS, dtype)
-  out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
-  slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
-  kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
+    sizes = data.draw(kc.group_sizes(M, NUM_GROUPS), label="group_sizes")
+    kw = data.draw(kc.indirection(NUM_GROUPS, NUM_SLOTS), label="indirection")
+    lhs, rhs = kc.random_operands(int(sizes.sum()), M, k, n, NUM_SLOTS, dtype)
+    out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
+    slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
+    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
 
 
 @pytest.mark.slow
@@ -59,13 +59,13 @@ def test_parity_hypothesis(backend, tiling, interpret, dtype, k, n, data):
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), num_groups=st.integers(1, 9), m=st.integers(1, 200))
 def test_parity_wide_grid(backend, tiling, interpret, dtype, k, n, data, num_groups, m):
-  """Random M and G too (each example compiles anew): the wide grid."""
-  sizes = data.draw(kc.group_sizes(m, num_groups), label="group_sizes")
-  kw = data.draw(kc.indirection(num_groups, NUM_SLOTS), label="indirection")
-  lhs, rhs = kc.random_operands(int(sizes.sum()), m, k, n, NUM_SLOTS, dtype)
-  out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
-  slots = kc.expected_slots(num_groups, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
-  kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
+    """Random M and G too (each example compiles anew): the wide grid."""
+    sizes = data.draw(kc.group_sizes(m, num_groups), label="group_sizes")
+    kw = data.draw(kc.indirection(num_groups, NUM_SLOTS), label="indirection")
+    lhs, rhs = kc.random_operands(int(sizes.sum()), m, k, n, NUM_SLOTS, dtype)
+    out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
+    slots = kc.expected_slots(num_groups, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
+    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, slots), dtype)
 
 
 # Worked edge cases, each named for what it exercises (M = 100, 5 groups, 4 slots).
@@ -85,36 +85,36 @@ EDGE_CASES = {
                          [p for p in PARAMS if p.values[3] == "bfloat16"])
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
 def test_edge_cases(backend, tiling, interpret, dtype, k, n, case):
-  sizes, kw = EDGE_CASES[case]
-  sizes = np.asarray(sizes, np.int32)
-  kw = {key: jnp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()}
-  lhs, rhs = kc.random_operands(7, M, k, n, NUM_SLOTS, dtype)
-  out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
-  slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
-  expected = kc.oracle_group_gemm(lhs, rhs, sizes, slots)
-  kc.assert_close(out, expected, dtype)
-  assert np.all(np.asarray(out[int(sizes.sum()):]) == 0), "padding rows must be exactly zero"
+    sizes, kw = EDGE_CASES[case]
+    sizes = np.asarray(sizes, np.int32)
+    kw = {key: jnp.asarray(val) if isinstance(val, np.ndarray) else val for key, val in kw.items()}
+    lhs, rhs = kc.random_operands(7, M, k, n, NUM_SLOTS, dtype)
+    out = _run(backend, tiling, interpret, lhs, rhs, sizes, **kw)
+    slots = kc.expected_slots(NUM_GROUPS, NUM_SLOTS, kw.get("group_offset", 0), kw.get("slot_of_expert"))
+    expected = kc.oracle_group_gemm(lhs, rhs, sizes, slots)
+    kc.assert_close(out, expected, dtype)
+    assert np.all(np.asarray(out[int(sizes.sum()):]) == 0), "padding rows must be exactly zero"
 
 
 @pytest.mark.parametrize("backend,tiling,interpret", [
     ("ragged_dot", None, False), ("chunked", ChunkTiling(16), False),
     ("pallas_triton", TritonTiling(16, 16, 16), True)])
 def test_traced_group_offset_under_jit(backend, tiling, interpret):
-  # expert parallelism inside shard_map passes axis_index * E_local: a tracer.
-  sizes = np.array([10, 20, 30, 20, 20], np.int32)
-  lhs, rhs = kc.random_operands(3, M, 24, 40, 2, "float32")
-  f = jax.jit(functools.partial(pk.group_gemm, backend=backend, tiling=tiling, interpret=interpret),
-              static_argnames=())
-  for offset in (0, 2, 4):
-    out = f(lhs, rhs, jnp.asarray(sizes), group_offset=jnp.int32(offset))
-    expected = kc.oracle_group_gemm(lhs, rhs, sizes, kc.expected_slots(5, 2, offset))
-    kc.assert_close(out, expected, "float32")
+    # expert parallelism inside shard_map passes axis_index * E_local: a tracer.
+    sizes = np.array([10, 20, 30, 20, 20], np.int32)
+    lhs, rhs = kc.random_operands(3, M, 24, 40, 2, "float32")
+    f = jax.jit(functools.partial(pk.group_gemm, backend=backend, tiling=tiling, interpret=interpret),
+                static_argnames=())
+    for offset in (0, 2, 4):
+        out = f(lhs, rhs, jnp.asarray(sizes), group_offset=jnp.int32(offset))
+        expected = kc.oracle_group_gemm(lhs, rhs, sizes, kc.expected_slots(5, 2, offset))
+        kc.assert_close(out, expected, "float32")
 
 
 def test_oracle_catches_a_wrong_slot():
-  # The tests can fail: a deliberately wrong slot mapping is far outside tolerance.
-  sizes = np.array([50, 50], np.int32)
-  lhs, rhs = kc.random_operands(0, 100, 24, 40, 2, "float32")
-  out = pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend="chunked")
-  with pytest.raises(AssertionError):
-    kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, [1, 0]), "float32")
+    # The tests can fail: a deliberately wrong slot mapping is far outside tolerance.
+    sizes = np.array([50, 50], np.int32)
+    lhs, rhs = kc.random_operands(0, 100, 24, 40, 2, "float32")
+    out = pk.group_gemm(lhs, rhs, jnp.asarray(sizes), backend="chunked")
+    with pytest.raises(AssertionError):
+        kc.assert_close(out, kc.oracle_group_gemm(lhs, rhs, sizes, [1, 0]), "float32")
