@@ -40,7 +40,8 @@ class Setting:
     paper_baseline: float | None   # tokens/s reported by EPS-MoE (Table 1)
     paper_eps: float | None
     paper_baseline_is: str
-    dtype: str | None = None       # None: the model's dtype (bfloat16)
+    dtype: str | None = None       # GEMM dtype; None: the model's dtype (bfloat16)
+    activation_dtype: str | None = None
     label: str | None = None
 
 
@@ -50,9 +51,10 @@ SETTINGS = (
     Setting("mixtral-8x7b", 4, "tp", 71.84e3, 94.89e3, "vLLM (tensor parallel)"),
     Setting("dbrx", 8, "tp", 37.23e3, 56.74e3, "vLLM (tensor parallel)"),
     Setting("arctic", 8, "tp", None, None, "not reported in Table 1"),
-    # Sensitivity, not a fit: the DeepSeek-V2 paper (arXiv:2405.04434 sec. 3.2.3) serves the model in FP8.
+    # Sensitivity, not a fit: the DeepSeek-V2 paper (arXiv:2405.04434 sec. 3.2.3) serves the model with FP8
+    # parameters. This row runs the GEMMs in FP8 (rate and weight bytes); attention and all-to-all stay bf16.
     Setting("deepseek-v2", 8, "dp", 100.0e3, 121.8e3, "DeepSeek's own claim (DeepSeek-V2 paper: FP8 weights)",
-            dtype="float8_e4m3fn", label="deepseek-v2 (fp8 GEMMs)"),
+            dtype="float8_e4m3fn", activation_dtype="bfloat16", label="deepseek-v2 (fp8 GEMMs)"),
 )
 
 WHY = {
@@ -74,13 +76,13 @@ WHY = {
 def run_setting(s: Setting, args) -> dict:
     cfg = get_preset(s.model)
     dtype = s.dtype or cfg.dtype
-    costs = CostModel.build(args.hardware, dtype, profile_dir=args.profile_dir)
+    costs = CostModel.build(args.hardware, dtype, profile_dir=args.profile_dir, activation_dtype=s.activation_dtype)
     ep_layout = Layout.dp_ep(s.devices) if s.attention == "dp" else Layout.tp_ep(s.devices)
     w = Workload(cfg, ep_layout, tokens=args.tokens_per_gpu * s.devices, seq_len=args.seq_len)
     w_tp = w.replace(layout=Layout.tp_tp(s.devices))
-    choice = search_plan(w, costs, tight_tilings=False)
-    tp_tp = simulate_step(w_tp, costs, Plan(backends=("auto",)))
-    ep = simulate_step(w, costs, Plan(backends=("auto",)))
+    choice = search_plan(w, costs)
+    tp_tp = simulate_step(w_tp, costs, Plan(backends=("auto",)))   # the cheapest backend, default tiling
+    ep = simulate_step(w, costs, choice.unpipelined_plan)         # PN = 1, nothing reserved, same kernel choice
     eps = simulate_step(w, costs, choice.plan)
     name = s.label or s.model
     stem = args.out_dir / f"simulate_eps_{name.replace(' ', '_').replace('(', '').replace(')', '')}"
@@ -106,6 +108,7 @@ def run_setting(s: Setting, args) -> dict:
         "paper_gain": paper_gain,
         "eps_sim_vs_paper": eps.throughput / s.paper_eps - 1 if s.paper_eps else None,
         "plan": choice.plan.as_dict(), "expert_plan": repr(choice.plan.to_expert_plan()),
+        "unpipelined_plan": choice.unpipelined_plan.as_dict(),
         "search": {"seconds": choice.search_seconds, "candidates": choice.evaluated,
                    "moe_layer_ms": choice.predicted_s * 1e3, "unpipelined_moe_layer_ms": choice.unpipelined_s * 1e3,
                    "best_ms_by_pipeline": {k: v * 1e3 for k, v in choice.as_dict()["best_by_pn"].items()}},
@@ -140,8 +143,9 @@ def main(argv=None) -> dict:
 
     print(f"Simulated prefill throughput on {args.hardware.upper()} ({args.tokens_per_gpu} tokens/GPU per step, "
           f"prompts of {args.seq_len}); paper = EPS-MoE Table 1")
-    header = (f"{'model':24s} {'GPUs':>4s}  {'TP+TP':>7s} {'TP/DP+EP':>8s} {'EPS':>7s} {'gain':>6s}   "
-              f"{'paper base':>10s} {'paper EPS':>9s} {'gain':>6s}  {'EPS sim/paper':>13s}  plan (search ms)")
+    header = (f"{'model':24s} {'GPUs':>4s} {'W GB/GPU':>8s}  {'TP+TP':>7s} {'TP/DP+EP':>8s} {'EPS':>7s} "
+              f"{'vs TP':>6s} {'vs EP':>6s}   {'paper base':>10s} {'paper EPS':>9s} {'gain':>6s}  {'EPS sim/paper':>13s}"
+              f"  plan (search ms)")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -149,12 +153,14 @@ def main(argv=None) -> dict:
         vs = "-" if r["eps_sim_vs_paper"] is None else f"{100 * r['eps_sim_vs_paper']:+.1f}%"
         pg = "-" if r["paper_gain"] is None else f"{100 * (r['paper_gain'] - 1):+.1f}%"
         plan = r["plan"]
-        print(f"{r['label']:24s} {r['devices']:4d}  {fmt_k(sim['tp_tp'])} {fmt_k(sim['ep']):>8s} {fmt_k(sim['eps'])} "
+        print(f"{r['label']:24s} {r['devices']:4d} {r['weights_gb_per_gpu']['ep']:8.1f}  {fmt_k(sim['tp_tp'])} "
+              f"{fmt_k(sim['ep']):>8s} {fmt_k(sim['eps'])} {100 * (r['simulated_gain_eps_vs_tp_tp'] - 1):+5.1f}% "
               f"{100 * (r['simulated_gain_eps_vs_ep'] - 1):+5.1f}%   {fmt_k(paper['baseline']):>10s} "
               f"{fmt_k(paper['eps']):>9s} {pg:>6s}  {vs:>13s}  PN={plan['pipeline_degree']} {plan['split']} "
               f"{'/'.join(sorted(set(plan['backends'])))} sm_comm={plan['sm_for_comm']} "
               f"({1e3 * r['search']['seconds']:.0f})")
-    print("gain = EPS vs TP/DP+EP without pipeline (sim) or vs the paper's baseline (paper).")
+    print("vs TP / vs EP: simulated EPS over simulated TP+TP / TP-DP+EP; gain: the paper's EPS over its baseline "
+          "(vLLM TP for Mixtral and DBRX, DeepSeek's own stack for DeepSeek-V2). W GB/GPU: weights per GPU under EP.")
     sources = rows[0]["cost_sources"] if rows else {}
     for part, src in sources.items():
         print(f"  {part}: {src}")

@@ -91,11 +91,12 @@ def measure(cfg, sizes: np.ndarray, backend: str, repeats: int, seed: int = 0) -
     return statistics.median(times)
 
 
-def validate(costs: CostModel, cfg, local_experts: int, tokens_per_expert, backends, repeats: int) -> list[dict]:
+def validate(costs: CostModel, cfg, local_experts: int, tokens_per_expert, backends, repeats: int,
+             loads=("balanced", "skewed")) -> list[dict]:
     rows = []
     for backend in backends:
         for tpe in tokens_per_expert:
-            for load in ("balanced", "skewed"):
+            for load in loads:
                 sizes = group_sizes(load, tpe, local_experts)
                 measured = measure(cfg, sizes, backend, repeats)
                 predicted = predict(costs, cfg, sizes, backend)
@@ -114,6 +115,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--hardware", default=None, help="preset name (default: from the device kind)")
     parser.add_argument("--backends", nargs="*", help="default: the preset's GroupGemm backend and dense")
     parser.add_argument("--tokens", nargs="*", type=int, help="tokens per expert")
+    parser.add_argument("--loads", nargs="*", default=["balanced", "skewed"], choices=["balanced", "skewed"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--profile-dir", default=None, help="profile tables to fit from ('none': presets only)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (plumbing check)")
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
           f"{device.device_kind}; cost model {costs.hw.name} ({costs.dtype})")
     for part, src in costs.sources:
         print(f"  {part}: {src}")
-    rows = validate(costs, cfg, local, tokens, backends, 3 if args.tiny else args.repeats)
+    rows = validate(costs, cfg, local, tokens, backends, 3 if args.tiny else args.repeats, args.loads)
     errors = [abs(r["error"]) for r in rows]
     summary = {"median_abs_error": statistics.median(errors), "max_abs_error": max(errors)}
     print(f"median |error| {100 * summary['median_abs_error']:.1f}%, max |error| {100 * summary['max_abs_error']:.1f}%")

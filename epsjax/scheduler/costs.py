@@ -51,16 +51,19 @@ def grouped_rows(rows: np.ndarray, block_m: int) -> int:
     return (math.ceil(total / block_m) + active - 1) * block_m
 
 
-def dense_capacity(rows: np.ndarray, capacities: tuple[int, ...] | None = None) -> int:
+def dense_capacity(rows: np.ndarray, capacities: tuple[int, ...] | None = None,
+                   buffer_rows: int | None = None) -> int:
     """Rows per slot a DenseGemm computes: the smallest capacity bucket that holds the fullest slot.
 
-    Buckets follow pallas_kernels.dense_gemm.DenseTiling.buckets: explicit `capacities`, else cdiv(M, S) x
-    (1, 2, 4) rounded up to a multiple of 8. Past the last bucket the kernel falls back to a grouped GEMM; that
-    case is modelled as a bucket at the fullest slot rounded up to 8.
+    Buckets follow pallas_kernels.dense_gemm.DenseTiling.buckets for an lhs of M = buffer_rows rows (the static
+    buffer the kernel is given; default: exactly the routed rows): explicit `capacities` clipped to M, else
+    cdiv(M, S) x (1, 2, 4) rounded up to a multiple of 8. Past the last bucket the kernel falls back to a grouped
+    GEMM; that case is modelled as a bucket at the fullest slot rounded up to 8.
     """
-    slots, total, fullest = len(rows), int(np.sum(rows)), int(np.max(rows, initial=0))
-    if total == 0:
+    slots, fullest = len(rows), int(np.max(rows, initial=0))
+    if int(np.sum(rows)) == 0:
         return 0
+    total = int(np.sum(rows)) if buffer_rows is None else max(int(buffer_rows), int(np.sum(rows)))
     if capacities is None:
         base = -(-total // max(slots, 1))
         buckets = sorted({min(total, -(-base * f // 8) * 8) for f in (1, 2, 4)})
@@ -88,18 +91,22 @@ class GemmModel:
     block_m: int = 128
     source: str = "preset"
 
-    def padded_rows(self, rows: np.ndarray, capacities: tuple[int, ...] | None = None) -> int:
+    def padded_rows(self, rows: np.ndarray, capacities: tuple[int, ...] | None = None,
+                    buffer_rows: int | None = None) -> int:
         if self.kind == "grouped":
             return grouped_rows(rows, self.block_m)
-        return dense_capacity(rows, capacities) * len(rows)
+        return dense_capacity(rows, capacities, buffer_rows) * len(rows)
 
     def weight_groups(self, rows: np.ndarray) -> int:
         return int(np.count_nonzero(rows)) if self.kind == "grouped" else len(rows)
 
-    def terms(self, rows, k: int, n: int, capacities: tuple[int, ...] | None = None) -> tuple[float, float, float]:
-        """(launches, flops, weight elements) of one [sum(rows), k] x [G, k, n] grouped product."""
+    def terms(self, rows, k: int, n: int, capacities: tuple[int, ...] | None = None,
+              buffer_rows: int | None = None) -> tuple[float, float, float]:
+        """(launches, flops, weight elements) of one [sum(rows), k] x [G, k, n] grouped product whose lhs buffer
+        has buffer_rows rows (default: exactly sum(rows))."""
         rows = np.asarray(rows)
-        return 1.0, 2.0 * self.padded_rows(rows, capacities) * k * n, float(self.weight_groups(rows)) * k * n
+        return (1.0, 2.0 * self.padded_rows(rows, capacities, buffer_rows) * k * n,
+                float(self.weight_groups(rows)) * k * n)
 
     def time_of(self, terms: tuple[float, float, float], sm_fraction: float = 1.0) -> float:
         launches, flops, weights = terms
@@ -111,9 +118,10 @@ class GemmModel:
         """Seconds of one [sum(rows), k] x [G, k, n] grouped product (rows[g] rows for group g)."""
         return self.time_of(self.terms(rows, k, n, capacities), sm_fraction)
 
-    def ffn_terms(self, rows, d: int, f: int, capacities: tuple[int, ...] | None = None):
+    def ffn_terms(self, rows, d: int, f: int, capacities: tuple[int, ...] | None = None,
+                  buffer_rows: int | None = None):
         """Terms of the expert FFN: fused gate/up GEMM [., D] x [D, 2F] then down [., F] x [F, D]."""
-        a, b = self.terms(rows, d, 2 * f, capacities), self.terms(rows, f, d, capacities)
+        a, b = self.terms(rows, d, 2 * f, capacities, buffer_rows), self.terms(rows, f, d, capacities, buffer_rows)
         return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
     def ffn_time(self, rows, d: int, f: int, *, sm_fraction: float = 1.0,
@@ -128,19 +136,25 @@ class GemmModel:
 
 
 def preset_gemm_models(hw: Hardware, dtype: str) -> dict[str, GemmModel]:
-    """GroupGemm and DenseGemm from the hardware preset (roofline with assumed efficiencies)."""
+    """GroupGemm (and its fallback kernel) and DenseGemm from the hardware preset (roofline, assumed
+    efficiencies)."""
     itemsize = _itemsize(dtype)
     peak = hw.peak_flops(dtype)
     gamma = itemsize / (hw.hbm_gbs * 1e9 * hw.hbm_efficiency)
     what = (f"preset roofline: {hw.name} {dtype} peak {peak / 1e12:.4g} TFLOP/s x {{eff}} (assumed), "
             f"HBM {hw.hbm_gbs:.4g} GB/s x {hw.hbm_efficiency} (assumed), alpha {hw.kernel_latency_s * 1e6:.3g} us")
-    return {
+    models = {
         hw.grouped_backend: GemmModel(hw.grouped_backend, "grouped", hw.kernel_latency_s,
                                       1 / (peak * hw.grouped_gemm_efficiency), gamma, hw.grouped_block_m,
                                       what.format(eff=hw.grouped_gemm_efficiency)),
         "dense": GemmModel("dense", "dense", hw.kernel_latency_s, 1 / (peak * hw.dense_gemm_efficiency), gamma,
                            source=what.format(eff=hw.dense_gemm_efficiency)),
     }
+    if hw.fallback_backend:
+        models[hw.fallback_backend] = GemmModel(hw.fallback_backend, "grouped", hw.kernel_latency_s,
+                                                1 / (peak * hw.fallback_efficiency), gamma, 64,
+                                                what.format(eff=hw.fallback_efficiency))
+    return models
 
 
 # Fitting from profile tables ---------------------------------------------------------------------------------------
@@ -263,10 +277,15 @@ class CostModel:
     dtype: str
     gemm: tuple[tuple[str, GemmModel], ...]
     sources: tuple[tuple[str, str], ...]
+    activation_dtype: str | None = None
 
     @classmethod
     def build(cls, hardware: "str | Hardware", dtype: str = "bfloat16", *,
-              profile_dir: pathlib.Path | str | None = None, use_profiles: bool = True) -> "CostModel":
+              profile_dir: pathlib.Path | str | None = None, use_profiles: bool = True,
+              activation_dtype: str | None = None) -> "CostModel":
+        """Cost models for GEMMs (operands and weights) in `dtype`; hidden states, attention and communication in
+        activation_dtype (default: dtype). E.g. dtype="float8_e4m3fn", activation_dtype="bfloat16" for W8A8 GEMMs
+        in a bf16 model."""
         hw = get_hardware(hardware)
         models = preset_gemm_models(hw, dtype)
         path = find_profile(hw, profile_dir) if use_profiles else None
@@ -280,7 +299,9 @@ class CostModel:
                             f"direction ({'NVLink' if hw.nvlink_gbs else 'PCIe'}) x {hw.link_efficiency}, network "
                             f"{hw.network_gbs:.4g} GB/s, saturating at {hw.comm_saturation_sms} SMs")
         sources["memory"] = f"preset: HBM {hw.hbm_gbs:.4g} GB/s x {hw.hbm_efficiency}"
-        return cls(hw, dtype, tuple(sorted(models.items())), tuple(sources.items()))
+        if activation_dtype not in (None, dtype):
+            sources["dtypes"] = f"GEMMs in {dtype}; activations, attention and communication in {activation_dtype}"
+        return cls(hw, dtype, tuple(sorted(models.items())), tuple(sources.items()), activation_dtype)
 
     # Parts --------------------------------------------------------------------------------------------------------
 
@@ -295,11 +316,21 @@ class CostModel:
         return models[backend]
 
     @property
+    def act_dtype(self) -> str:
+        return self.activation_dtype or self.dtype
+
+    @property
     def itemsize(self) -> int:
+        """Bytes per element of activations (hidden states, all-to-all rows)."""
+        return _itemsize(self.act_dtype)
+
+    @property
+    def weight_itemsize(self) -> int:
         return _itemsize(self.dtype)
 
     @property
     def peak(self) -> float:
+        """Dense peak of the GEMM dtype."""
         return self.hw.peak_flops(self.dtype)
 
     def sm_fraction(self, sm_for_comm: int) -> float:
@@ -324,7 +355,7 @@ class CostModel:
 
     def attention_core(self, flops: float, *, sm_for_comm: int = 0) -> float:
         """The softmax(QK^T)V part of prefill attention (a FlashAttention kernel)."""
-        rate = self.peak * self.hw.attention_efficiency * self.sm_fraction(sm_for_comm)
+        rate = self.hw.peak_flops(self.act_dtype) * self.hw.attention_efficiency * self.sm_fraction(sm_for_comm)
         return self.hw.kernel_latency_s + flops / rate
 
     # Communication ------------------------------------------------------------------------------------------------
@@ -387,5 +418,6 @@ class CostModel:
         return self.hw.kernel_latency_s + nbytes / (self.hw.pcie_per_direction * self.hw.link_efficiency)
 
     def describe(self) -> dict:
-        return {"hardware": self.hw.name, "dtype": self.dtype, "sources": dict(self.sources),
+        return {"hardware": self.hw.name, "dtype": self.dtype, "activation_dtype": self.act_dtype,
+                "sources": dict(self.sources),
                 "gemm": {name: dataclasses.asdict(m) for name, m in self.gemm}}

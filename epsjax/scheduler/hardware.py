@@ -55,6 +55,8 @@ class Hardware:
     network_latency_s: float = 25 * US     # ... over the network (RDMA)
     grouped_block_m: int = 128             # rows per tile of the default GroupGemm tiling (padding per group)
     grouped_backend: str = "mosaic_gpu"    # pallas_kernels backend that implements GroupGemm here
+    fallback_backend: str | None = "pallas_triton"  # the GroupGemm for shapes the main one does not take
+    fallback_efficiency: float = 0.60      # ... its fraction of peak at large M (block_m 64)
     sources: tuple[tuple[str, str], ...] = ()
 
     def peak_flops(self, dtype: str) -> float:
@@ -108,6 +110,8 @@ _ASSUMED = {
     "attention_efficiency": "FlashAttention-3 paper (Shah et al. 2024, arXiv:2407.08608), abstract: "
                             "FlashAttention-2 reaches ~35% utilization on H100; Ampere presets use 0.5 "
                             "(FlashAttention-2 paper, arXiv:2307.08691: 50-73% of peak on A100, lower end)",
+    "fallback_efficiency": "assumption: the Pallas Triton GroupGemm (64-row tiles) on Hopper, used where Mosaic GPU "
+                           "does not take the shape (K % 64 or N % 128), 10 points below Mosaic GPU",
     "hbm_efficiency": "assumption: streaming kernels reach ~85-90% of the HBM datasheet rate",
     "link_efficiency": "DeepSeek-V3 technical report (arXiv:2412.19437) sec. 3.2.2: H800 NVLink achieves "
                        "160 GB/s of its 200 GB/s per direction (0.8); applied to every link as an assumption",
@@ -166,7 +170,7 @@ def _presets() -> dict[str, Hardware]:
         # HBM2e 2,039 GB/s; NVLink 600 GB/s; PCIe Gen4 64 GB/s. 108 SMs (NVIDIA A100 whitepaper).
         tflops=(("bfloat16", 312.0), ("float16", 312.0), ("float32", 19.5)),
         hbm_gb=80, hbm_gbs=2039, nvlink_gbs=600, pcie_gbs=64, network_gbs=25,
-        attention_efficiency=0.5, grouped_backend="pallas_triton", grouped_block_m=64,
+        attention_efficiency=0.5, grouped_backend="pallas_triton", grouped_block_m=64, fallback_backend=None,
         sources=(("compute/memory/links", "NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column"),
                  ("sms", "NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 108 SMs"),
                  ("network_gbs", "deployment assumption: one 200 Gb/s HDR NIC per GPU (DGX A100 design)"),

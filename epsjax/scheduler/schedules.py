@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import statistics
 from typing import Literal
 
@@ -140,30 +141,53 @@ def noisy_rows(mu: np.ndarray, total: float) -> np.ndarray:
 
 
 def expert_ffn_time(costs: CostModel, backend: str, mu: np.ndarray, total: float, d: int, f: int, *,
-                    sm_for_comm: int = 0, tiling: dict | None = None) -> float:
+                    sm_for_comm: int = 0, tiling: dict | None = None, buffer_rows: int | None = None) -> float:
     """The routed-expert FFN of one device for one stage (expected rows mu per expert); "auto" = the cheapest."""
     return float(stage_gemm_times(costs, backend, np.asarray(mu)[None], total, d, f, sm_for_comm=sm_for_comm,
-                                  tiling=tiling)[0])
+                                  tiling=tiling, buffer_rows=buffer_rows)[0])
 
 
 def stage_gemm_times(costs: CostModel, backend: str, mu: np.ndarray, total: float, d: int, f: int, *,
-                     sm_for_comm: int = 0, tiling: dict | None = None) -> np.ndarray:
-    """[devices] routed-expert FFN times of one stage; mu: [devices, experts of the stage] expected rows."""
+                     sm_for_comm: int = 0, tiling: dict | None = None, buffer_rows: int | None = None) -> np.ndarray:
+    """[devices] routed-expert FFN times of one stage; mu: [devices, experts of the stage] expected rows.
+    buffer_rows: rows of the static receive buffer the kernel gets (EP: the worst case; sets DenseGemm's default
+    capacity buckets)."""
     if backend == "auto":
-        return np.min([stage_gemm_times(costs, b, mu, total, d, f, sm_for_comm=sm_for_comm)
-                       for b in costs.backends], axis=0)
+        return np.min([stage_gemm_times(costs, b, mu, total, d, f, sm_for_comm=sm_for_comm, buffer_rows=buffer_rows)
+                       for b in usable_backends(costs, d, f)], axis=0)
     model = costs.gemm_model(backend)
     caps = tuple((tiling or {}).get("capacities") or ()) or None
     mu = np.ascontiguousarray(mu, dtype=np.float64)
-    launches, flops, weights = _ffn_terms(model, mu.tobytes(), mu.shape, float(total), d, f, caps)
+    launches, flops, weights = _ffn_terms(model, mu.tobytes(), mu.shape, float(total), d, f, caps, buffer_rows)
     frac = costs.sm_fraction(sm_for_comm)
     return (launches * model.alpha + model.beta * flops / frac + model.gamma * weights * max(1.0, 0.5 / frac))
 
 
+@functools.lru_cache(maxsize=None)
+def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
+    """The modelled backends that can run the expert FFN's GEMMs ([., D] x [D, F] and [., F] x [F, D]) in the
+    cost model's dtype: the Pallas GroupGemms take 16-bit operands only (the selector sends others to XLA), and
+    Mosaic GPU needs K % 64 == N % 128 == 0 (pallas_kernels.group_gemm_mgpu.supports)."""
+    try:
+        import jax.numpy as jnp
+        from pallas_kernels import group_gemm_mgpu
+    except ImportError:  # kernels unavailable: trust the cost model's list
+        return costs.backends
+    out = []
+    dtype = jnp.dtype(costs.dtype)
+    for name in costs.backends:
+        if name in ("mosaic_gpu", "pallas_triton", "jax_triton") and dtype.itemsize != 2:
+            continue
+        if name == "mosaic_gpu" and not (group_gemm_mgpu.supports(dtype, d, f) and group_gemm_mgpu.supports(dtype, f, d)):
+            continue
+        out.append(name)
+    return tuple(out) or costs.backends
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def _ffn_terms(model, mu_bytes: bytes, shape: tuple[int, int], total: float, d: int, f: int, caps):
+def _ffn_terms(model, mu_bytes: bytes, shape: tuple[int, int], total: float, d: int, f: int, caps, buffer_rows):
     mu = np.frombuffer(mu_bytes, dtype=np.float64).reshape(shape)
-    terms = np.array([model.ffn_terms(noisy_rows(row, total), d, f, caps) for row in mu])
+    terms = np.array([model.ffn_terms(noisy_rows(row, total), d, f, caps, buffer_rows) for row in mu])
     return terms[:, 0], terms[:, 1], terms[:, 2]
 
 
@@ -172,6 +196,13 @@ def _symmetric(w: Workload, plan: Plan, dense: bool) -> bool:
     if dense or w.layout.moe == "tp" or w.expert_load is None:
         return True
     return all(np.allclose(mu, mu[:1]) for mu in stage_loads(w, plan))
+
+
+def ep_buffer_rows(w: Workload, plan: Plan, stage_experts: int) -> int:
+    """Rows of a stage's static receive buffer in sharding/ep_moe.py: every peer's chunk of tokens, each sending
+    at most min(K, stage experts) rows (transports.rows_per_peer)."""
+    P = w.layout.devices
+    return P * math.ceil(w.tokens / P / plan.token_chunks) * min(w.cfg.router.top_k, stage_experts)
 
 
 def stage_loads(w: Workload, plan: Plan) -> list[np.ndarray]:
@@ -264,7 +295,8 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
         tiling = plan.tiling(s)
         stage_total = w.assignments / (PN if plan.split == "tokens" else 1)
         gemm_t.append(stage_gemm_times(costs, plan.backend(s), mu[:shown], stage_total, D, cfg.expert_ffn_dim,
-                                       sm_for_comm=p, tiling=tiling).tolist())
+                                       sm_for_comm=p, tiling=tiling,
+                                       buffer_rows=ep_buffer_rows(w, plan, mu.shape[1])).tolist())
     permuted = [f"gpu{d}/permute" for d in range(shown)]
 
     def dispatch(s):

@@ -16,6 +16,7 @@ then representative layers (median of each third by imbalance) stand in for all,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -23,8 +24,8 @@ import numpy as np
 
 from epsjax.scheduler.costs import CostModel
 from epsjax.scheduler.plan import Plan
-from epsjax.scheduler.schedules import (Workload, build_layer, expert_ffn_time, noisy_rows, stage_gemm_times,
-                                        stage_loads)
+from epsjax.scheduler.schedules import (Workload, build_layer, ep_buffer_rows, expert_ffn_time, noisy_rows,
+                                        stage_gemm_times, stage_loads, usable_backends)
 from epsjax.scheduler.simulator import simulate
 
 SM_OPTIONS = (0, 8, 16, 24, 32)
@@ -49,6 +50,7 @@ class PlanChoice:
     evaluated: int
     search_seconds: float
     sources: dict
+    unpipelined_plan: Plan = Plan()
 
     @property
     def speedup(self) -> float:
@@ -59,6 +61,7 @@ class PlanChoice:
 
     def as_dict(self) -> dict:
         return {"plan": self.plan.as_dict(), "predicted_s": self.predicted_s, "unpipelined_s": self.unpipelined_s,
+                "unpipelined_plan": self.unpipelined_plan.as_dict(),
                 "speedup_vs_unpipelined": self.speedup, "evaluated": self.evaluated,
                 "search_seconds": self.search_seconds, "sources": self.sources,
                 "best_by_pn": {f"{s}:{pn}": t for (s, pn), t in sorted(self.best_by_pn.items())}}
@@ -76,22 +79,28 @@ def representative_layers(w: Workload, layer_loads: np.ndarray, count: int = 3) 
 
 
 def _tiling(w, costs, plan, stage, backend, tight: bool | None = None):
-    """The tiling fields a stage gets for a backend: tight capacity buckets for DenseGemm (when the runtime
-    accepts tilings), num_sms for Mosaic GPU when SMs are reserved."""
-    tight = plan_tilings_supported() if tight is None else tight
-    if not tight:
-        return None
-    if backend == "dense":
-        loads = stage_loads(w, plan)[stage] if w.layout.moe == "ep" else None
-        if loads is None:
-            return None
-        total = w.assignments / (len(stage_loads(w, plan)) if plan.split == "tokens" else 1)
-        fullest = [float(np.max(noisy_rows(mu, total), initial=0.0)) for mu in loads]
-        caps = sorted({max(64, int(math.ceil(f * DENSE_HEADROOM / 64)) * 64) for f in fullest})
-        return {"capacities": tuple(caps)}
+    """The tiling fields a stage gets for a backend: Mosaic GPU's persistent grid leaves sm_for_comm SMs free
+    (num_sms; the mechanism behind the SM split), DenseGemm gets capacity buckets that hold the predicted fullest
+    expert with DENSE_HEADROOM (only when the runtime accepts tilings, else the cost model keeps the default
+    buckets the runtime will use)."""
     if backend == "mosaic_gpu" and plan.sm_for_comm:
         return {"num_sms": costs.hw.sms - plan.sm_for_comm}
-    return None
+    tight = plan_tilings_supported() if tight is None else tight
+    if backend != "dense" or not tight or w.layout.moe != "ep":
+        return None
+    return {"capacities": _dense_capacities(w, plan.split, plan.pipeline_degree)[stage]}
+
+
+@functools.lru_cache(maxsize=4096)
+def _dense_capacities(w: Workload, split: str, pipeline_degree: int) -> tuple[tuple[int, ...], ...]:
+    """Per stage: the capacity buckets (multiples of 64) that hold each device's predicted fullest expert."""
+    loads = stage_loads(w, Plan(pipeline_degree, split))
+    total = w.assignments / (len(loads) if split == "tokens" else 1)
+    out = []
+    for mu in loads:
+        fullest = [float(np.max(noisy_rows(m, total), initial=0.0)) for m in mu]
+        out.append(tuple(sorted({max(64, int(math.ceil(f * DENSE_HEADROOM / 64)) * 64) for f in fullest})))
+    return tuple(out)
 
 
 _TILINGS_SUPPORTED: list[bool] = []
@@ -132,7 +141,8 @@ def candidate_shapes(w: Workload, costs: CostModel, *, max_pipeline: int = 32,
 
 def with_backends(w: Workload, costs: CostModel, shape: Plan, layers=None, tight: bool | None = None) -> list[Plan]:
     """The backend assignments tried for one (split, PN, sm_for_comm): per-stage best, and each uniform."""
-    backends = costs.backends
+    f = w.cfg.expert_ffn_dim // (w.layout.attention_tp if w.layout.moe == "tp" else 1)
+    backends = usable_backends(costs, w.cfg.d_model, f)
     ws = [w] if layers is None else [w.replace(expert_load=tuple(s)) for s, _ in layers]
     weights = [1.0] if layers is None else [wt for _, wt in layers]
     plans = []
@@ -161,7 +171,8 @@ def _stage_backend_times(w, costs, plan, backends, tight) -> np.ndarray:
     loads = stage_loads(w, plan)
     total = w.assignments / (len(loads) if plan.split == "tokens" else 1)
     return np.array([[stage_gemm_times(costs, b, mu, total, cfg.d_model, cfg.expert_ffn_dim,
-                                       sm_for_comm=plan.sm_for_comm, tiling=_tiling(w, costs, plan, s, b, tight)).max()
+                                       sm_for_comm=plan.sm_for_comm, tiling=_tiling(w, costs, plan, s, b, tight),
+                                       buffer_rows=ep_buffer_rows(w, plan, mu.shape[1])).max()
                       for b in backends] for s, mu in enumerate(loads)])
 
 
@@ -192,7 +203,7 @@ def search_plan(w: Workload, costs: CostModel, *, layer_loads: np.ndarray | None
     layers = representative_layers(w, layer_loads) if layer_loads is not None else None
     best: tuple[float, Plan] | None = None
     best_by_pn: dict = {}
-    unpipelined = math.inf
+    unpipelined, unpipelined_plan = math.inf, Plan()
     evaluated = 0
     for shape in candidate_shapes(w, costs, max_pipeline=max_pipeline, sm_options=sm_options,
                                   token_chunks=token_chunks):
@@ -201,10 +212,10 @@ def search_plan(w: Workload, costs: CostModel, *, layer_loads: np.ndarray | None
             evaluated += 1
             key = (plan.split if plan.pipeline_degree > 1 else "experts", plan.pipeline_degree)
             best_by_pn[key] = min(best_by_pn.get(key, math.inf), seconds)
-            if plan.pipeline_degree == 1 and plan.sm_for_comm == 0:
-                unpipelined = min(unpipelined, seconds)
+            if plan.pipeline_degree == 1 and plan.sm_for_comm == 0 and seconds < unpipelined:
+                unpipelined, unpipelined_plan = seconds, plan
             if best is None or _better(seconds, plan, *best):
                 best = (seconds, plan)
     assert best is not None
     return PlanChoice(best[1], best[0], unpipelined, best_by_pn, evaluated, time.perf_counter() - t0,
-                      dict(costs.sources))
+                      dict(costs.sources), unpipelined_plan)

@@ -67,4 +67,4 @@ def weight_bytes_per_device(w: Workload, costs: CostModel) -> float:
     lay = w.layout
     experts = counts["routed_experts"] / lay.devices if lay.moe == "ep" else counts["routed_experts"] / lay.attention_tp
     rest = (counts["total"] - counts["routed_experts"]) / lay.attention_tp
-    return (experts + rest) * costs.itemsize
+    return (experts + rest) * costs.weight_itemsize

@@ -54,5 +54,5 @@ def test_validate_cost_model_plumbing(tmp_path):
     with pytest.raises(SystemExit, match="GPU"):
         module.main(["--tiny"])
     out = module.main(["--hardware", "h100", "--tiny", "--allow-cpu", "--backends", "dense", "--tokens", "8",
-                       "--out", str(tmp_path / "v.json")])
-    assert len(out["rows"]) == 2 and out["note"].startswith("CPU plumbing")
+                       "--loads", "balanced", "--out", str(tmp_path / "v.json")])
+    assert len(out["rows"]) == 1 and out["note"].startswith("CPU plumbing")
