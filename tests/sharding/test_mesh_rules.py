@@ -116,6 +116,19 @@ def test_shard_model_places_an_existing_model():
     np.testing.assert_array_equal(np.asarray(w), np.asarray(model.layers[0].moe.w_up_EDF.get_value()))
 
 
+def test_flax_rules_give_the_same_placement_under_set_mesh():
+    """The models' own path: created under jax.set_mesh with flax's logical-axis rules (eager sharding)."""
+    cfg = get_preset("tiny-dbrx", num_layers=1)
+    mesh = sharding.make_mesh(tensor=2, expert=4)
+    rules = sharding.rules_for_model(cfg, mesh, "tp_ep")
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.flax_rules()):
+        model = MoETransformer(cfg, rngs=nnx.Rngs(0))
+    where = sharding.param_shardings(cfg, mesh, "tp_ep")
+    for path, variable in nnx.to_flat_state(nnx.state(model)):
+        value = variable.get_value()
+        assert value.sharding.is_equivalent_to(where(path), value.ndim), (path, value.sharding, where(path))
+
+
 def test_batch_sharding():
     mesh = sharding.make_mesh(data=2, tensor=2, expert=2)
     assert sharding.batch_sharding(mesh, "tp_ep").spec == P(("data", "expert"))
