@@ -10,7 +10,8 @@ the one whose slowest device finishes the stage's GEMMs first (simulated times a
 so a stage-wise faster kernel never makes the layer slower); each backend used uniformly for all stages is
 tried as well. Every candidate is simulated and the fastest wins; ties go to the simpler plan (smaller PN, fewer
 SMs reserved). Load-aware through the workload's expert shares (a routing histogram), or per-layer shares:
-then representative layers (median of each third by imbalance) stand in for all, weighted by their third's size.
+then representative layers (median of each third by imbalance) stand in for all, weighted by their third's size,
+and a shortlist from the median layer is what gets simulated on all three.
 """
 
 from __future__ import annotations
@@ -196,26 +197,39 @@ def _better(seconds: float, plan: Plan, best_seconds: float, best_plan: Plan, re
 
 
 def search_plan(w: Workload, costs: CostModel, *, layer_loads: np.ndarray | None = None, max_pipeline: int = 32,
-                sm_options=SM_OPTIONS, token_chunks=TOKEN_CHUNK_OPTIONS,
-                tight_tilings: bool | None = None) -> PlanChoice:
-    """The fastest plan in simulation (module docstring). tight_tilings: None asks sharding.plan."""
+                sm_options=SM_OPTIONS, token_chunks=TOKEN_CHUNK_OPTIONS, tight_tilings: bool | None = None,
+                shortlist: int = 12) -> PlanChoice:
+    """The fastest plan in simulation (module docstring). tight_tilings: None asks sharding.plan.
+
+    With per-layer loads every candidate is first simulated on the median representative layer only, and the
+    `shortlist` fastest (plus the best unpipelined one) on all representative layers; best_by_pn then covers the
+    shortlisted candidates."""
     t0 = time.perf_counter()
     layers = representative_layers(w, layer_loads) if layer_loads is not None else None
+    candidates = [plan for shape in candidate_shapes(w, costs, max_pipeline=max_pipeline, sm_options=sm_options,
+                                                     token_chunks=token_chunks)
+                  for plan in with_backends(w, costs, shape, layers, tight_tilings)]
+    evaluated = 0
+    if layers is not None and len(layers) > 1:
+        pivot = [(layers[len(layers) // 2][0], 1.0)]
+        first = [layer_time(w, costs, plan, pivot) for plan in candidates]
+        evaluated += len(candidates)
+        order = np.argsort(first, kind="stable")
+        unpipelined_ids = [i for i in order if candidates[i].pipeline_degree == 1 and not candidates[i].sm_for_comm]
+        keep = sorted(set(order[:shortlist].tolist()) | set(unpipelined_ids[:1]))
+        candidates = [candidates[i] for i in keep]
     best: tuple[float, Plan] | None = None
     best_by_pn: dict = {}
     unpipelined, unpipelined_plan = math.inf, Plan()
-    evaluated = 0
-    for shape in candidate_shapes(w, costs, max_pipeline=max_pipeline, sm_options=sm_options,
-                                  token_chunks=token_chunks):
-        for plan in with_backends(w, costs, shape, layers, tight_tilings):
-            seconds = layer_time(w, costs, plan, layers)
-            evaluated += 1
-            key = (plan.split if plan.pipeline_degree > 1 else "experts", plan.pipeline_degree)
-            best_by_pn[key] = min(best_by_pn.get(key, math.inf), seconds)
-            if plan.pipeline_degree == 1 and plan.sm_for_comm == 0 and seconds < unpipelined:
-                unpipelined, unpipelined_plan = seconds, plan
-            if best is None or _better(seconds, plan, *best):
-                best = (seconds, plan)
+    for plan in candidates:
+        seconds = layer_time(w, costs, plan, layers)
+        evaluated += 1
+        key = (plan.split if plan.pipeline_degree > 1 else "experts", plan.pipeline_degree)
+        best_by_pn[key] = min(best_by_pn.get(key, math.inf), seconds)
+        if plan.pipeline_degree == 1 and plan.sm_for_comm == 0 and seconds < unpipelined:
+            unpipelined, unpipelined_plan = seconds, plan
+        if best is None or _better(seconds, plan, *best):
+            best = (seconds, plan)
     assert best is not None
     return PlanChoice(best[1], best[0], unpipelined, best_by_pn, evaluated, time.perf_counter() - t0,
                       dict(costs.sources), unpipelined_plan)
