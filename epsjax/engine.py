@@ -129,8 +129,9 @@ class Engine:
     # Jitted steps ----------------------------------------------------------------------------------------------
 
     def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
-        """Runs the prompts; returns (logits, state). logits is [B, V] for the last position, or [B, T, V] with
-        all_logits. The cache holds cache_len slots (default: the model's max_seq_len)."""
+        """Runs the prompts; returns (logits, state, moe_stats). logits is [B, V] for the last position, or
+        [B, T, V] with all_logits; moe_stats counts tokens per expert per MoE layer. The cache holds cache_len
+        slots (default: the model's max_seq_len)."""
         tokens_BT = np.asarray(tokens_BT)
         if tokens_BT.ndim != 2 or tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
