@@ -1,0 +1,77 @@
+"""Routing traces: which experts every MoE layer routes each token to, recorded by running the model.
+
+A trace set is tokens [N, T] int32 and ids [N, T, L, K] int32 (L MoE layers, top-k ids; -1 where a token is
+padding), saved as one .npz with the model's config name. Because the model is causal, the routing of position t
+in a prefill equals the routing of the same token when it is decoded at step t, so prefills of whole sequences give
+decode traces too.
+
+`synthetic_corpus` makes token streams with text-like statistics for models without a tokenizer or data: a sparse
+bigram Markov chain over the vocabulary with Zipf-distributed start and transition probabilities (frequent tokens
+recur, successive tokens are correlated), so that routing has both token-level structure and temporal locality.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+
+def synthetic_corpus(vocab_size: int, num_seqs: int, seq_len: int, *, seed: int = 0, successors: int = 8,
+                     zipf: float = 1.1, first_token: int = 1) -> np.ndarray:
+    """tokens [num_seqs, seq_len] int32 in [first_token, vocab_size) (id 0 is left for padding)."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(first_token, vocab_size)
+    V = len(ids)
+    rank_weights = 1.0 / np.arange(1, V + 1) ** zipf
+    popularity = rng.permutation(V)  # token -> rank
+    start_p = rank_weights[popularity] / rank_weights[popularity].sum()
+    succ = np.stack([rng.choice(V, size=successors, replace=False, p=start_p) for _ in range(V)])  # [V, s]
+    succ_p = 1.0 / np.arange(1, successors + 1) ** zipf
+    succ_p /= succ_p.sum()
+    out = np.empty((num_seqs, seq_len), np.int64)
+    out[:, 0] = rng.choice(V, size=num_seqs, p=start_p)
+    for t in range(1, seq_len):
+        pick = rng.choice(successors, size=num_seqs, p=succ_p)
+        jump = rng.random(num_seqs) < 0.1  # occasionally restart from the unigram distribution
+        out[:, t] = np.where(jump, rng.choice(V, size=num_seqs, p=start_p), succ[out[:, t - 1], pick])
+    return ids[out].astype(np.int32)
+
+
+def collect_traces(engine, tokens_NT: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+    """Routing ids [N, T, L, K] of every sequence, by prefilling them in batches through an OffloadEngine (any mode;
+    "device" is the fastest) created with record_routing=True."""
+    if not engine.record_routing:
+        raise ValueError("collect_traces needs an OffloadEngine created with record_routing=True")
+    tokens_NT = np.asarray(tokens_NT, np.int32)
+    N, T = tokens_NT.shape
+    out = []
+    for start in range(0, N, batch_size):
+        batch = tokens_NT[start:start + batch_size]
+        B = batch.shape[0]
+        engine.routing_log.clear()
+        engine.prefill(batch, np.ones(batch.shape, bool), cache_len=T)
+        routing_LTK = engine.routing_log[-1]  # [L, B*T, K]
+        out.append(routing_LTK.reshape(routing_LTK.shape[0], B, T, -1).transpose(1, 2, 0, 3))
+    return np.concatenate(out).astype(np.int32)
+
+
+def save_traces(path, tokens_NT, ids_NTLK, **meta) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, tokens=tokens_NT, ids=ids_NTLK, **{k: np.asarray(v) for k, v in meta.items()})
+    return path
+
+
+def load_traces(path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def split(tokens_NT, ids_NTLK, *, held_out: float = 0.2, seed: int = 0):
+    """(train tokens, train ids), (test tokens, test ids) by sequence."""
+    N = tokens_NT.shape[0]
+    perm = np.random.default_rng(seed).permutation(N)
+    n_test = max(1, int(round(held_out * N)))
+    test, train = perm[:n_test], perm[n_test:]
+    return (tokens_NT[train], ids_NTLK[train]), (tokens_NT[test], ids_NTLK[test])

@@ -1,0 +1,85 @@
+"""The token scheduler: re-splitting two batches by routing path (worked example, random pools, time), and decode
+state that moves with regrouped sequences (same tokens as without regrouping)."""
+
+import time
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epsjax.offload import scheduler
+from epsjax.offload.predictor import routing_targets
+from epsjax.offload.runtime import OffloadConfig, OffloadEngine
+from tests.offload.conftest import prompts_from
+
+
+def test_split_two_worked_example():
+    # One layer, four experts; paths arrive interleaved: A = {0, 1}, B = {2, 3}, A, B. In arrival order, batches
+    # {0, 1} and {2, 3} each activate all 4 experts (cost 8); grouping like with like activates 2 each (cost 4).
+    A, B = [1, 1, 0, 0], [0, 0, 1, 1]
+    paths = np.array([A, B, A, B], bool)
+    assert scheduler.union_cost(paths, [[0, 1], [2, 3]]) == 8
+    a, b = scheduler.split_two(paths)
+    assert sorted([a.tolist(), b.tolist()]) == [[0, 2], [1, 3]]
+    assert scheduler.union_cost(paths, [a, b]) == 4
+
+
+def clustered_paths(rng, n, clusters=4, L=3, E=16, k=2, noise=0.2):
+    """Paths of n sequences drawn around `clusters` routing patterns (top-k experts per layer each)."""
+    centers = np.stack([[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(clusters)])
+    ids = centers[rng.integers(clusters, size=n)]  # [n, L, k]
+    flip = rng.random(ids.shape) < noise
+    ids = np.where(flip, rng.integers(E, size=ids.shape), ids)
+    return routing_targets(ids[:, None], E)[:, 0].reshape(n, -1).astype(bool)
+
+
+def test_form_batches_reduces_active_experts_against_arrival_order():
+    rng = np.random.default_rng(0)
+    paths = clustered_paths(rng, 128)
+    arrival = [np.arange(s, s + 16) for s in range(0, 128, 16)]
+    scheduled = scheduler.form_batches(paths, 16)
+    assert sorted(np.concatenate(scheduled).tolist()) == list(range(128))  # a permutation
+    assert all(len(b) == 16 for b in scheduled)
+    before, after = scheduler.union_cost(paths, arrival), scheduler.union_cost(paths, scheduled)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_split_two_takes_under_10_ms():
+    rng = np.random.default_rng(1)
+    paths = clustered_paths(rng, 64, E=64, L=8)  # two batches of 32, 512-bit paths
+    scheduler.split_two(paths)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        scheduler.split_two(paths)
+        times.append(time.perf_counter() - start)
+    assert np.median(times) < 0.010, times
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 24), st.integers(0, 2**31 - 1))
+def test_split_two_is_balanced_and_never_worse_than_its_kmeans_start(n, seed):
+    rng = np.random.default_rng(seed)
+    paths = rng.random((n, 12)) < 0.3
+    a, b = scheduler.split_two(paths)
+    assert len(a) == n // 2 and len(b) == n - n // 2
+    assert sorted(np.concatenate([a, b]).tolist()) == list(range(n))
+    a0, b0 = scheduler.split_two(paths, max_swaps=0)
+    assert scheduler.union_cost(paths, [a, b]) <= scheduler.union_cost(paths, [a0, b0])
+
+
+def test_regrouped_decoding_keeps_every_sequence_consistent(tiny_model, trained):
+    # Batch a's prompts pad to 8 tokens and batch b's to 16: the write indices differ, so regrouping also shifts
+    # a's KV cache. Each sequence must still generate exactly what it generates when never moved.
+    predictor, tokens, _ = trained
+    rng = np.random.default_rng(2)
+    prompts_a = [tokens[i, :rng.integers(2, 8)].tolist() for i in range(3)]
+    prompts_b = [tokens[i, :rng.integers(9, 16)].tolist() for i in range(3, 6)]
+    engine = OffloadEngine(tiny_model, OffloadConfig(mode="expertflow", budget_fraction=0.5), predictor=predictor)
+    fixed, fixed_stats = scheduler.decode_pair(engine, prompts_a, prompts_b, max_new_tokens=8, regroup=False)
+    moved, moved_stats = scheduler.decode_pair(engine, prompts_a, prompts_b, max_new_tokens=8, regroup=True)
+    assert moved == fixed
+    reference = OffloadEngine(tiny_model, OffloadConfig(mode="device")).generate(prompts_a + prompts_b,
+                                                                                  max_new_tokens=8)
+    assert reference.tokens == fixed
+    assert len(moved_stats["split_seconds"]) == 7
