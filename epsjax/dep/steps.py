@@ -1,0 +1,169 @@
+"""The jitted programs of a DEP step, one per task kind, each on one group's mesh.
+
+Attention group (mesh "data" axis = ag devices, micro-batch [ag * ma, T] split over it, weights replicated):
+
+    embed      tokens -> x                                                    MoETransformer.embed
+    dense      a dense layer, whole                                           DecoderLayer.__call__
+    attention  x -> h, moe input, routing; then, per device (shard_map), the T_l * K rows sorted by
+               (expert device, segment, slot) with their counts [ag, eg, r2, slots]   DecoderLayer.attention,
+               .moe_input, MoEBlock.route
+    shared     the shared experts on the moe input                            MoEBlock.add_shared(x, 0)
+    combine    returned rows -> un-sorted, weighted by the router (per device), + shared -> layer output
+               models.moe.combine, DecoderLayer.moe_output
+    head       last norm + LM head                                            MoETransformer.logits
+
+Expert group (mesh "expert" axis = eg devices, expert weights [eg * slots, D, F] split over it):
+
+    experts    per device (shard_map): the received rows of one segment in (source, slot) order -> sorted by
+               slot -> pallas_kernels.expert_ffn over the device's slots -> back to (source, slot) order
+
+The model's own methods do the work; nothing here re-implements a layer. Parameters come in as nnx states
+(graphdef static), the routed expert weights of an attention-group layer as zero-size placeholders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+import pallas_kernels
+from models.attention import AttentionContext
+from models.moe import LocalExperts, combine
+from models.transformer import prefill_mask
+from sharding import DATA, EXPERT
+
+
+def _context(positions_BT, valid_BT) -> AttentionContext:
+    return AttentionContext(positions_BT=positions_BT, mask_BTS=prefill_mask(valid_BT), write_index=0,
+                            attend_to_cache=False)
+
+
+def _exclusive_cumsum(x):
+    return jnp.cumsum(x) - x
+
+
+@dataclasses.dataclass(frozen=True)
+class Pack:
+    """Sorts one attention device's routed rows by destination: key = (expert device, segment, slot)."""
+
+    mesh: Mesh
+    owner: tuple[int, ...]   # [E] expert device of each expert
+    slot: tuple[int, ...]    # [E] slot of each expert on its device
+    devices: int             # eg
+    slots: int
+    segments: int            # r2
+
+    def __call__(self, x_TD, ids_TK, valid_T):
+        return jax.shard_map(self._local, mesh=self.mesh, in_specs=(P(DATA), P(DATA), P(DATA)),
+                             out_specs=(P(DATA), P(DATA), P(DATA)), check_vma=False)(x_TD, ids_TK, valid_T)
+
+    def _local(self, x_TD, ids_TK, valid_T):
+        T, K = ids_TK.shape
+        keys = self.devices * self.segments * self.slots                  # the sentinel key of invalid rows
+        segment_T = (jnp.arange(T, dtype=jnp.int32) * self.segments) // T  # contiguous token segments
+        owner_E, slot_E = jnp.asarray(self.owner, jnp.int32), jnp.asarray(self.slot, jnp.int32)
+        key_TK = (owner_E[ids_TK] * self.segments + segment_T[:, None]) * self.slots + slot_E[ids_TK]
+        key_M = jnp.where(valid_T[:, None], key_TK, keys).reshape(-1)     # [T*K]
+        order_M = jnp.argsort(key_M, stable=True)
+        x_sorted_MD = x_TD[order_M // K]
+        counts = jnp.zeros((keys + 1,), jnp.int32).at[key_M].add(1)[:keys]
+        return x_sorted_MD, order_M, counts.reshape(1, self.devices, self.segments, self.slots)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unpack:
+    """Un-sorts one attention device's returned rows and sums them weighted by the router: models.moe.combine."""
+
+    mesh: Mesh
+
+    def __call__(self, y_sorted_MD, order_M, weights_TK):
+        return jax.shard_map(combine, mesh=self.mesh, in_specs=(P(DATA), P(DATA), P(DATA)), out_specs=P(DATA),
+                             check_vma=False)(y_sorted_MD, order_M, weights_TK)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertStep:
+    """One segment's grouped expert FFN on every expert device (see the module docstring)."""
+
+    mesh: Mesh
+    backend: str = "auto"
+
+    def __call__(self, w_gate, w_up, w_down, rows_XD, counts_EAS):
+        spec_w, spec_rows = P(EXPERT, None, None), P(EXPERT)
+        return jax.shard_map(self._local, mesh=self.mesh, in_specs=(spec_w, spec_w, spec_w, spec_rows, spec_rows),
+                             out_specs=spec_rows, check_vma=False)(w_gate, w_up, w_down, rows_XD, counts_EAS)
+
+    def _local(self, w_gate_SDF, w_up_SDF, w_down_SFD, rows_RD, counts_1AS):
+        R = rows_RD.shape[0]
+        counts_AS = counts_1AS[0]                     # rows from source a for slot s, stored (source, slot)-major
+        A, S = counts_AS.shape
+        start_G = _exclusive_cumsum(counts_AS.reshape(-1))
+        end_G = start_G + counts_AS.reshape(-1)
+        row_R = jnp.arange(R, dtype=jnp.int32)
+        # The (source, slot) group of each row: the last group starting at or before it (empty groups share their
+        # start with the next one, so "last" picks the non-empty one); rows past the end are padding.
+        group_R = jnp.clip(jnp.searchsorted(start_G, row_R, side="right") - 1, 0, A * S - 1)
+        slot_R = jnp.where(row_R < end_G[group_R], group_R % S, S)
+        perm_R = jnp.argsort(slot_R, stable=True)
+        with jax.named_scope("dep_routed_experts"):
+            y_RD = pallas_kernels.expert_ffn(rows_RD[perm_R], w_gate_SDF, w_up_SDF, w_down_SFD,
+                                             counts_AS.sum(0).astype(jnp.int32), backend=self.backend)
+        return jnp.zeros_like(y_RD).at[perm_R].set(y_RD)
+
+
+# Attention group ------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def embed(graphdef, layers, top, tokens_BT):
+    return nnx.merge(graphdef, layers, top).embed(tokens_BT)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def head(graphdef, layers, top, x_BTD):
+    return nnx.merge(graphdef, layers, top).logits(x_BTD)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def dense(graphdef, state, x_BTD, positions_BT, valid_BT):
+    layer = nnx.merge(graphdef, state)
+    out_BTD, _, _ = layer(x_BTD, valid_BT, _context(positions_BT, valid_BT), None, LocalExperts())
+    return out_BTD
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "pack"))
+def attention(graphdef, experts, rest, x_BTD, positions_BT, valid_BT, *, pack: Pack):
+    layer = nnx.merge(graphdef, experts, rest)
+    h_BTD, _ = layer.attention(x_BTD, _context(positions_BT, valid_BT), None)
+    moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
+    ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
+    B, T, D = moe_in_BTD.shape
+    x_sorted_MD, order_M, counts = pack(moe_in_BTD.reshape(B * T, D), ids_TK, valid_BT.reshape(B * T))
+    return h_BTD, moe_in_BTD, weights_TK, x_sorted_MD, order_M, counts
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def shared(graphdef, experts, rest, moe_in_BTD):
+    layer = nnx.merge(graphdef, experts, rest)
+    return layer.moe.add_shared(moe_in_BTD, jnp.zeros_like(moe_in_BTD))  # = shared experts(moe_in)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "unpack"))
+def combine_layer(graphdef, experts, rest, h_BTD, shared_BTD, y_sorted_MD, order_M, weights_TK, *, unpack: Unpack):
+    """The layer's output: as MoEBlock.__call__ (routed output in the input dtype, plus the shared experts')
+    and DecoderLayer.moe_output."""
+    layer = nnx.merge(graphdef, experts, rest)
+    y_BTD = unpack(y_sorted_MD, order_M, weights_TK).astype(h_BTD.dtype).reshape(h_BTD.shape)
+    moe_BTD = y_BTD if shared_BTD is None else y_BTD + shared_BTD
+    return layer.moe_output(h_BTD, moe_BTD)
+
+
+# Expert group ---------------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("step",))
+def experts(w_gate, w_up, w_down, rows_XD, counts_EAS, *, step: ExpertStep):
+    return step(w_gate, w_up, w_down, rows_XD, counts_EAS)

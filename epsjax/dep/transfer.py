@@ -1,0 +1,145 @@
+"""A2E and E2A: exactly the routed rows, one jax.device_put per (attention device, expert device) pair.
+
+On attention device a, the micro-batch's T_l * K (token, k) rows are sorted by (expert device e, segment j,
+expert slot) and counted: counts[a, e, j, s] (attention.py's pack). The host reads the counts (a [ag, eg, r2,
+slots] int32 table, the only device->host traffic) and then:
+
+    A2E(l, m)     for each (a, e, j) with n = sum_s counts[a, e, j, s] > 0:
+                      rows a -> e = x_sorted_a[start : start + n]      n * D * itemsize bytes over the link
+                  (one piece per segment, so the expert side never re-slices what it received)
+                  plus counts[:, e, j, :] host -> expert device e per segment (ag * slots int32)
+    E2A(l, m, j)  for each (e, a) with n = sum_s counts[a, e, j, s] > 0:
+                      rows e -> a = y_j on e, source a's rows          n * D * itemsize bytes over the link
+
+Nothing is padded on the wire: a piece has exactly n rows (a static shape per n, so slicing compiles once per
+distinct n). The receiving side copies pieces into a buffer (expert side: rows of segment j from every source,
+padded to a bucket so the expert FFN compiles once per bucket; attention side: the micro-batch's sorted rows
+in their original order); those are local copies, not transfers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    kind: str        # "a2e" | "e2a" | "counts" (host -> expert device)
+    layer: int
+    micro: int
+    segment: int     # -1 for a2e (the whole micro-batch)
+    source: int      # attention device index a (a2e) / expert device index e (e2a) / -1 (host)
+    dest: int
+    rows: int
+    nbytes: int
+
+
+@dataclasses.dataclass
+class TransferLog:
+    records: list[Transfer] = dataclasses.field(default_factory=list)
+
+    def add(self, *args) -> None:
+        self.records.append(Transfer(*args))
+
+    def total(self, kind: str | None = None) -> tuple[int, int]:
+        """(rows, bytes) moved, over every transfer or those of one kind."""
+        sel = [r for r in self.records if kind is None or r.kind == kind]
+        return sum(r.rows for r in sel), sum(r.nbytes for r in sel)
+
+    def summary(self) -> dict:
+        return {kind: dict(zip(("rows", "bytes"), self.total(kind))) for kind in ("a2e", "e2a", "counts")}
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def take_rows(x_MD, start, *, rows: int):
+    """x[start : start + rows] on x's device; one compilation per distinct `rows`."""
+    return jax.lax.dynamic_slice_in_dim(x_MD, start, rows, axis=0)
+
+
+@jax.jit
+def put_rows(buffer_RD, piece_ND, start):
+    """buffer with piece written at row `start` (a local copy on the buffer's device)."""
+    return jax.lax.dynamic_update_slice_in_dim(buffer_RD, piece_ND, start, axis=0)
+
+
+def bucket(rows: int, minimum: int = 8) -> int:
+    """A static buffer size for `rows` rows: the next power of two (at least `minimum`)."""
+    return max(minimum, 1 << max(0, int(rows) - 1).bit_length())
+
+
+def shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
+    """The shard of a sharded array that lives on `device`."""
+    for shard in array.addressable_shards:
+        if shard.device == device:
+            return shard.data
+    raise ValueError(f"{device} holds no shard of this array")
+
+
+def a2e(log: TransferLog, layer: int, micro: int, x_sorted, counts: np.ndarray, attention_devices,
+        expert_devices) -> list[list[list[jax.Array | None]]]:
+    """Sends every attention device's rows for each expert device, one piece per segment. Returns
+    pieces[a][e][j] ([n, D] on expert device e; None when n = 0). counts: [ag, eg, r2, slots] on the host."""
+    rows_aej = counts.sum(axis=-1)                                  # [ag, eg, r2]
+    pieces = []
+    for a, device_a in enumerate(attention_devices):
+        x_a = shard_on(x_sorted, device_a)                          # [T_l * K, D] sorted by (e, j, slot)
+        starts = np.concatenate([[0], np.cumsum(rows_aej[a].reshape(-1))]).reshape(-1)
+        per_e = []
+        for e, device_e in enumerate(expert_devices):
+            per_j = []
+            for j in range(counts.shape[2]):
+                n = int(rows_aej[a, e, j])
+                if n == 0:
+                    per_j.append(None)
+                    continue
+                piece = take_rows(x_a, int(starts[e * counts.shape[2] + j]), rows=n)   # on attention device a
+                per_j.append(jax.device_put(piece, device_e))                           # a -> e: n rows
+            sent = int(rows_aej[a, e].sum())
+            if sent:
+                log.add("a2e", layer, micro, -1, a, e, sent, sent * x_a.shape[1] * x_a.dtype.itemsize)
+            per_e.append(per_j)
+        pieces.append(per_e)
+    return pieces
+
+
+def gather_segment(pieces, counts: np.ndarray, segment: int, expert_devices, dim: int, dtype):
+    """On each expert device e, segment j's rows from every source in (source, slot) order, padded with zero rows
+    to a common bucket R: a list of [R, D] arrays, one per expert device (local copies only)."""
+    per_source = counts[:, :, segment].sum(axis=-1)                # [ag, eg] rows of segment j
+    R = bucket(int(per_source.sum(axis=0).max()))
+    buffers = []
+    for e, device_e in enumerate(expert_devices):
+        buffer = jnp.zeros((R, dim), dtype, device=device_e)
+        at = 0
+        for a in range(counts.shape[0]):
+            if pieces[a][e][segment] is not None:
+                buffer = put_rows(buffer, pieces[a][e][segment], at)
+                at += int(per_source[a, e])
+        buffers.append(buffer)
+    return buffers
+
+
+def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: np.ndarray, returned,
+        attention_devices, expert_devices) -> None:
+    """Sends segment j's computed rows back to their attention devices and writes them into returned[a] (each
+    attention device's [T_l * K, D] buffer in the original sorted order), in place in the list."""
+    per_source = counts[:, :, segment].sum(axis=-1)                # [ag, eg]
+    rows_ae = counts.sum(axis=(2, 3))
+    before_seg = counts[:, :, :segment].sum(axis=(2, 3))
+    for e, device_e in enumerate(expert_devices):
+        y_e = shard_on(y_rows, device_e)                           # [R, D] in (source, slot) order
+        at = 0
+        for a, device_a in enumerate(attention_devices):
+            n = int(per_source[a, e])
+            if n == 0:
+                continue
+            piece = jax.device_put(take_rows(y_e, at, rows=n), device_a)   # e -> a: n rows
+            log.add("e2a", layer, micro, segment, e, a, n, n * y_e.shape[1] * y_e.dtype.itemsize)
+            where = int(rows_ae[a, :e].sum() + before_seg[a, e])
+            returned[a] = put_rows(returned[a], piece, where)
+            at += n

@@ -1,0 +1,139 @@
+"""DEP on 8 CPU devices gives the single-device logits: DeepSeek-V2 (MLA, shared experts, 16 experts) and
+Qwen3-MoE (GQA, no shared experts, 16 experts), attention/expert splits 3+5 (16 experts over 5 expert devices:
+3, 3, 3, 3, 4) and 4+4, every schedule. Also: the A2E/E2A move exactly the routed rows, a skewed router (every
+token to the same few experts, most expert devices receive nothing) and serialized execution.
+
+Shapes are chosen so compilations are shared: B = 2 * ag sequences of T = 8 tokens, so every pipelined schedule
+(r1 = 2) has one sequence per attention device per micro-batch and the naive one two.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from epsjax.dep import DEPGroups, DEPSchedule
+from epsjax.dep.runtime import DEPRuntime
+from epsjax.engine import Engine
+from models import MoETransformer, get_preset
+
+T = 8
+SPLITS = ((3, 5), (4, 4))
+SCHEDULES = {
+    "naive": DEPSchedule.naive(),
+    "pppipe": DEPSchedule.pppipe(2),
+    "findep_aass": DEPSchedule.findep(2, 2, "AASS"),
+    "findep_asas": DEPSchedule.findep(2, 3, "ASAS"),
+}
+MODELS = ("tiny-deepseek-v2", "tiny-qwen3-moe")
+
+
+def _inputs(batch):
+    rng = np.random.default_rng(batch)
+    tokens = rng.integers(1, 256, (batch, T)).astype(np.int32)
+    mask = np.ones((batch, T), bool)
+    mask[1, :3] = False  # left padding: never routed, never attended to
+    return tokens, mask
+
+
+@functools.cache
+def _model(name):
+    return MoETransformer(get_preset(name), rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def _reference(name, batch, skewed=False):
+    engine = Engine(_model(name))
+    if skewed:
+        engine.params = _skew(engine.params)
+    logits, _, stats = engine.prefill(*_inputs(batch), all_logits=True, cache_len=T)
+    return np.asarray(logits), np.asarray(stats.tokens_per_expert)
+
+
+def _skew(state):
+    """Every router kernel zeroed: all experts tie and top-k picks the first K for every token."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.zeros_like(v) if "kernel_DE" in jax.tree_util.keystr(path) else v, state)
+
+
+@functools.cache
+def _runtime(name, ag, eg, skewed=False):
+    model = _model(name)
+    if skewed:
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, _skew(state))
+    return DEPRuntime(model, DEPGroups.split(ag, eg, model.cfg.num_experts))
+
+
+def _check_rows(runtime, out, tokens_per_expert):
+    """A2E moved, per MoE layer and expert device, exactly the (token, k) rows routed to that device's experts;
+    E2A moved the same rows back; each row is D float32 values."""
+    groups, cfg = runtime.groups, runtime.cfg
+    bounds = groups.placement.bounds
+    for i, layer in enumerate(cfg.moe_layers):
+        want = [int(tokens_per_expert[i, bounds[e]:bounds[e + 1]].sum()) for e in range(groups.eg)]
+        for kind, dest in (("a2e", lambda r: r.dest), ("e2a", lambda r: r.source)):
+            got = [0] * groups.eg
+            for r in out.transfers.records:
+                if r.kind == kind and r.layer == layer:
+                    got[dest(r)] += r.rows
+                    assert r.nbytes == r.rows * cfg.d_model * 4
+            assert got == want, (kind, layer)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("ag,eg", SPLITS)
+@pytest.mark.parametrize("name", MODELS)
+def test_dep_matches_single_device(name, ag, eg, schedule):
+    batch = 2 * ag
+    runtime = _runtime(name, ag, eg)
+    want_logits, want_counts = _reference(name, batch)
+    tokens, mask = _inputs(batch)
+    out = runtime.prefill(tokens, mask, schedule=SCHEDULES[schedule])
+    err = np.abs(np.asarray(out.logits) - want_logits)[mask].max()
+    assert err < 1e-5, f"{name} {ag}+{eg} {schedule}: max |logits diff| = {err}"
+    np.testing.assert_array_equal(out.tokens_per_expert, want_counts)
+    _check_rows(runtime, out, want_counts)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_skewed_router_leaves_most_expert_devices_idle(name):
+    """All router weights zero: every valid token picks experts 0..K-1. With 3+5 (3 experts on device 0) the
+    K = 4 (DeepSeek) rows go 3 to device 0 and 1 to device 1; K = 8 (Qwen3) reach device 2 too; the other
+    devices receive nothing, and empty transfers are skipped, not sent as zero-row arrays."""
+    batch = 6
+    runtime = _runtime(name, 3, 5, skewed=True)
+    want_logits, want_counts = _reference(name, batch, skewed=True)
+    tokens, mask = _inputs(batch)
+    out = runtime.prefill(tokens, mask, schedule=SCHEDULES["findep_aass"])
+    assert np.abs(np.asarray(out.logits) - want_logits)[mask].max() < 1e-5
+    np.testing.assert_array_equal(out.tokens_per_expert, want_counts)
+    K, valid = runtime.cfg.router.top_k, int(mask.sum())
+    expected = {0: 3 * valid, 1: min(K - 3, 3) * valid, 2: max(K - 6, 0) * valid}
+    for layer in runtime.cfg.moe_layers:
+        got = {}
+        for r in out.transfers.records:
+            if r.kind == "a2e" and r.layer == layer:
+                got[r.dest] = got.get(r.dest, 0) + r.rows
+        assert got == {e: n for e, n in expected.items() if n}, layer
+    _check_rows(runtime, out, want_counts)
+
+
+def test_serialized_execution_gives_the_same_logits():
+    """Blocking after every task (no overlap between the groups) changes timing, not results."""
+    runtime = _runtime("tiny-deepseek-v2", 4, 4)
+    tokens, mask = _inputs(8)
+    overlapped = runtime.prefill(tokens, mask, schedule=SCHEDULES["findep_aass"])
+    serialized = runtime.prefill(tokens, mask, schedule=SCHEDULES["findep_aass"], serialize=True)
+    np.testing.assert_array_equal(np.asarray(overlapped.logits), np.asarray(serialized.logits))
+    # The host issued every task of the schedule, in its order.
+    names = [t.name for t in SCHEDULES["findep_aass"].tasks(("dense", "moe", "moe"), shared=True)]
+    assert [name for name, _ in overlapped.issue_times] == names
+
+
+def test_groups_must_cover_the_model_experts():
+    with pytest.raises(ValueError, match="place 8 experts"):
+        DEPRuntime(_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
