@@ -4,6 +4,7 @@
     groups = dep.DEPGroups.split(attention=3, experts=5, num_experts=cfg.num_experts)
     out = dep.DEPRuntime(model, groups).prefill(tokens, mask, schedule=dep.DEPSchedule.findep(2, 2, "AASS"))
 
+    deployment = dep.Deployment.split(dep.Testbed("8xH20", "h20", 8), 3, 5)
     problem = dep.problem_for(cfg, deployment, seq_len=1024)      # linear models + memory from the scheduler
     best = dep.solve(problem)                                     # (ma, r1, r2, order), in milliseconds
 
@@ -15,18 +16,20 @@ Files, one job each:
     runtime.py    DEPRuntime: places a model, walks a schedule with asynchronous dispatch
     perf.py       testbeds, deployments, task durations and memory from epsjax.scheduler's cost models, fits
     simulate.py   the step as a scheduler Schedule (simulate / gantt / trace) and its exact fast step time
+    problem.py    a model on a deployment -> the solver's problem (fitted linear models, memory, depth that fits)
     solver.py     FinDEP's optimisation and the exhaustive search it is checked against
 """
 
 from epsjax.dep.groups import DEPGroups, ExpertPlacement, expert_bounds
 from epsjax.dep.perf import Deployment, LinearModels, MemoryModel, TaskCosts, Testbed
+from epsjax.dep.problem import fit_layers, problem_for
 from epsjax.dep.schedule import DEPSchedule, layer_kinds
 from epsjax.dep.simulate import DEPProblem, Plan, build_schedule, simulate_plan, step_time
 from epsjax.dep.solver import Solution, exhaustive, solve
 
 __all__ = ["DEPGroups", "DEPProblem", "DEPSchedule", "Deployment", "ExpertPlacement", "LinearModels",
            "MemoryModel", "Plan", "Solution", "TaskCosts", "Testbed", "build_schedule", "exhaustive",
-           "expert_bounds", "layer_kinds", "simulate_plan", "solve", "step_time"]
+           "expert_bounds", "fit_layers", "layer_kinds", "problem_for", "simulate_plan", "solve", "step_time"]
 
 
 def __getattr__(name):

@@ -56,6 +56,8 @@ class Testbed:
     """GPUs of one kind, gpus_per_node to a node. nvlink_bridges: consecutive pairs (0,1), (2,3), ... are joined
     by an NVLink bridge of bridge_gbs (both directions added) beside the node's PCIe fabric (RTX A6000)."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     name: str
     hardware: str
     gpus: int
@@ -266,8 +268,11 @@ class MemoryModel:
 
     def max_tokens(self, r1: int, r2: int) -> float:
         """The largest micro-batch (tokens per attention device) that fits, or 0 when the weights alone do not."""
-        ag = (self.ag_limit - self.ag_fixed) / (r1 * self.ag_step + self.ag_micro)
-        eg = (self.eg_limit - self.eg_fixed) / (r1 * self.eg_step + self.eg_segment / r2)
+        def room(free, per_token):
+            return (float("inf") if free >= 0 else 0.0) if per_token <= 0 else free / per_token
+
+        ag = room(self.ag_limit - self.ag_fixed, r1 * self.ag_step + self.ag_micro)
+        eg = room(self.eg_limit - self.eg_fixed, r1 * self.eg_step + self.eg_segment / r2)
         return max(0.0, min(ag, eg))
 
 
