@@ -196,11 +196,9 @@ class TaskCosts:
         if kind == "embed":
             return costs.memory_pass(2.0 * tokens * D * self.itemsize)
         if kind == "attention":
-            return (lc.attention_time(costs, cfg, T, self.seq_len, self.context) + lc.router_time(costs, cfg, T)
-                    + lc.permute_time(costs, cfg, tokens))
+            return (self._attention(T) + lc.router_time(costs, cfg, T) + lc.permute_time(costs, cfg, tokens))
         if kind == "dense":
-            return (lc.attention_time(costs, cfg, T, self.seq_len, self.context)
-                    + lc.dense_ffn_time(costs, T, D, cfg.dense_ffn_dim))
+            return self._attention(T) + lc.dense_ffn_time(costs, T, D, cfg.dense_ffn_dim)
         if kind == "shared":
             return lc.dense_ffn_time(costs, T, D, lc.side_ffn_width(cfg))
         if kind == "combine":
@@ -217,6 +215,23 @@ class TaskCosts:
             return expert_ffn_time(costs, self.backend, mu, total, D, cfg.expert_ffn_dim)
         raise ValueError(f"unknown task kind {kind!r}")
 
+    def _attention(self, tokens: int) -> float:
+        """The scheduler's attention (projections + core FLOPs over seq_len new and `context` cached tokens) plus
+        reading the cached K/V once per sequence: what decode (seq_len 1) is bound by."""
+        t = lc.attention_time(self.costs, self.cfg, tokens, self.seq_len, self.context)
+        if self.context:
+            sequences = tokens / self.seq_len
+            t += self.costs.memory_pass(sequences * self.context * self.kv_bytes_per_token)
+        return t
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes of one token in one layer: MLA's latent + rotary key, or GQA's keys and values."""
+        cfg = self.cfg
+        if cfg.mla is None:
+            return 2 * cfg.num_kv_heads * cfg.head_dim * self.itemsize
+        return (cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim) * self.itemsize
+
     # Memory ------------------------------------------------------------------------------------------------------
 
     def memory(self) -> "MemoryModel":
@@ -226,12 +241,11 @@ class TaskCosts:
         counts = cfg.param_counts()
         layers, moe_layers = cfg.num_layers, len(cfg.moe_layers)
         if cfg.mla is None:
-            kv, work = 2 * cfg.num_kv_heads * cfg.head_dim, cfg.num_heads * 3 * cfg.head_dim
+            work = cfg.num_heads * 3 * cfg.head_dim
         else:
             m = cfg.mla
-            kv, work = m.kv_lora_rank + m.qk_rope_head_dim, cfg.num_heads * (m.qk_head_dim + m.qk_nope_head_dim
-                                                                               + m.v_head_dim)
-        kv_per_token = layers * kv * isz * (self.seq_len + self.context) / self.seq_len
+            work = cfg.num_heads * (m.qk_head_dim + m.qk_nope_head_dim + m.v_head_dim)
+        kv_per_token = layers * self.kv_bytes_per_token * (self.seq_len + self.context) / self.seq_len
         share = max(self.experts_per_device) / cfg.num_experts
         limit = dep.testbed.hw.hbm_gb * GB * USABLE_MEMORY
         return MemoryModel(
