@@ -234,6 +234,10 @@ class ExpertCacheEngine:
         self.layer, self.current = self.num_layers, None
         self.low.clear()
 
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+        self._check_budget()  # the peak starts at what the cache holds now
+
     def mark_resident(self, key: Key, slot: int) -> None:
         """Records an expert placed in `slot` outside the transfer path (e.g. the all-on-device pool)."""
         self.free.remove(slot)

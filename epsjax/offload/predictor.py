@@ -39,9 +39,9 @@ class PredictorConfig:
     top_k: int
     d_model: int = 64
     num_heads: int = 4
-    enc_layers: int = 1
+    enc_layers: int = 2
     head_dim: int = 64    # hidden width of the per-layer heads
-    window: int = 16      # tokens of context the encoder attends to (decode keeps the last `window` tokens)
+    window: int = 64      # tokens of context the encoder attends to (decode keeps the last `window` tokens)
 
     @classmethod
     def for_model(cls, cfg, **overrides) -> "PredictorConfig":

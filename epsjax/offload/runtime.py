@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -377,8 +376,3 @@ def expert_bytes(cfg) -> int:
     """All routed-expert bytes of a model config."""
     return len(cfg.moe_layers) * cfg.num_experts * 3 * cfg.d_model * cfg.expert_ffn_dim * cfg.jnp_dtype.itemsize
 
-
-def budget_slots(cfg, fraction: float, max_inflight: int = 2) -> int:
-    """Pool slots an expert budget of `fraction` of all routed-expert bytes gives (staging taken out)."""
-    per_expert = 3 * cfg.d_model * cfg.expert_ffn_dim * cfg.jnp_dtype.itemsize
-    return math.floor(fraction * expert_bytes(cfg) / per_expert) - max_inflight

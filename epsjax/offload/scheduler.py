@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from epsjax.engine import DecodeState
+from epsjax.offload.metrics import topk_chosen
+from epsjax.offload.runtime import OffloadState
 
 
 def union_cost(paths_NP: np.ndarray, groups) -> int:
@@ -117,8 +119,6 @@ def _regroup(cache_a, cache_b, kv_a_BS, kv_b_BS, pos_a_B, pos_b_B, shift_a, shif
 def regroup_states(state_a, state_b, idx_a, idx_b):
     """Re-splits two decode states (OffloadState) into two: new batch a holds the sequences idx_a of the joint batch
     (a's sequences first, then b's), new batch b holds idx_b. Both keep the later of the two write indices."""
-    from epsjax.offload.runtime import OffloadState
-
     da, db = state_a.decode, state_b.decode
     if da.kv_valid_BS.shape[1] != db.kv_valid_BS.shape[1]:
         raise ValueError(f"batches have different cache lengths {da.kv_valid_BS.shape[1]} and "
@@ -139,8 +139,6 @@ def regroup_states(state_a, state_b, idx_a, idx_b):
 
 def next_token_paths(predictor, state, tokens_B) -> np.ndarray:
     """Each sequence's predicted routing path [B, L*E] for its next token (its top-k per layer)."""
-    from epsjax.offload.metrics import topk_chosen
-
     recent = np.concatenate([state.recent_BW[:, 1:], np.asarray(tokens_B, np.int32)[:, None]], axis=1)
     valid = np.concatenate([state.recent_valid_BW[:, 1:], np.ones((len(tokens_B), 1), bool)], axis=1)
     probs_BLE = np.asarray(predictor.probs(recent, valid))[:, -1]

@@ -17,10 +17,11 @@ import pathlib
 import numpy as np
 
 
-def synthetic_corpus(vocab_size: int, num_seqs: int, seq_len: int, *, seed: int = 0, successors: int = 8,
-                     zipf: float = 1.1, first_token: int = 1) -> np.ndarray:
-    """tokens [num_seqs, seq_len] int32 in [first_token, vocab_size) (id 0 is left for padding)."""
-    rng = np.random.default_rng(seed)
+def synthetic_corpus(vocab_size: int, num_seqs: int, seq_len: int, *, seed: int = 0, chain_seed: int = 0,
+                     successors: int = 8, zipf: float = 1.1, first_token: int = 1) -> np.ndarray:
+    """tokens [num_seqs, seq_len] int32 in [first_token, vocab_size) (id 0 is left for padding). `chain_seed` fixes
+    the chain (the "language"), `seed` the samples drawn from it: held-out data is another seed, same chain."""
+    rng = np.random.default_rng(chain_seed)
     ids = np.arange(first_token, vocab_size)
     V = len(ids)
     rank_weights = 1.0 / np.arange(1, V + 1) ** zipf
@@ -29,6 +30,7 @@ def synthetic_corpus(vocab_size: int, num_seqs: int, seq_len: int, *, seed: int 
     succ = np.stack([rng.choice(V, size=successors, replace=False, p=start_p) for _ in range(V)])  # [V, s]
     succ_p = 1.0 / np.arange(1, successors + 1) ** zipf
     succ_p /= succ_p.sum()
+    rng = np.random.default_rng([chain_seed, seed])
     out = np.empty((num_seqs, seq_len), np.int64)
     out[:, 0] = rng.choice(V, size=num_seqs, p=start_p)
     for t in range(1, seq_len):
@@ -75,3 +77,33 @@ def split(tokens_NT, ids_NTLK, *, held_out: float = 0.2, seed: int = 0):
     n_test = max(1, int(round(held_out * N)))
     test, train = perm[:n_test], perm[n_test:]
     return (tokens_NT[train], ids_NTLK[train]), (tokens_NT[test], ids_NTLK[test])
+
+
+def parse_overrides(items) -> dict:
+    """["num_experts=16", "dtype=float32"] -> {"num_experts": 16, "dtype": "float32"} (ints and floats parsed)."""
+    out = {}
+    for item in items or ():
+        key, _, value = item.partition("=")
+        if not _:
+            raise ValueError(f"override {item!r} is not key=value")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def build_model(preset: str, overrides: dict | None = None, *, seed: int = 0, checkpoint: str | None = None):
+    """A model from a preset (random weights from `seed`, fields overridden) or from an HF checkpoint directory."""
+    from flax import nnx
+
+    from models import MoETransformer, get_preset
+
+    if checkpoint:
+        from epsjax.checkpoint import load_checkpoint
+
+        return load_checkpoint(checkpoint, progress=False)
+    return MoETransformer(get_preset(preset, **(overrides or {})), rngs=nnx.Rngs(seed))

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from epsjax.engine import Engine
-from epsjax.offload import traces
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
 from models import LocalExperts, MoETransformer, get_preset
 from tests.offload.conftest import prompts_from

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from epsjax.offload import scheduler
 from epsjax.offload.predictor import routing_targets
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
-from tests.offload.conftest import prompts_from
 
 
 def test_split_two_worked_example():
