@@ -26,8 +26,8 @@ _LAZY = {
     "shard_model": "sharding.params",
 }
 
-__all__ = ["AXES", "DATA", "EXPERT", "TENSOR", "ExpertPlan", "RULE_SETS", "Rules", "get_rules", "initialize_distributed",
-           "make_mesh", "rules_for_model", *_LAZY]
+__all__ = ["AXES", "DATA", "EXPERT", "TENSOR", "ExpertPlan", "RULE_SETS", "Rules", "get_rules",
+           "initialize_distributed", "make_mesh", "rules_for_model", *_LAZY]
 
 
 def __getattr__(name):
