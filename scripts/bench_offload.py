@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
@@ -46,30 +47,44 @@ def device_peak(device) -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def run_mode(model, config, predictor, warm_prompts, prompts, new_tokens, device, reference_tokens, repeats):
-    engine = OffloadEngine(model, config, predictor=predictor if config.mode == "expertflow" else None)
-    engine.generate(warm_prompts, max_new_tokens=new_tokens)  # compile every shape
+def measure(model, configs, predictor, warm_prompts, prompts, new_tokens, device, repeats):
+    """Builds and warms (compiles) an engine per config, then times them round-robin, `repeats` rounds, so that
+    load from other processes falls on every mode alike. The cache stays warm between rounds, as in serving;
+    cache statistics are the last round's. Returns a row per config and each config's generated tokens."""
+    engines = []
+    for config in configs:
+        engine = OffloadEngine(model, config, predictor=predictor if config.mode == "expertflow" else None)
+        engine.generate(warm_prompts, max_new_tokens=new_tokens)  # compile every shape
+        engines.append(engine)
     peak_before = device_peak(device)
-    runs = []
-    for _ in range(repeats):  # the cache stays warm between repeats, as in serving; stats are the last run's
-        engine.cache.reset_stats()
-        runs.append(engine.generate(prompts, max_new_tokens=new_tokens))
-    result = runs[-1]
-    stats = engine.cache.stats.as_dict()
-    median = lambda f: float(np.median([f(r) for r in runs]))
-    row = {
-        "mode": config.mode, "policy": engine.cache.policy.name, "budget_fraction": config.budget_fraction,
-        "budget_bytes": config.budget(engine.store.total_bytes), "slots": engine.cache.num_slots,
-        "prefill_tokens_per_s": median(lambda r: r.prefill_tokens_per_s),
-        "decode_tokens_per_s": median(lambda r: r.decode_tokens_per_s),
-        "prefill_seconds": median(lambda r: r.prefill_seconds), "decode_seconds": median(lambda r: r.decode_seconds),
-        "late_or_hit_ratio": (stats["hits"] + stats["late"]) / stats["accesses"],
-        "hit_ratio": stats["hit_ratio"], "bytes_h2d": stats["bytes_h2d"], "cache": stats,
-        "cache_peak_device_bytes": stats["peak_device_bytes"],
-        "device_peak_bytes_in_use": device_peak(device), "device_peak_bytes_before": peak_before,
-        "tokens_equal_device_run": None if reference_tokens is None else result.tokens == reference_tokens,
-    }
-    # Untimed: the live device arrays the engine adds (pool, staging, KV cache, activations), at every wave.
+    runs = [[] for _ in engines]
+    for _ in range(repeats):
+        for engine, results in zip(engines, runs):
+            engine.cache.reset_stats()
+            results.append(engine.generate(prompts, max_new_tokens=new_tokens))
+    rows = []
+    for config, engine, results in zip(configs, engines, runs):
+        stats = engine.cache.stats.as_dict()
+        median = lambda f: float(np.median([f(r) for r in results]))
+        rows.append({
+            "mode": config.mode, "policy": engine.cache.policy.name, "budget_fraction": config.budget_fraction,
+            "budget_bytes": config.budget(engine.store.total_bytes), "slots": engine.cache.num_slots,
+            "prefill_tokens_per_s": median(lambda r: r.prefill_tokens_per_s),
+            "decode_tokens_per_s": median(lambda r: r.decode_tokens_per_s),
+            "decode_tokens_per_s_all": [r.decode_tokens_per_s for r in results],
+            "prefill_seconds": median(lambda r: r.prefill_seconds),
+            "decode_seconds": median(lambda r: r.decode_seconds),
+            "hit_ratio": stats["hit_ratio"], "late_or_hit_ratio": (stats["hits"] + stats["late"]) / stats["accesses"],
+            "bytes_h2d": stats["bytes_h2d"], "cache": stats, "cache_peak_device_bytes": stats["peak_device_bytes"],
+            "device_peak_bytes_in_use": device_peak(device), "device_peak_bytes_before": peak_before,
+            "live_device_bytes_added_peak": live_bytes_added(engine, prompts, new_tokens, device),
+        })
+    return rows, [results[-1].tokens for results in runs]
+
+
+def live_bytes_added(engine, prompts, new_tokens, device) -> int:
+    """Untimed: the most device bytes the engine holds beyond the model's own parameters (pool, staging buffers,
+    KV cache, activations), from jax.live_arrays() at every grouped-FFN wave of one more generation."""
     base = live_device_bytes(device) - sum(int(w.nbytes) for w in engine.cache.transfers.pool)
     peak = [0]
     demand = engine.cache.demand
@@ -81,8 +96,8 @@ def run_mode(model, config, predictor, warm_prompts, prompts, new_tokens, device
 
     engine.cache.demand = sampled
     engine.generate(prompts, max_new_tokens=new_tokens)
-    row["live_device_bytes_added_peak"] = peak[0]
-    return row, result.tokens
+    engine.cache.demand = demand
+    return peak[0]
 
 
 def overlap_probe(model, device, *, num_experts: int = 32, reps: int = 20):
@@ -145,7 +160,9 @@ def scheduler_section(model, predictor, ids_test, tokens_test, warm, new_tokens)
     engine = OffloadEngine(model, OffloadConfig(mode="expertflow", budget_fraction=0.25), predictor=predictor)
     prompts_a = [tokens_test[i, :16].tolist() for i in range(4)]
     prompts_b = [tokens_test[i, :16].tolist() for i in range(4, 8)]
-    scheduler.decode_pair(engine, warm[:4], warm[4:8], max_new_tokens=4, regroup=True)  # compile
+    for regroup in (False, True):  # compile every shape first
+        scheduler.decode_pair(engine, [w[:16] for w in warm[:4]], [w[:16] for w in warm[4:8]],
+                              max_new_tokens=new_tokens, regroup=regroup)
     for regroup in (False, True):
         engine.cache.reset_stats()
         start = time.perf_counter()
@@ -179,8 +196,11 @@ def plot(report, path):
     ax2.set(xlabel="expert budget (% of routed-expert bytes)", ylabel="cache hit ratio", ylim=(0, 1.02))
     ax1.legend()
     ax2.legend()
-    fig.suptitle(f"{report['model']['name']} on {report['platform']} (batch {report['workload']['batch_size']}, "
-                 f"{report['workload']['prompt_len']}-token prompts, {report['workload']['new_tokens']} new tokens)")
+    m, w = report["model"], report["workload"]
+    where = report["platform"] if report["measured_on_gpu"] else (
+        f"CPU ({report['cpu_count']} cores, shared machine): NOT a GPU measurement")
+    fig.suptitle(f"{m['name']} ({m['moe_layers']} MoE layers x {m['num_experts']} experts, top-{m['top_k']}), "
+                 f"batch {w['batch_size']}, {w['prompt_len']}-token prompts, {w['new_tokens']} new tokens\n{where}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -197,7 +217,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", required=True, help="output path without extension")
     args = p.parse_args(argv)
 
@@ -222,34 +242,31 @@ def main(argv=None):
         predictor, _ = train_predictor(train_tokens, traces.collect_traces(tracer, train_tokens, batch_size=64),
                                        PredictorConfig.for_model(cfg), steps=400)
 
-    results = []
-    device_row, reference = run_mode(model, OffloadConfig(mode="device"), None, warm[:B], prompts,
-                                     args.new_tokens, device, None, args.repeats)
-    device_row["tokens_equal_device_run"] = True
-    results.append(device_row)
-    for fraction in args.budgets:
-        for mode in args.modes:
-            row, _ = run_mode(model, OffloadConfig(mode=mode, budget_fraction=fraction), predictor, warm[:B],
-                              prompts, args.new_tokens, device, reference, args.repeats)
-            results.append(row)
-            print(f"{mode:>10} @ {fraction:4.0%}: {row['slots']:3d} slots  decode {row['decode_tokens_per_s']:8.1f} "
-                  f"tok/s  prefill {row['prefill_tokens_per_s']:8.1f} tok/s  hit {row['hit_ratio']:.3f}  "
-                  f"H2D {row['bytes_h2d'] / 2**20:7.2f} MiB  same tokens {row['tokens_equal_device_run']}")
-    print(f"{'device':>10} @ 100%: decode {device_row['decode_tokens_per_s']:8.1f} tok/s  "
-          f"prefill {device_row['prefill_tokens_per_s']:8.1f} tok/s")
+    configs = [OffloadConfig(mode="device")] + [OffloadConfig(mode=mode, budget_fraction=fraction)
+                                                for fraction in args.budgets for mode in args.modes]
+    load_before = os.getloadavg()
+    results, tokens = measure(model, configs, predictor, warm[:B], prompts, args.new_tokens, device, args.repeats)
+    load_after = os.getloadavg()
+    for row, toks in zip(results, tokens):
+        row["tokens_equal_device_run"] = toks == tokens[0]
+        budget = "100%" if row["mode"] == "device" else f"{row['budget_fraction']:4.0%}"
+        print(f"{row['mode']:>10} @ {budget}: {row['slots']:3d} slots  decode {row['decode_tokens_per_s']:8.1f} "
+              f"tok/s  prefill {row['prefill_tokens_per_s']:8.1f} tok/s  hit {row['hit_ratio']:.3f}  "
+              f"H2D {row['bytes_h2d'] / 2**20:7.2f} MiB  same tokens {row['tokens_equal_device_run']}")
     report = {
         "platform": f"{device.platform} ({device.device_kind}), {jax.local_device_count()} local devices",
         "measured_on_gpu": device.platform == "gpu",
         "note": None if device.platform == "gpu" else (
             f"measured on {device.platform}, not a GPU: transfers are host memcpys and compete with compute for the "
             "same cores; tokens/s here say nothing about GPU offloading, which was not measured"),
-        "memory_kinds": memory_kinds(device), "jax": jax.__version__,
+        "memory_kinds": memory_kinds(device), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+        "load_average_before_after": [load_before, load_after],
         "model": {"name": cfg.name, "preset": args.preset, "overrides": overrides, "seed": args.seed,
                   "checkpoint": args.checkpoint, "moe_layers": len(cfg.moe_layers), "num_experts": cfg.num_experts,
                   "top_k": cfg.router.top_k, "expert_bytes_total": expert_bytes(cfg),
                   "bytes_per_expert": expert_bytes(cfg) // (len(cfg.moe_layers) * cfg.num_experts)},
         "workload": {"batch_size": B, "prompt_len": T, "new_tokens": args.new_tokens, "corpus_seed": 1,
-                     "chain_seed": 0, "repeats": args.repeats, "timing": "median over repeats",
+                     "chain_seed": 0, "repeats": args.repeats, "timing": "median over round-robin repeats",
                      "predictor": args.predictor or "trained in-process on corpus seed 0"},
         "results": results,
         "overlap": overlap_probe(model, device),

@@ -197,6 +197,13 @@ class OffloadEngine(Engine):
         self.device = device or jax.devices()[0]
         if config.mode == "expertflow" and predictor is None:
             raise ValueError("mode 'expertflow' needs a routing predictor")
+        if predictor is not None:
+            pc, cfg = predictor.config, model.cfg
+            if (pc.num_layers, pc.num_experts, pc.top_k) != (len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k) \
+                    or pc.vocab_size < cfg.vocab_size:
+                raise ValueError(f"the predictor ({pc.num_layers} MoE layers, {pc.num_experts} experts, top-"
+                                 f"{pc.top_k}, vocab {pc.vocab_size}) does not fit the model ({len(cfg.moe_layers)}, "
+                                 f"{cfg.num_experts}, top-{cfg.router.top_k}, vocab {cfg.vocab_size})")
         self.predictor = predictor
         graphdef, state, weights = split_experts(model)
         self.store = ExpertStore(weights, device=self.device, memory_kind=config.memory_kind)

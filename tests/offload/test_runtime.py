@@ -132,7 +132,10 @@ def test_device_memory_stays_within_budget_over_a_long_workload(trained, tiny_tr
     assert engine.stats.peak_device_bytes <= budget and engine.stats.accesses > 100
 
 
-def test_bad_configs_are_refused(tiny_model):
+def test_bad_configs_are_refused(tiny_model, trained):
+    deeper = MoETransformer(get_preset("tiny-mixtral", num_layers=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        OffloadEngine(deeper, OffloadConfig(mode="expertflow", budget_fraction=0.5), predictor=trained[0])
     with pytest.raises(ValueError, match="exactly one of"):
         OffloadConfig(mode="lru")
     with pytest.raises(ValueError, match="needs a routing predictor"):
