@@ -1,5 +1,7 @@
 """Meshes, rule tables, parameters created and loaded in their shards, and the errors for invalid combinations."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -73,13 +75,18 @@ def _fake_mesh(**shape):
     return jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
 
 
+@functools.cache
+def _single_device_params(cfg):
+    return dict(nnx.to_flat_state(nnx.state(MoETransformer(cfg, rngs=nnx.Rngs(3)))))
+
+
 @pytest.mark.parametrize("rule_set,shape", [("tp_ep", dict(tensor=2, expert=4)), ("tp", dict(data=2, tensor=4)),
                                             ("dp_ep", dict(data=2, expert=4))])
 def test_created_in_shards_equal_single_device(rule_set, shape):
     cfg = get_preset("tiny-deepseek-v2", num_layers=2)
     mesh = sharding.make_mesh(**shape)
     model = sharding.create_sharded_model(cfg, mesh, rule_set, nnx.Rngs(3))
-    ref = dict(nnx.to_flat_state(nnx.state(MoETransformer(cfg, rngs=nnx.Rngs(3)))))
+    ref = _single_device_params(cfg)
     where = sharding.param_shardings(cfg, mesh, rule_set)
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         value = variable.get_value()
