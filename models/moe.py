@@ -1,21 +1,13 @@
-"""The MoE FFN block and the narrow interface through which it runs its routed experts.
+"""The MoE FFN block and `LocalExperts`, the single-device implementation of its expert-compute interface.
 
-The block owns the router, the stacked expert weights and the shared experts; *how* the routed experts run
-(one device, expert parallelism over a mesh, disaggregated, offloaded) is an `ExpertCompute` passed at call time.
-Every implementation has the same contract:
-
-    y_TD, stats = experts(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
-
-y_TD[t] = sum_k weights_TK[t, k] * FFN_{ids_TK[t, k]}(x_TD[t]) for valid tokens (0 for invalid ones), and
-stats reports the tokens routed to each expert and how many assignments were dropped (0 unless a capacity was
-asked for). Implementations are frozen dataclasses: hashable, so they can be static arguments of jit.
+The block owns the router, the stacked expert weights and the shared experts; *how* the routed experts run is an
+`ExpertCompute` passed at call time (the contract is in sharding/expert_compute.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -26,32 +18,7 @@ from models.config import ModelConfig
 from models.layers import GatedMLP, param
 from models.router import Router
 from sharding import axes
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEStats:
-    tokens_per_expert: jax.Array  # [E] int32: valid (token, k) assignments routed to each expert
-    dropped: jax.Array            # [] int32: assignments dropped by a capacity limit
-
-
-jax.tree_util.register_dataclass(MoEStats, data_fields=["tokens_per_expert", "dropped"], meta_fields=[])
-
-
-class ExpertCompute(Protocol):
-    def __call__(self, x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T) -> tuple[
-            jax.Array, MoEStats]: ...
-
-
-def sort_by_expert(ids_TK, valid_T, num_experts: int):
-    """Orders the T*K (token, k) assignments by expert; invalid ones go last under the sentinel id E.
-
-    Returns order [T*K] (sorted position -> flat assignment index), sorted ids [T*K] and group_sizes [E].
-    """
-    K = ids_TK.shape[1]
-    flat_ids = jnp.where(jnp.repeat(valid_T, K), ids_TK.reshape(-1), num_experts)
-    order = jnp.argsort(flat_ids, stable=True)
-    group_sizes = jnp.zeros((num_experts,), jnp.int32).at[flat_ids].add(1, mode="drop")
-    return order, flat_ids[order], group_sizes
+from sharding.expert_compute import ExpertCompute, MoEStats, combine, sort_by_expert
 
 
 def apply_capacity(ids_TK, valid_T, num_experts: int, capacity: int):
@@ -67,14 +34,6 @@ def apply_capacity(ids_TK, valid_T, num_experts: int, capacity: int):
     keep_flat = valid_flat & (rank_flat < capacity)
     dropped = jnp.sum(valid_flat & ~keep_flat).astype(jnp.int32)
     return jnp.where(keep_flat, ids_TK.reshape(-1), num_experts).reshape(T, K), dropped
-
-
-def combine(y_sorted_MD, order, weights_TK):
-    """Un-sorts expert outputs [T*K, D] back to assignments and sums them weighted by the router: [T, D]."""
-    T, K = weights_TK.shape
-    y_flat = jnp.zeros_like(y_sorted_MD).at[order].set(y_sorted_MD)
-    y_TKD = y_flat.reshape(T, K, -1)
-    return jnp.einsum("TKD,TK->TD", y_TKD.astype(jnp.float32), weights_TK.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)

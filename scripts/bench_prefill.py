@@ -98,6 +98,7 @@ def main(argv=None) -> list[dict]:
     import numpy as np
 
     import sharding
+    from epsjax import placement
     from epsjax.engine import Engine
     from models import get_preset
 
@@ -127,9 +128,9 @@ def main(argv=None) -> list[dict]:
             if args.checkpoint:
                 models[strategy.rule_set] = load_checkpoint(
                     args.checkpoint, dtype=args.dtype,
-                    shardings=sharding.param_shardings(cfg, mesh, strategy.rule_set), progress=False)
+                    shardings=placement.param_shardings(cfg, mesh, strategy.rule_set), progress=False)
             else:
-                models[strategy.rule_set] = sharding.create_sharded_model(cfg, mesh, strategy.rule_set, 0)
+                models[strategy.rule_set] = placement.create_sharded_model(cfg, mesh, strategy.rule_set, 0)
         ep = math.prod(mesh.shape[a] for a in sharding.get_rules(strategy.rule_set).expert_axes)
         local_experts = cfg.num_experts // ep
         split = args.split if args.split != "auto" else (

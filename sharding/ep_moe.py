@@ -29,8 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pallas_kernels
-from models.moe import MoEStats
 from sharding import transports
+from sharding.expert_compute import MoEStats, combine
 from sharding.mesh import axis_size
 from sharding.plan import ExpertPlan
 from sharding.rules import Rules, check_mesh, get_rules
@@ -162,7 +162,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 else:
                     y_sorted_MD = transports.ragged_return(y_recv_XD, y_sorted_MD, route, ep_axes,
                                                            collective=_collective(transport))
-        y_parts.append(_combine(y_sorted_MD, order_UM[u], weights_TK[u * T_u:(u + 1) * T_u]))
+        y_parts.append(combine(y_sorted_MD, order_UM[u], weights_TK[u * T_u:(u + 1) * T_u]))
     y_TD = jnp.concatenate(y_parts) if chunks > 1 else y_parts[0]
     if tp_axes:
         y_TD = jax.lax.psum(y_TD, tp_axes)  # each expert-TP rank holds a partial sum over its FFN slice
@@ -208,10 +208,3 @@ def _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_JDF, w_up_JDF, 
     y_XD = pallas_kernels.expert_ffn(recv_XD[perm_X], w_gate_JDF, w_up_JDF, w_down_JFD, group_sizes_E,
                                      group_offset=group_offset, backend=backend, tiling=tiling)
     return jnp.zeros_like(y_XD).at[perm_X].set(y_XD)
-
-
-def _combine(y_sorted_MD, order_M, weights_TK):
-    """Unsorts the expert outputs back to (token, k) and sums them weighted by the router: [T, D] float32."""
-    T, K = weights_TK.shape
-    y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD)
-    return jnp.einsum("TKD,TK->TD", y_MD.reshape(T, K, -1).astype(jnp.float32), weights_TK.astype(jnp.float32))

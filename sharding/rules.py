@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding import axes
 from sharding.mesh import AXES, DATA, EXPERT, TENSOR
@@ -171,7 +171,7 @@ def rules_for_model(cfg, mesh: Mesh, rule_set: str | Rules) -> Rules:
     Errors: experts not divisible by the expert-parallel size, heads not divisible by the tensor size, a mesh
     axis the table names but the mesh lacks. KV heads that do not divide by the tensor size are replicated
     (GQA models with fewer KV heads than TP ranks). Divisibility of every other parameter is checked by
-    sharding.params when the shardings are made.
+    epsjax.placement when the shardings are made.
     """
     rules = get_rules(rule_set)
     check_mesh(rules, mesh)
@@ -189,3 +189,10 @@ def rules_for_model(cfg, mesh: Mesh, rule_set: str | Rules) -> Rules:
     if cfg.mla is None and cfg.num_kv_heads % _size(mesh, kv_axes):
         rules = rules.replace(kv_heads=(), act_kv_heads=())
     return rules
+
+
+def batch_sharding(mesh: Mesh, rule_set: str | Rules) -> NamedSharding:
+    """Where [B, ...] inputs go (Engine(batch_sharding=...)): the batch split over the rule set's batch axes.
+    B must divide by their size."""
+    axes = get_rules(rule_set).batch_axes
+    return NamedSharding(mesh, PartitionSpec(axes or None))

@@ -8,7 +8,7 @@ import pytest
 
 from epsjax.scheduler import Plan, Planner, RoutingHistogram, layout_for, plan_for, search_for
 from models.config import get_preset
-from models.moe import MoEStats
+from sharding.expert_compute import MoEStats
 from sharding.plan import ExpertPlan
 
 

@@ -10,6 +10,7 @@ def main(process_id: int, port: int, out: str) -> None:
     import jax
 
     import sharding
+    from epsjax import placement
 
     sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id,
                                     local_device_count=4)
@@ -21,7 +22,7 @@ def main(process_id: int, port: int, out: str) -> None:
 
     assert jax.device_count() == 8 and jax.local_device_count() == 4, (jax.device_count(), jax.local_device_count())
     mesh = sharding.make_mesh(**SHAPE)
-    model = sharding.create_sharded_model(config(), mesh, RULE_SET, 0)
+    model = placement.create_sharded_model(config(), mesh, RULE_SET, 0)
     experts = sharding.EPExperts(mesh=mesh, rule_set=RULE_SET, plan=sharding.ExpertPlan(2, "experts"))
     engine = Engine(model, experts=experts, batch_sharding=sharding.batch_sharding(mesh, RULE_SET))
     tokens, mask = inputs()

@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import sharding
+from epsjax import placement
 from epsjax.checkpoint import load_checkpoint, save_checkpoint
 from models import MoETransformer, get_preset
 from sharding import axes
@@ -60,10 +61,10 @@ def test_invalid_model_mesh_combinations_are_clear_errors():
     with pytest.raises(ValueError, match=r"num_heads=4 is not divisible by the tensor-parallel size 8"):
         sharding.rules_for_model(mixtral, sharding.make_mesh(tensor=8), "tp_ep")
     with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the expert-parallel size 4"):
-        sharding.param_shardings(mixtral.replace(num_experts=6), sharding.make_mesh(expert=4), "dp_ep")
+        placement.param_shardings(mixtral.replace(num_experts=6), sharding.make_mesh(expert=4), "dp_ep")
     expert_tp = sharding.RULE_SETS["dp"].replace(expert_mlp=("tensor",), moe_tokens=("data",), batch=("data",))
     with pytest.raises(ValueError, match=r"\(expert_mlp=96\) does not divide over mesh axes \('tensor',\) \(64 dev"):
-        sharding.param_shardings(mixtral, _fake_mesh(tensor=64), expert_tp)
+        placement.param_shardings(mixtral, _fake_mesh(tensor=64), expert_tp)
     # KV heads that do not divide are replicated instead (2 KV heads, tensor=4).
     rules = sharding.rules_for_model(mixtral, sharding.make_mesh(tensor=4), "tp_ep")
     assert rules.mesh_axes(axes.KV_HEADS) == () and rules.mesh_axes(axes.HEADS) == ("tensor",)
@@ -85,9 +86,9 @@ def _single_device_params(cfg):
 def test_created_in_shards_equal_single_device(rule_set, shape):
     cfg = get_preset("tiny-deepseek-v2", num_layers=2)
     mesh = sharding.make_mesh(**shape)
-    model = sharding.create_sharded_model(cfg, mesh, rule_set, nnx.Rngs(3))
+    model = placement.create_sharded_model(cfg, mesh, rule_set, nnx.Rngs(3))
     ref = _single_device_params(cfg)
-    where = sharding.param_shardings(cfg, mesh, rule_set)
+    where = placement.param_shardings(cfg, mesh, rule_set)
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         value = variable.get_value()
         assert value.sharding.is_equivalent_to(where(path), value.ndim), path
@@ -105,7 +106,7 @@ def test_load_checkpoint_places_shards(tmp_path):
     model = MoETransformer(cfg, rngs=nnx.Rngs(1))
     save_checkpoint(model, tmp_path)
     mesh = sharding.make_mesh(tensor=2, expert=2)
-    where = sharding.param_shardings(cfg, mesh, "tp_ep")
+    where = placement.param_shardings(cfg, mesh, "tp_ep")
     loaded = load_checkpoint(tmp_path, dtype="float32", shardings=where, progress=False)
     w = loaded.layers[0].moe.w_down_EFD.get_value()
     assert w.sharding.spec == P(("expert", "tensor"), None, None)
@@ -117,7 +118,7 @@ def test_shard_model_places_an_existing_model():
     cfg = get_preset("tiny-arctic", num_layers=1)
     model = MoETransformer(cfg, rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(data=2, expert=4)
-    sharded = sharding.shard_model(model, mesh, "dp_ep")
+    sharded = placement.shard_model(model, mesh, "dp_ep")
     w = sharded.layers[0].moe.w_up_EDF.get_value()
     assert w.addressable_shards[0].data.shape == (2, 64, 48)
     np.testing.assert_array_equal(np.asarray(w), np.asarray(model.layers[0].moe.w_up_EDF.get_value()))
@@ -130,7 +131,7 @@ def test_flax_rules_give_the_same_placement_under_set_mesh():
     rules = sharding.rules_for_model(cfg, mesh, "tp_ep")
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.flax_rules()):
         model = MoETransformer(cfg, rngs=nnx.Rngs(0))
-    where = sharding.param_shardings(cfg, mesh, "tp_ep")
+    where = placement.param_shardings(cfg, mesh, "tp_ep")
     for path, variable in nnx.to_flat_state(nnx.state(model)):
         value = variable.get_value()
         assert value.sharding.is_equivalent_to(where(path), value.ndim), (path, value.sharding, where(path))

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import sharding
+from epsjax import placement
 from epsjax.engine import Engine
 from models import LocalExperts, MoETransformer, get_preset
 from models.transformer import prefill_mask
@@ -87,7 +88,7 @@ def _reference(family):
 def _sharded_params(family, rule_set, ep):
     model, _ = _reference(family)
     mesh = sharding.make_mesh(**MESHES[rule_set, ep])
-    sharded = sharding.shard_model(model, mesh, rule_set)
+    sharded = placement.shard_model(model, mesh, rule_set)
     graphdef, params = nnx.split(sharded)
     return mesh, sharded, {"initialised": params, "skewed": _skewed(params)}
 

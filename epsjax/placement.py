@@ -1,4 +1,4 @@
-"""Parameters in their shards: creation, checkpoint placement and the batch's sharding for one rule set.
+"""Parameters in their shards: creation and checkpoint placement for one rule set of sharding/.
 
 `create_sharded_model` builds the model inside one jit whose outputs are constrained to the rule set's
 shardings, so XLA generates each device's shard of each parameter on that device (jax's threefry is
@@ -13,10 +13,10 @@ from typing import Callable
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from models import ModelConfig, MoETransformer
-from sharding.rules import Rules, get_rules, rules_for_model
+from sharding.rules import Rules, rules_for_model
 
 ParamPath = tuple
 
@@ -86,10 +86,3 @@ def shard_model(model: MoETransformer, mesh: Mesh, rule_set: str | Rules) -> MoE
     graphdef, state = nnx.split(model)
     placed = jax.tree.map(lambda value, where: jax.device_put(value, where), state, shardings)
     return nnx.merge(graphdef, placed)
-
-
-def batch_sharding(mesh: Mesh, rule_set: str | Rules) -> NamedSharding:
-    """Where [B, ...] inputs go (Engine(batch_sharding=...)): the batch split over the rule set's batch axes.
-    B must divide by their size."""
-    axes = get_rules(rule_set).batch_axes
-    return NamedSharding(mesh, PartitionSpec(axes or None))
