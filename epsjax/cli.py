@@ -36,7 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--backend", default="auto", help="expert GEMM backend (default: the load-aware selector)")
+    gen.add_argument("--backend", default="auto",
+                     help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of "
+                          "every stage)")
+    par = gen.add_argument_group("parallelism (more than one device)")
+    par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep"),
+                     help="rule set: attention TP or DP, experts TP, DP or EP (auto: dp_ep on several devices, "
+                          "local on one)")
+    par.add_argument("--mesh",
+                     help="data,tensor,expert sizes, e.g. 1,2,4 (default: as much TP/EP as the model allows)")
+    par.add_argument("--pipeline-degree", type=int,
+                     help="force the EPS pipeline degree (default: the scheduler's plan)")
+    par.add_argument("--split", choices=("experts", "tokens"), default="experts",
+                     help="with --pipeline-degree: stages by expert groups or by token chunks")
+    par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
+                     help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
 
     info = sub.add_parser("info", help="devices, model summary, parameter and expert memory")
     _add_model_args(info)
@@ -56,18 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _load_model(args):
+def _load_model(args, mesh=None, rule_set=None):
+    """The model from --model or --preset; with a mesh, every parameter is created or loaded into its shards."""
     from flax import nnx
 
-    from epsjax.checkpoint import load_checkpoint
+    from epsjax import placement
+    from epsjax.checkpoint import load_checkpoint, read_config
     from models import MoETransformer, get_preset
 
     if args.model:
-        return load_checkpoint(args.model, dtype=args.dtype)
+        shardings = None if mesh is None else placement.param_shardings(
+            read_config(args.model, dtype=args.dtype), mesh, rule_set)
+        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = get_preset(args.preset, **overrides)
     _check_host_memory(cfg)
-    return MoETransformer(cfg, rngs=nnx.Rngs(0))
+    if mesh is None:
+        return MoETransformer(cfg, rngs=nnx.Rngs(0))
+    return placement.create_sharded_model(cfg, mesh, rule_set, 0)
 
 
 def _check_host_memory(cfg) -> None:
@@ -77,7 +97,8 @@ def _check_host_memory(cfg) -> None:
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise ValueError(f"preset {cfg.name} needs {need / 2**30:.1f} GiB of parameters in {cfg.dtype}; this host "
-                         f"has {have / 2**30:.1f} GiB (use --num-layers-style overrides from Python, or a tiny-* preset)")
+                         f"has {have / 2**30:.1f} GiB (from Python, get_preset(name, num_layers=N) builds fewer "
+                         f"layers; or use a tiny-* preset)")
 
 
 def _tokenizer(args):
@@ -102,11 +123,14 @@ def _generate(args) -> int:
     import numpy as np
 
     import pallas_kernels
+    import sharding
+    from epsjax import placement
+    from epsjax.checkpoint import read_config
     from epsjax.engine import Engine, SamplingParams
-    from models import LocalExperts
+    from models import LocalExperts, get_preset
 
-    model = _load_model(args)
-    cfg = model.cfg
+    cfg = read_config(args.model, dtype=args.dtype) if args.model else get_preset(
+        args.preset, **({"dtype": args.dtype} if args.dtype else {}))
     tokenizer = _tokenizer(args)
     if args.text:
         if tokenizer is None:
@@ -117,30 +141,55 @@ def _generate(args) -> int:
     else:
         rng = np.random.default_rng(args.seed)
         prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
+    prompt_len = max(len(p) for p in prompts)
 
     devices = jax.devices()
-    batch_sharding = None
-    if len(devices) > 1 and len(prompts) % len(devices) == 0:
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        strategy = f"data parallel over {len(devices)} devices (batch split, weights replicated)"
+    strategy, note = args.strategy, ""
+    if strategy == "auto":
+        # Expert parallelism with data-parallel attention when the batch splits over every device.
+        strategy = "dp_ep" if len(devices) > 1 and len(prompts) % len(devices) == 0 else "local"
+        if strategy == "local" and len(devices) > 1:
+            note = f" ({len(prompts)} prompts do not split over {len(devices)} devices)"
+    if strategy == "local":
+        model = _load_model(args)
+        per_expert = sum(len(p) for p in prompts) * cfg.router.top_k / cfg.num_experts
+        choice = pallas_kernels.select_backend(tokens_per_expert=per_expert, num_experts=cfg.num_experts,
+                                               k=cfg.d_model, n=cfg.expert_ffn_dim, dtype=cfg.dtype, op="expert_ffn")
+        backend = choice.backend if args.backend == "auto" else args.backend
+        engine = Engine(model, experts=LocalExperts(backend=args.backend))
+        plan = (f"one device{note}, all experts local; GEMM backend {backend} ({per_expert:.1f} tokens/expert"
+                f"{': ' + choice.reason if args.backend == 'auto' else ''})")
     else:
-        strategy = f"single device ({len(devices)} visible; batch {len(prompts)} not divisible)" if len(
-            devices) > 1 else "single device"
-    engine = Engine(model, experts=LocalExperts(backend=args.backend), batch_sharding=batch_sharding)
+        if args.mesh:
+            sizes = [int(x) for x in args.mesh.split(",")]
+            if len(sizes) != 3:
+                raise ValueError(f"--mesh takes data,tensor,expert sizes, got {args.mesh!r}")
+            shape = dict(zip(("data", "tensor", "expert"), sizes))
+        else:
+            shape = placement.default_mesh_shape(strategy, cfg, len(devices))
+        mesh = sharding.make_mesh(**shape)
+        sharding.rules_for_model(cfg, mesh, strategy)  # clear errors for experts / heads that do not divide
+        batch_shards = int(np.prod([mesh.shape[a] for a in sharding.get_rules(strategy).batch_axes]))
+        if len(prompts) % batch_shards:
+            raise ValueError(f"{len(prompts)} prompts do not divide over the {batch_shards} batch shards of "
+                             f"--strategy {strategy} on mesh {shape}; give a multiple of {batch_shards} prompts")
+        forced = None if args.pipeline_degree is None else sharding.ExpertPlan(
+            args.pipeline_degree, args.split, backends=(args.backend,))
+        experts, source = placement.ep_experts(cfg, mesh, strategy, batch=len(prompts), seq_len=prompt_len,
+                                               plan=forced, transport=args.transport)
+        model = _load_model(args, mesh, strategy)
+        engine = Engine(model, experts=experts, batch_sharding=sharding.batch_sharding(mesh, strategy))
+        p = experts.plan
+        plan = (f"{strategy} on mesh data={shape.get('data', 1)} tensor={shape.get('tensor', 1)} "
+                f"expert={shape.get('expert', 1)}; pipeline degree {p.pipeline_degree}"
+                f"{' split by ' + p.split if p.pipeline_degree > 1 else ''}, backends {','.join(p.backends)}, "
+                f"transport {experts.resolved_transport} ({source})")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
-    prompt_tokens = sum(len(p) for p in prompts)
-    per_expert = prompt_tokens * cfg.router.top_k / cfg.num_experts
-    choice = pallas_kernels.select_backend(tokens_per_expert=per_expert, num_experts=cfg.num_experts,
-                                           k=cfg.d_model, n=cfg.expert_ffn_dim, dtype=cfg.dtype, op="expert_ffn")
-    backend = choice.backend if args.backend == "auto" else args.backend
     print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
           f"{cfg.router.top_k}, {cfg.dtype})")
     print(f"devices    {len(devices)} x {devices[0].device_kind}")
-    print(f"plan       {strategy}; experts: all local, prefill GEMM backend {backend} "
-          f"({per_expert:.1f} tokens/expert{': ' + choice.reason if args.backend == 'auto' else ''}); "
-          f"pipeline degree 1")
+    print(f"plan       {plan}")
 
     engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)  # compiles
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from models import ModelConfig, MoETransformer
+import sharding
 from sharding.rules import Rules, rules_for_model
 
 ParamPath = tuple
@@ -86,3 +87,46 @@ def shard_model(model: MoETransformer, mesh: Mesh, rule_set: str | Rules) -> MoE
     graphdef, state = nnx.split(model)
     placed = jax.tree.map(lambda value, where: jax.device_put(value, where), state, shardings)
     return nnx.merge(graphdef, placed)
+
+
+def default_mesh_shape(rule_set: str, cfg: ModelConfig, devices: int) -> dict[str, int]:
+    """The mesh a rule set uses on `devices` devices: as much TP / EP as the model's heads and experts allow,
+    data parallelism for the rest."""
+    def largest_divisor(n: int, fits) -> int:
+        return max(d for d in range(1, n + 1) if n % d == 0 and fits(d))
+
+    tp = largest_divisor(devices, lambda t: cfg.num_heads % t == 0)
+    if rule_set == "tp":
+        return dict(data=devices // tp, tensor=tp)
+    if rule_set == "dp":
+        return dict(data=devices)
+    ep = largest_divisor(devices, lambda d: cfg.num_experts % d == 0)
+    if rule_set == "dp_ep":
+        return dict(data=devices // ep, expert=ep)
+    if rule_set == "tp_ep":
+        tensor = largest_divisor(ep, lambda t: cfg.num_heads % t == 0)
+        return dict(data=devices // ep, tensor=tensor, expert=ep // tensor)
+    raise ValueError(f"unknown rule set {rule_set!r}; choose from tp, dp, tp_ep, dp_ep")
+
+
+def ep_experts(cfg: ModelConfig, mesh: Mesh, rule_set: str, *, batch: int, seq_len: int,
+               plan: sharding.ExpertPlan | None = None, transport: str = "auto",
+               hardware=None) -> tuple[sharding.EPExperts, str]:
+    """The expert compute for a prefill of `batch` x `seq_len` tokens on `mesh`, and where its plan came from.
+
+    By default the plan is the scheduler's (epsjax.scheduler.plan_for: pipeline degree, split, backend and tiling
+    per stage for this model, mesh, load and hardware); `plan` forces one.
+    """
+    from epsjax import scheduler
+
+    if plan is not None:
+        return sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport=transport), "forced"
+    choice = scheduler.search_for(cfg, dict(mesh.shape), batch, seq_len, rule_set=rule_set, hardware=hardware)
+    if choice is None:
+        source = f"scheduler: no cost model for {mesh.devices.flat[0].device_kind!r}, unpipelined default"
+        plan = sharding.ExpertPlan()
+    else:
+        source = (f"scheduler: predicted {choice.predicted_s * 1e3:.2f} ms vs {choice.unpipelined_s * 1e3:.2f} ms "
+                  f"unpipelined, searched in {choice.search_seconds * 1e3:.0f} ms")
+        plan = choice.plan.to_expert_plan()
+    return sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport=transport), source

@@ -1,8 +1,9 @@
 """Prefill throughput (tokens/s) of one model under each parallel strategy, on whatever devices exist.
 
-Strategies (rows): TP+TP (attention and experts tensor-parallel), TP+EP and DP+EP without a pipeline, and the
-EPS-MoE pipeline (TP+EP and DP+EP) at each pipeline degree. Every strategy runs the same weights; the table
-also reports each strategy's largest logit difference from the first one, as a check.
+Strategies (rows): TP+TP (attention and experts tensor-parallel), TP+EP and DP+EP without a pipeline, the
+EPS-MoE pipeline with the scheduler's plan (epsjax.scheduler: pipeline degree, split, kernels; the default), and
+the pipeline forced to each degree of --pipeline-degrees. Every strategy runs the same weights; the table also
+reports each strategy's largest logit difference from the first one, as a check.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
         .venv/bin/python scripts/bench_prefill.py --preset tiny-mixtral --batch 8 --seq 128
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 class Strategy:
     label: str
     rule_set: str
-    pipeline_degree: int = 1
+    pipeline_degree: int | None = 1  # None: the scheduler's plan
 
 
 def parse_args(argv=None):
@@ -46,7 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--devices", type=int, help="use the first N devices (default: all)")
-    p.add_argument("--pipeline-degrees", default="2,4", help="EPS pipeline degrees to run besides 1")
+    p.add_argument("--pipeline-degrees", default="2,4",
+                   help="EPS pipeline degrees to force, besides 1 and the scheduler's plan ('' for none)")
+    p.add_argument("--hardware", help="the scheduler's hardware preset (default: from the jax device kind)")
     p.add_argument("--split", choices=("auto", "experts", "tokens"), default="auto",
                    help="pipeline stages by expert groups or token chunks (auto: experts when each device holds "
                         "enough experts)")
@@ -60,25 +63,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def largest_divisor(n: int, fits) -> int:
-    return max(d for d in range(1, n + 1) if n % d == 0 and fits(d))
-
-
-def mesh_shape(rule_set: str, cfg, devices: int) -> dict:
-    """The mesh a strategy uses on `devices` devices: as much TP / EP as the model's heads and experts allow,
-    data parallelism for the rest."""
-    tp = largest_divisor(devices, lambda t: cfg.num_heads % t == 0)
-    if rule_set == "tp":
-        return dict(data=devices // tp, tensor=tp)
-    if rule_set == "dp":
-        return dict(data=devices)
-    ep = largest_divisor(devices, lambda d: cfg.num_experts % d == 0)
-    if rule_set == "dp_ep":
-        return dict(data=devices // ep, expert=ep)
-    tensor = largest_divisor(ep, lambda t: cfg.num_heads % t == 0)
-    return dict(data=devices // ep, tensor=tensor, expert=ep // tensor)
-
-
 def strategies(args) -> list[Strategy]:
     names = {"tp": "TP+TP", "dp": "DP+DP", "tp_ep": "TP+EP", "dp_ep": "DP+EP"}
     out = []
@@ -87,6 +71,7 @@ def strategies(args) -> list[Strategy]:
             raise SystemExit(f"unknown strategy {rule_set!r}; choose from {', '.join(names)}")
         out.append(Strategy(names[rule_set], rule_set))
         if rule_set.endswith("_ep"):
+            out.append(Strategy(f"EPS {names[rule_set]} (scheduler)", rule_set, None))
             for pn in (int(x) for x in args.pipeline_degrees.split(",") if x):
                 out.append(Strategy(f"EPS {names[rule_set]}", rule_set, pn))
     return out
@@ -117,7 +102,7 @@ def main(argv=None) -> list[dict]:
     rows, reference_logits = [], None
     models = {}
     for strategy in strategies(args):
-        shape = mesh_shape(strategy.rule_set, cfg, len(devices))
+        shape = placement.default_mesh_shape(strategy.rule_set, cfg, len(devices))
         mesh = sharding.make_mesh(**shape, devices=devices)
         batch_shards = math.prod(mesh.shape[a] for a in sharding.get_rules(strategy.rule_set).batch_axes)
         if args.batch % batch_shards:
@@ -132,11 +117,16 @@ def main(argv=None) -> list[dict]:
             else:
                 models[strategy.rule_set] = placement.create_sharded_model(cfg, mesh, strategy.rule_set, 0)
         ep = math.prod(mesh.shape[a] for a in sharding.get_rules(strategy.rule_set).expert_axes)
-        local_experts = cfg.num_experts // ep
-        split = args.split if args.split != "auto" else (
-            "experts" if strategy.pipeline_degree <= local_experts else "tokens")
-        plan = sharding.ExpertPlan(strategy.pipeline_degree, split, backends=(args.backend,))
-        experts = sharding.EPExperts(mesh=mesh, rule_set=strategy.rule_set, plan=plan, transport=args.transport)
+        forced = None
+        if strategy.pipeline_degree is not None:
+            local_experts = cfg.num_experts // ep
+            split = args.split if args.split != "auto" else (
+                "experts" if strategy.pipeline_degree <= local_experts else "tokens")
+            forced = sharding.ExpertPlan(strategy.pipeline_degree, split, backends=(args.backend,))
+        experts, plan_source = placement.ep_experts(cfg, mesh, strategy.rule_set, batch=args.batch,
+                                                    seq_len=args.seq, plan=forced, transport=args.transport,
+                                                    hardware=args.hardware)
+        plan = experts.plan
         engine = Engine(models[strategy.rule_set], experts=experts,
                         batch_sharding=sharding.batch_sharding(mesh, strategy.rule_set))
 
@@ -151,19 +141,20 @@ def main(argv=None) -> list[dict]:
             times.append(time.perf_counter() - start)
         if args.profile:
             with jax.profiler.trace(args.profile), jax.profiler.TraceAnnotation(
-                    f"{strategy.label} PN={strategy.pipeline_degree}"):
+                    f"{strategy.label} PN={plan.pipeline_degree}"):
                 engine.prefill(tokens, cache_len=args.seq)[0].block_until_ready()
         logits = np.asarray(logits, np.float32)
         reference_logits = logits if reference_logits is None else reference_logits
         median = statistics.median(times)
         rows.append(dict(
             strategy=strategy.label, rule_set=strategy.rule_set, mesh=shape, expert_parallel=ep,
-            pipeline_degree=strategy.pipeline_degree, split=split if strategy.pipeline_degree > 1 else "-",
-            transport=experts.resolved_transport, backend=args.backend, first_call_s=round(first_s, 3),
+            pipeline_degree=plan.pipeline_degree, split=plan.split if plan.pipeline_degree > 1 else "-",
+            plan_source=plan_source, transport=experts.resolved_transport, backend=",".join(plan.backends),
+            first_call_s=round(first_s, 3),
             median_s=median, min_s=min(times), tokens_per_s=n_tokens / median,
             max_logit_diff=float(np.abs(logits - reference_logits).max())))
         if args.hlo and strategy.rule_set.endswith("_ep"):
-            print(f"-- {strategy.label} PN={strategy.pipeline_degree}: one MoE layer's collectives")
+            print(f"-- {strategy.label} PN={plan.pipeline_degree}: one MoE layer's collectives")
             print(moe_layer_report(cfg, mesh, experts, n_tokens))
 
     result = dict(model=cfg.name, dtype=cfg.dtype, batch=args.batch, seq=args.seq, devices=len(devices),

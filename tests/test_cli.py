@@ -39,12 +39,28 @@ def test_errors_are_one_line(capsys):
     assert "--text needs a model directory with a tokenizer.json" in capsys.readouterr().err
 
 
-def test_demo_on_eight_virtual_devices():
-    """The README's first command ends with this run: it must report the plan, throughput and token ids."""
+def _run_cli(*args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-m", "epsjax.cli", "generate", "--devices", "8",
-                             "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "epsjax.cli", *args], capture_output=True, text=True, env=env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "devices    8 x cpu" in result.stdout
-    assert "plan       data parallel over 8 devices" in result.stdout
-    assert len(re.findall(r"output\[\d\]  \[(\d+, ){3}\d+\]", result.stdout)) == 8
+    return result.stdout
+
+
+def _outputs(stdout: str) -> list[str]:
+    return re.findall(r"^output\[\d\]  (\[.*\])$", stdout, re.MULTILINE)
+
+
+def test_demo_on_eight_virtual_devices():
+    """The README's first command ends with this run: it must report the plan, throughput and token ids, and
+    generate what one device generates."""
+    demo = _run_cli("generate", "--devices", "8", "--max-new-tokens", "4")
+    assert "devices    8 x cpu" in demo
+    assert re.search(r"plan       dp_ep on mesh data=1 tensor=1 expert=8; pipeline degree 1.*\(scheduler: ", demo)
+    assert len(_outputs(demo)) == 8
+    local = _run_cli("generate", "--strategy", "local", "--max-new-tokens", "4")
+    assert _outputs(local) == _outputs(demo)
+    forced = _run_cli("generate", "--devices", "8", "--strategy", "tp_ep", "--pipeline-degree", "2", "--split",
+                      "tokens", "--max-new-tokens", "4")
+    assert "pipeline degree 2 split by tokens" in forced and "(forced)" in forced
+    assert _outputs(forced) == _outputs(demo)

@@ -49,8 +49,8 @@ def _wqkv(name: str, path, D: int, N: int, K: int, H: int) -> common.TensorRule:
         return [np.concatenate([w.reshape(D, -1).T for w in a], axis=0)]
 
     attn = path + ("attn",)
-    return common.TensorRule((name,), (((N + 2 * K) * H, D),), (attn + ("q_DNH",), attn + ("k_DKH",), attn + ("v_DKH",)),
-                             load=load, save=save)
+    paths = (attn + ("q_DNH",), attn + ("k_DKH",), attn + ("v_DKH",))
+    return common.TensorRule((name,), (((N + 2 * K) * H, D),), paths, load=load, save=save)
 
 
 def _experts(name: str, path, E: int, F: int, D: int, transpose: bool) -> common.TensorRule:

@@ -16,8 +16,8 @@ def test_arctic_matches_reference_loop(tmp_path):
     model = MoETransformer(cfg, rngs=nnx.Rngs(7))
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(state))))
-    nnx.update(model, jax.tree.map(lambda p: p * 6.0 if p.ndim > 1 else p + 0.1 * jax.random.normal(next(keys), p.shape),
-                                   state))
+    scaled = jax.tree.map(lambda p: p * 6.0 if p.ndim > 1 else p + 0.1 * jax.random.normal(next(keys), p.shape), state)
+    nnx.update(model, scaled)
     save_checkpoint(model, tmp_path / "arctic")
     engine = Engine(load_checkpoint(tmp_path / "arctic", progress=False))
 
