@@ -42,8 +42,8 @@ from epsjax.offload.store import ExpertStore, device_memory_kind
 from epsjax.offload.transfers import DeviceTransfers
 from models import MoEStats, MoETransformer
 from models.attention import AttentionContext
-from models.moe import combine, sort_by_expert
 from models.transformer import decode_mask, prefill_mask
+from sharding.expert_compute import combine, sort_by_expert
 
 MODES = ("device", "on_demand", "lru", "expertflow")
 _EXPERT_PARAMS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
