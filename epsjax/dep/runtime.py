@@ -64,10 +64,59 @@ class _MicroBatch:
     counts_device: jax.Array | None = None
     counts: np.ndarray | None = None
     pieces: list | None = None
-    returned: list | None = None
+    returned: list | None = None          # E2A pieces (attention device, row, [n, D]) not yet in place
     shared: jax.Array | None = None
     expert_rows: dict = dataclasses.field(default_factory=dict)
     logits: jax.Array | None = None
+
+
+class _Dispatcher:
+    """Dispatches a schedule's tasks as early as the host can without waiting, keeping the schedule's order on each
+    device queue.
+
+    A device runs what it is given in order (one queue per device, like one CUDA stream), so each group's tasks go
+    out in the schedule's order: the attention group's (embed ... combine, and A2E, whose sends are slices of the
+    attention output on the attention devices) and the expert group's (expert FFNs). E2A tasks, which only slice
+    and send finished expert output, go out as soon as that output is ready, in their own order. A task also waits
+    for the tasks it depends on to have been dispatched. The host itself waits only when nothing can go: for the
+    first eligible task in issue order (an A2E reading its routing counts, an E2A its expert output; on the CPU
+    client even slicing an unfinished array blocks the host, as small programs run inline).
+    """
+
+    QUEUE = {"a2e": "attention", "experts": "experts", "e2a": "e2a"}  # every other kind: "attention"
+
+    def __init__(self, tasks, dispatch, waits_on):
+        self.tasks, self.dispatch, self.waits_on = tasks, dispatch, waits_on
+
+    def run(self) -> None:
+        pending: list[TaskRef] = []
+        names: set[str] = set()
+        for task in self.tasks:
+            pending.append(task)
+            names.add(task.name)
+            self._pump(pending, names, block=False)
+        while pending:
+            self._pump(pending, names, block=True)
+
+    def _pump(self, pending, names, *, block: bool) -> None:
+        """Dispatches every task that can go; with block=True, first the earliest eligible one, waiting if need be."""
+        while True:
+            stalled_queues, chosen = set(), None
+            for i, task in enumerate(pending):
+                queue = self.QUEUE.get(task.kind, "attention")
+                if queue in stalled_queues or names.intersection(task.deps):
+                    stalled_queues.add(queue)
+                    continue
+                if block or all(a.is_ready() for a in self.waits_on(task)):
+                    chosen = i
+                    break
+                stalled_queues.add(queue)
+            if chosen is None:
+                return
+            task = pending.pop(chosen)
+            names.discard(task.name)
+            self.dispatch(task)
+            block = False
 
 
 def _placeholders(state):
@@ -90,7 +139,7 @@ class DEPRuntime:
         self._batch = NamedSharding(groups.attention_mesh, P(DATA))
         self._slots = NamedSharding(groups.expert_mesh, P(EXPERT))
         self._expert_step = steps.ExpertStep(groups.expert_mesh, backend)
-        self._unpack = steps.Unpack(groups.attention_mesh)
+        self._mesh = groups.attention_mesh
 
         graphdef, layers, top = nnx.split(model, nnx.PathContains("layers"), ...)
         self._top = (graphdef, _placeholders(layers), jax.device_put(top, replicated))
@@ -133,7 +182,7 @@ class DEPRuntime:
         size = ag * ma
         micro = [_MicroBatch(*(jax.device_put(a[m * size:(m + 1) * size], self._batch)
                                for a in (tokens, positions, valid))) for m in range(r1)]
-        pack = steps.Pack(self.groups.attention_mesh, tuple(self.groups.placement.owner().tolist()),
+        pack = steps.Pack(tuple(self.groups.placement.owner().tolist()),
                           tuple(self.groups.placement.slot().tolist()), self.groups.eg, self.groups.placement.slots,
                           schedule.segments)
         log = transfer.TransferLog()
@@ -141,45 +190,60 @@ class DEPRuntime:
         tasks = schedule.tasks(layer_kinds(self.cfg), shared=self._has_shared)
         issued = []
         start = time.perf_counter()
-        for task in tasks:
+
+        def dispatch(task):
             issued.append((task.name, time.perf_counter() - start))
             produced = self._run(task, micro[task.micro], pack, log, tokens_per_expert)
             if serialize:
                 jax.block_until_ready(produced)
+
+        if serialize:
+            for task in tasks:
+                dispatch(task)
+        else:
+            _Dispatcher(tasks, dispatch, lambda t: self._waits_on(t, micro[t.micro])).run()
         logits = jnp.concatenate([mb.logits for mb in micro])[:B]
         logits.block_until_ready()
         return DEPOutput(logits, tokens_per_expert, log, time.perf_counter() - start, issued)
+
+    @staticmethod
+    def _waits_on(task: TaskRef, mb: _MicroBatch) -> list:
+        """Arrays the host would wait for to dispatch the task: A2E reads its routing counts; E2A slices the
+        expert output (on the CPU client a small program on an unfinished input runs inline, i.e. blocks)."""
+        if task.kind == "a2e":
+            return [mb.counts_device]
+        if task.kind == "e2a":
+            return [mb.expert_rows[task.segment]]
+        return []
 
     def _run(self, task: TaskRef, mb: _MicroBatch, pack: steps.Pack, log: transfer.TransferLog,
              tokens_per_expert: np.ndarray):
         """Dispatches one task; returns what it produced (for serialize)."""
         groups, l = self.groups, task.layer
         if task.kind == "embed":
-            mb.x = steps.embed(*self._top, mb.tokens)
+            mb.x = steps.embed(*self._top, mb.tokens, mesh=self._mesh)
             return mb.x
         if task.kind == "head":
-            mb.logits = steps.head(*self._top, mb.x)
+            mb.logits = steps.head(*self._top, mb.x, mesh=self._mesh)
             return mb.logits
         graphdef, state, weights = self._layers[l] if l >= 0 else (None, None, None)
         if task.kind == "dense":
-            mb.x = steps.dense(graphdef, state, mb.x, mb.positions, mb.valid)
+            mb.x = steps.dense(graphdef, state, mb.x, mb.positions, mb.valid, mesh=self._mesh)
             return mb.x
         if task.kind == "attention":
             (mb.h, mb.moe_in, mb.weights, mb.x_sorted, mb.order, mb.counts_device) = steps.attention(
-                graphdef, *state, mb.x, mb.positions, mb.valid, pack=pack)
+                graphdef, *state, mb.x, mb.positions, mb.valid, mesh=self._mesh, pack=pack)
             mb.counts_device.copy_to_host_async()
             return mb.h, mb.moe_in, mb.x_sorted
         if task.kind == "shared":
-            mb.shared = steps.shared(graphdef, *state, mb.moe_in)
+            mb.shared = steps.shared(graphdef, *state, mb.moe_in, mesh=self._mesh)
             return mb.shared
         if task.kind == "a2e":
             mb.counts = np.asarray(mb.counts_device)  # [ag, eg, r2, slots]: waits for this attention task only
             tokens_per_expert[self._moe_index[l]] += self._expert_counts(mb.counts)
             mb.pieces = transfer.a2e(log, l, task.micro, mb.x_sorted, mb.counts, groups.attention_devices,
                                      groups.expert_devices)
-            rows, dim = mb.x_sorted.shape[0] // groups.ag, mb.x_sorted.shape[1]
-            mb.returned = [jnp.zeros((rows, dim), mb.x_sorted.dtype, device=d)
-                           for d in groups.attention_devices]
+            mb.returned = []
             return [p for row in mb.pieces for per_j in row for p in per_j if p is not None]
         if task.kind == "experts":
             j = task.segment
@@ -195,14 +259,16 @@ class DEPRuntime:
             mb.expert_rows[j] = steps.experts(*weights, rows, counts_EAS, step=self._expert_step)
             return mb.expert_rows[j]
         if task.kind == "e2a":
-            transfer.e2a(log, l, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts, mb.returned,
-                         groups.attention_devices, groups.expert_devices)
-            return mb.returned
+            pieces = transfer.e2a(log, l, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts,
+                                  groups.attention_devices, groups.expert_devices)
+            mb.returned.extend(pieces)
+            return [piece for _, _, piece in pieces]
         if task.kind == "combine":
-            y_sorted = jax.make_array_from_single_device_arrays(
-                (groups.ag * mb.returned[0].shape[0], mb.returned[0].shape[1]), self._batch, mb.returned)
+            rows, dim = mb.x_sorted.shape[0] // groups.ag, mb.x_sorted.shape[1]
+            buffers = transfer.assemble(mb.returned, groups.attention_devices, rows, dim, mb.x_sorted.dtype)
+            y_sorted = jax.make_array_from_single_device_arrays((groups.ag * rows, dim), self._batch, buffers)
             mb.x = steps.combine_layer(graphdef, *state, mb.h, mb.shared, y_sorted, mb.order, mb.weights,
-                                       unpack=self._unpack)
+                                       mesh=self._mesh)
             mb.h = mb.moe_in = mb.weights = mb.x_sorted = mb.order = mb.shared = None
             mb.pieces = mb.returned = mb.counts = None
             return mb.x

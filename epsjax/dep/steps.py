@@ -51,7 +51,6 @@ def _exclusive_cumsum(x):
 class Pack:
     """Sorts one attention device's routed rows by destination: key = (expert device, segment, slot)."""
 
-    mesh: Mesh
     owner: tuple[int, ...]   # [E] expert device of each expert
     slot: tuple[int, ...]    # [E] slot of each expert on its device
     devices: int             # eg
@@ -59,10 +58,7 @@ class Pack:
     segments: int            # r2
 
     def __call__(self, x_TD, ids_TK, valid_T):
-        return jax.shard_map(self._local, mesh=self.mesh, in_specs=(P(DATA), P(DATA), P(DATA)),
-                             out_specs=(P(DATA), P(DATA), P(DATA)), check_vma=False)(x_TD, ids_TK, valid_T)
-
-    def _local(self, x_TD, ids_TK, valid_T):
+        """Local [T, D], [T, K], [T] -> sorted rows [T*K, D], order [T*K], counts [1, eg, r2, slots]."""
         T, K = ids_TK.shape
         keys = self.devices * self.segments * self.slots                  # the sentinel key of invalid rows
         segment_T = (jnp.arange(T, dtype=jnp.int32) * self.segments) // T  # contiguous token segments
@@ -73,17 +69,6 @@ class Pack:
         x_sorted_MD = x_TD[order_M // K]
         counts = jnp.zeros((keys + 1,), jnp.int32).at[key_M].add(1)[:keys]
         return x_sorted_MD, order_M, counts.reshape(1, self.devices, self.segments, self.slots)
-
-
-@dataclasses.dataclass(frozen=True)
-class Unpack:
-    """Un-sorts one attention device's returned rows and sums them weighted by the router: models.moe.combine."""
-
-    mesh: Mesh
-
-    def __call__(self, y_sorted_MD, order_M, weights_TK):
-        return jax.shard_map(combine, mesh=self.mesh, in_specs=(P(DATA), P(DATA), P(DATA)), out_specs=P(DATA),
-                             check_vma=False)(y_sorted_MD, order_M, weights_TK)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,49 +102,74 @@ class ExpertStep:
 
 
 # Attention group ------------------------------------------------------------------------------------------------
+#
+# Every program is a shard_map over the attention mesh: parameters replicated (P()), the micro-batch split over
+# "data" (P(DATA)), each device running the model's code on its own sequences. No collective appears: left to
+# jit's partitioner, MoEBlock.route on a batch-sharded input all-gathers every device's router probabilities for
+# one global top-k, and on the CPU client a program with collectives also waits for programs before it, which
+# serialized the two groups.
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def embed(graphdef, layers, top, tokens_BT):
-    return nnx.merge(graphdef, layers, top).embed(tokens_BT)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def head(graphdef, layers, top, x_BTD):
-    return nnx.merge(graphdef, layers, top).logits(x_BTD)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def dense(graphdef, state, x_BTD, positions_BT, valid_BT):
-    layer = nnx.merge(graphdef, state)
-    out_BTD, _, _ = layer(x_BTD, valid_BT, _context(positions_BT, valid_BT), None, LocalExperts())
-    return out_BTD
+def _data_parallel(mesh, body, replicated, batched):
+    """body(*replicated, *batched) on each attention device: replicated args whole, batched ones split."""
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(),) * len(replicated) + (P(DATA),) * len(batched),
+                         out_specs=P(DATA), check_vma=False)(*replicated, *batched)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "pack"))
-def attention(graphdef, experts, rest, x_BTD, positions_BT, valid_BT, *, pack: Pack):
-    layer = nnx.merge(graphdef, experts, rest)
-    h_BTD, _ = layer.attention(x_BTD, _context(positions_BT, valid_BT), None)
-    moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
-    ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
-    B, T, D = moe_in_BTD.shape
-    x_sorted_MD, order_M, counts = pack(moe_in_BTD.reshape(B * T, D), ids_TK, valid_BT.reshape(B * T))
-    return h_BTD, moe_in_BTD, weights_TK, x_sorted_MD, order_M, counts
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def embed(graphdef, layers, top, tokens_BT, *, mesh):
+    return _data_parallel(mesh, lambda l, t, tokens: nnx.merge(graphdef, l, t).embed(tokens), (layers, top),
+                          (tokens_BT,))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def shared(graphdef, experts, rest, moe_in_BTD):
-    layer = nnx.merge(graphdef, experts, rest)
-    return layer.moe.add_shared(moe_in_BTD, jnp.zeros_like(moe_in_BTD))  # = shared experts(moe_in)
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def head(graphdef, layers, top, x_BTD, *, mesh):
+    return _data_parallel(mesh, lambda l, t, x: nnx.merge(graphdef, l, t).logits(x), (layers, top), (x_BTD,))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "unpack"))
-def combine_layer(graphdef, experts, rest, h_BTD, shared_BTD, y_sorted_MD, order_M, weights_TK, *, unpack: Unpack):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def dense(graphdef, state, x_BTD, positions_BT, valid_BT, *, mesh):
+    def body(state, x_BTD, positions_BT, valid_BT):
+        layer = nnx.merge(graphdef, state)
+        out_BTD, _, _ = layer(x_BTD, valid_BT, _context(positions_BT, valid_BT), None, LocalExperts())
+        return out_BTD
+
+    return _data_parallel(mesh, body, (state,), (x_BTD, positions_BT, valid_BT))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "pack"))
+def attention(graphdef, experts, rest, x_BTD, positions_BT, valid_BT, *, mesh, pack: Pack):
+    def body(experts, rest, x_BTD, positions_BT, valid_BT):
+        layer = nnx.merge(graphdef, experts, rest)
+        h_BTD, _ = layer.attention(x_BTD, _context(positions_BT, valid_BT), None)
+        moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
+        ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
+        B, T, D = moe_in_BTD.shape
+        x_sorted_MD, order_M, counts = pack(moe_in_BTD.reshape(B * T, D), ids_TK, valid_BT.reshape(B * T))
+        return h_BTD, moe_in_BTD, weights_TK, x_sorted_MD, order_M, counts
+
+    return _data_parallel(mesh, body, (experts, rest), (x_BTD, positions_BT, valid_BT))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def shared(graphdef, experts, rest, moe_in_BTD, *, mesh):
+    def body(experts, rest, moe_in_BTD):
+        layer = nnx.merge(graphdef, experts, rest)
+        return layer.moe.add_shared(moe_in_BTD, jnp.zeros_like(moe_in_BTD))  # = shared experts(moe_in)
+
+    return _data_parallel(mesh, body, (experts, rest), (moe_in_BTD,))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def combine_layer(graphdef, experts, rest, h_BTD, shared_BTD, y_sorted_MD, order_M, weights_TK, *, mesh):
     """The layer's output: as MoEBlock.__call__ (routed output in the input dtype, plus the shared experts')
     and DecoderLayer.moe_output."""
-    layer = nnx.merge(graphdef, experts, rest)
-    y_BTD = unpack(y_sorted_MD, order_M, weights_TK).astype(h_BTD.dtype).reshape(h_BTD.shape)
-    moe_BTD = y_BTD if shared_BTD is None else y_BTD + shared_BTD
-    return layer.moe_output(h_BTD, moe_BTD)
+    def body(experts, rest, h_BTD, shared_BTD, y_sorted_MD, order_M, weights_TK):
+        layer = nnx.merge(graphdef, experts, rest)
+        y_BTD = combine(y_sorted_MD, order_M, weights_TK).astype(h_BTD.dtype).reshape(h_BTD.shape)
+        moe_BTD = y_BTD if shared_BTD is None else y_BTD + shared_BTD
+        return layer.moe_output(h_BTD, moe_BTD)
+
+    return _data_parallel(mesh, body, (experts, rest), (h_BTD, shared_BTD, y_sorted_MD, order_M, weights_TK))
 
 
 # Expert group ---------------------------------------------------------------------------------------------------

@@ -124,13 +124,14 @@ def gather_segment(pieces, counts: np.ndarray, segment: int, expert_devices, dim
     return buffers
 
 
-def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: np.ndarray, returned,
-        attention_devices, expert_devices) -> None:
-    """Sends segment j's computed rows back to their attention devices and writes them into returned[a] (each
-    attention device's [T_l * K, D] buffer in the original sorted order), in place in the list."""
+def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: np.ndarray, attention_devices,
+        expert_devices) -> list[tuple[int, int, jax.Array]]:
+    """Sends segment j's computed rows back to their attention devices. Returns (a, row, piece): piece [n, D] is
+    on attention device a and belongs at `row` of a's sorted buffer (see `assemble`)."""
     per_source = counts[:, :, segment].sum(axis=-1)                # [ag, eg]
     rows_ae = counts.sum(axis=(2, 3))
     before_seg = counts[:, :, :segment].sum(axis=(2, 3))
+    out = []
     for e, device_e in enumerate(expert_devices):
         y_e = shard_on(y_rows, device_e)                           # [R, D] in (source, slot) order
         at = 0
@@ -140,6 +141,16 @@ def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: 
                 continue
             piece = jax.device_put(take_rows(y_e, at, rows=n), device_a)   # e -> a: n rows
             log.add("e2a", layer, micro, segment, e, a, n, n * y_e.shape[1] * y_e.dtype.itemsize)
-            where = int(rows_ae[a, :e].sum() + before_seg[a, e])
-            returned[a] = put_rows(returned[a], piece, where)
+            out.append((a, int(rows_ae[a, :e].sum() + before_seg[a, e]), piece))
             at += n
+    return out
+
+
+def assemble(pieces: list[tuple[int, int, jax.Array]], attention_devices, rows: int, dim: int, dtype) -> list:
+    """Each attention device's [rows, D] sorted buffer from its returned pieces (zero rows where nothing was
+    routed: padding tokens). Local copies, issued when the attention device needs them (combine): issued earlier,
+    they would sit in the device's in-order queue waiting for the expert group and hold up its next attention."""
+    buffers = [jnp.zeros((rows, dim), dtype, device=d) for d in attention_devices]
+    for a, row, piece in pieces:
+        buffers[a] = put_rows(buffers[a], piece, row)
+    return buffers

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from epsjax.dep import DEPGroups, DEPSchedule
-from epsjax.dep.runtime import DEPRuntime
+from epsjax.dep.runtime import DEPRuntime, _Dispatcher
 from epsjax.engine import Engine
 from models import MoETransformer, get_preset
 
@@ -123,15 +123,21 @@ def test_skewed_router_leaves_most_expert_devices_idle(name):
 
 
 def test_serialized_execution_gives_the_same_logits():
-    """Blocking after every task (no overlap between the groups) changes timing, not results."""
+    """Blocking after every task (no overlap between the groups) changes timing, not results; either way each device
+    queue receives its tasks in the schedule's order."""
     runtime = _runtime("tiny-deepseek-v2", 4, 4)
     tokens, mask = _inputs(8)
-    overlapped = runtime.prefill(tokens, mask, schedule=SCHEDULES["findep_aass"])
-    serialized = runtime.prefill(tokens, mask, schedule=SCHEDULES["findep_aass"], serialize=True)
+    schedule = SCHEDULES["findep_aass"]
+    overlapped = runtime.prefill(tokens, mask, schedule=schedule)
+    serialized = runtime.prefill(tokens, mask, schedule=schedule, serialize=True)
     np.testing.assert_array_equal(np.asarray(overlapped.logits), np.asarray(serialized.logits))
-    # The host issued every task of the schedule, in its order.
-    names = [t.name for t in SCHEDULES["findep_aass"].tasks(("dense", "moe", "moe"), shared=True)]
-    assert [name for name, _ in overlapped.issue_times] == names
+    tasks = schedule.tasks(("dense", "moe", "moe"), shared=True)
+    assert [name for name, _ in serialized.issue_times] == [t.name for t in tasks]
+    queue = {t.name: _Dispatcher.QUEUE.get(t.kind, "attention") for t in tasks}
+    issued = [name for name, _ in overlapped.issue_times]
+    assert sorted(issued) == sorted(queue)
+    for q in set(queue.values()):
+        assert [n for n in issued if queue[n] == q] == [t.name for t in tasks if queue[t.name] == q], q
 
 
 def test_groups_must_cover_the_model_experts():
