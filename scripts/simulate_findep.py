@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from epsjax.dep import Deployment, TaskCosts, Testbed, fit_layers, problem_for, solve  # noqa: E402
-from epsjax.dep.simulate import Plan, build_schedule, simulate_plan  # noqa: E402
+from epsjax.dep.simulate import build_schedule, simulate_plan  # noqa: E402
 from epsjax.scheduler.simulator import KIND_COLORS, Timeline, chrome_trace, simulate  # noqa: E402
 from models.config import get_preset  # noqa: E402
 
