@@ -9,7 +9,7 @@ Attention group (mesh "data" axis = ag devices, micro-batch [ag * ma, T] split o
                .moe_input, MoEBlock.route
     shared     the shared experts on the moe input                            MoEBlock.add_shared(x, 0)
     combine    returned rows -> un-sorted, weighted by the router (per device), + shared -> layer output
-               models.moe.combine, DecoderLayer.moe_output
+               sharding.expert_compute.combine, DecoderLayer.moe_output
     head       last norm + LM head                                            MoETransformer.logits
 
 Expert group (mesh "expert" axis = eg devices, expert weights [eg * slots, D, F] split over it):
@@ -33,9 +33,10 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
 from models.attention import AttentionContext
-from models.moe import LocalExperts, combine
+from models.moe import LocalExperts
 from models.transformer import prefill_mask
 from sharding import DATA, EXPERT
+from sharding.expert_compute import combine
 
 
 def _context(positions_BT, valid_BT) -> AttentionContext:
