@@ -95,13 +95,11 @@ class EPExperts:
         local = functools.partial(
             _ep_moe_shard, num_experts=E, ep_axes=ep_axes, ep_size=ep, tp_axes=tp_axes, token_axes=token_axes,
             groups=groups, chunks=plan.token_chunks, plan=plan, transport=self.resolved_transport)
-        # check_vma=False: the kernels are not all written for shard_map's varying-axes types (chunked_gemm's loop
-        # carry starts unvarying); the outputs' out_specs hold by construction (psum'd counts, token-split y).
         tokens = P(token_axes or None)
         experts_DF, experts_FD = P(ep_axes or None, None, tp_axes or None), P(ep_axes or None, tp_axes or None)
         moe = jax.shard_map(
             local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, experts_DF, experts_DF, experts_FD, tokens),
-            out_specs=(tokens, P()), check_vma=False)
+            out_specs=(tokens, P()))
         y_TD, tokens_per_expert = moe(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
         y_TD = jax.lax.with_sharding_constraint(y_TD[:T], batch)
         return y_TD.astype(x_TD.dtype), MoEStats(tokens_per_expert=tokens_per_expert,
