@@ -1,10 +1,22 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported), float32 matmuls at full precision."""
+"""Test set-up: 8 virtual CPU devices (set before jax is imported), float32 matmuls at full precision, and compiled
+programs released after each test module."""
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Every XLA:CPU executable keeps its code mapped; the whole suite compiles thousands, which exhausts the
+    process's memory-map limit (vm.max_map_count, 65530 here) unless each module's programs are dropped."""
+    yield
+    jax.clear_caches()
+    gc.collect()
