@@ -126,12 +126,8 @@ class Engine:
         self._check_tokens(np.asarray([t for p in prompts for t in p], np.int64), "prompt")
         return tokens, mask
 
-    # Jitted steps ----------------------------------------------------------------------------------------------
-
-    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
-        """Runs the prompts; returns (logits, state, moe_stats). logits is [B, V] for the last position, or
-        [B, T, V] with all_logits; moe_stats counts tokens per expert per MoE layer. The cache holds cache_len
-        slots (default: the model's max_seq_len)."""
+    def check_prefill_inputs(self, tokens_BT, mask_BT, cache_len: int | None):
+        """Host-side checks of a prefill request: tokens [B, T] (int32), mask [B, T] (bool), the cache length."""
         tokens_BT = np.asarray(tokens_BT)
         if tokens_BT.ndim != 2 or tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
@@ -142,6 +138,15 @@ class Engine:
         cache_len = cache_len or self.cfg.max_seq_len
         if tokens_BT.shape[1] > cache_len:
             raise ValueError(f"prompt length {tokens_BT.shape[1]} exceeds the cache length {cache_len}")
+        return tokens_BT, mask_BT, cache_len
+
+    # Jitted steps ----------------------------------------------------------------------------------------------
+
+    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
+        """Runs the prompts; returns (logits, state, moe_stats). logits is [B, V] for the last position, or
+        [B, T, V] with all_logits; moe_stats counts tokens per expert per MoE layer. The cache holds cache_len
+        slots (default: the model's max_seq_len)."""
+        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len)
         tokens_BT, mask_BT = self._place(tokens_BT), self._place(mask_BT)
         return self._prefill(self.graphdef, self.params, tokens_BT, mask_BT, experts=self.experts,
                              cache_len=cache_len, all_logits=all_logits)

@@ -258,17 +258,8 @@ class OffloadEngine(Engine):
     # Engine contract ------------------------------------------------------------------------------------------
 
     def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
-        tokens_BT = np.asarray(tokens_BT)
-        if tokens_BT.ndim != 2 or tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
-            raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
-        self._check_tokens(tokens_BT, "tokens")
-        mask_BT = np.ones(tokens_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT, bool)
-        if mask_BT.shape != tokens_BT.shape:
-            raise ValueError(f"attention mask shape {mask_BT.shape} differs from tokens shape {tokens_BT.shape}")
-        cache_len = cache_len or self.cfg.max_seq_len
+        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len)
         B, T = tokens_BT.shape
-        if T > cache_len:
-            raise ValueError(f"prompt length {T} exceeds the cache length {cache_len}")
         pred = self._predict(tokens_BT, mask_BT, last_only=False)
         positions_BT = jnp.asarray(np.maximum(np.cumsum(mask_BT, axis=1) - 1, 0), jnp.int32)
         mask_dev = jnp.asarray(mask_BT)

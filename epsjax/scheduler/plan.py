@@ -2,14 +2,16 @@
 
 `Plan` carries what the search decides: the pipeline degree PN, how stages are cut (by local experts or by token
 chunks), the GEMM backend and tiling of each stage, and the SMs left to communication. `to_expert_plan()` gives
-the object sharding/ep_moe.py consumes; ExpertPlan fields it does not (yet) declare are left out, and
-`Plan.runtime_fields()` says which parts of the decision the runtime can act on.
+the object sharding/ep_moe.py consumes (the SM split travels in the Mosaic GPU stages' tilings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Literal
+
+from pallas_kernels.selector import tiling_from_dict
+from sharding.plan import ExpertPlan
 
 SPLITS = ("experts", "tokens")
 Tiling = tuple[tuple[str, object], ...]  # hashable tiling fields, e.g. (("capacities", (2048,)),)
@@ -55,19 +57,12 @@ class Plan:
         return None if t is None else dict(t)
 
     def expert_groups(self, local_experts: int) -> tuple[tuple[int, int], ...]:
-        """[start, end) local experts of each stage (as sharding.plan.ExpertPlan.expert_groups)."""
-        PN = self.pipeline_degree
-        if self.split == "tokens":
-            return ((0, local_experts),)
-        if PN > local_experts:
-            raise ValueError(f"a pipeline of {PN} expert groups needs at least {PN} experts per device, "
-                             f"got {local_experts}")
-        bounds = [s * local_experts // PN for s in range(PN + 1)]
-        return tuple(zip(bounds[:-1], bounds[1:]))
+        """[start, end) local experts of each stage, exactly as the runtime's ExpertPlan splits them."""
+        return ExpertPlan(self.pipeline_degree, self.split).expert_groups(local_experts)
 
     @property
     def token_chunks(self) -> int:
-        return self.pipeline_degree if self.split == "tokens" else 1
+        return ExpertPlan(self.pipeline_degree, self.split).token_chunks
 
     def describe(self) -> str:
         backends = self.backends[0] if len(set(self.backends)) == 1 else ",".join(self.backends)
@@ -81,24 +76,9 @@ class Plan:
 
     # The runtime's object -------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def runtime_fields() -> tuple[str, ...]:
-        """The ExpertPlan fields the runtime declares (sharding.plan), i.e. what it can act on."""
-        from sharding.plan import ExpertPlan
-
-        return tuple(f.name for f in dataclasses.fields(ExpertPlan))
-
-    def to_expert_plan(self):
-        """The sharding.plan.ExpertPlan of this plan. pipeline_degree, split and backends always carry over;
-        tilings (as pallas_kernels tiling objects) and sm_for_comm only if ExpertPlan declares such fields."""
-        from pallas_kernels.selector import tiling_from_dict
-        from sharding.plan import ExpertPlan
-
-        fields = self.runtime_fields()
-        kwargs = dict(pipeline_degree=self.pipeline_degree, split=self.split, backends=tuple(self.backends))
-        if "tilings" in fields:
-            kwargs["tilings"] = tuple(None if t is None else tiling_from_dict(self.backend(i), dict(t))
-                                      for i, t in enumerate(self.tilings))
-        if "sm_for_comm" in fields:
-            kwargs["sm_for_comm"] = self.sm_for_comm
-        return ExpertPlan(**kwargs)
+    def to_expert_plan(self) -> ExpertPlan:
+        """The sharding.plan.ExpertPlan of this plan. The SM split reaches the kernels through the stages' tilings
+        (MosaicTiling.num_sms); XLA's collectives cannot be pinned to SMs from JAX."""
+        return ExpertPlan(pipeline_degree=self.pipeline_degree, split=self.split, backends=tuple(self.backends),
+                          tilings=tuple(None if t is None else tiling_from_dict(self.backend(i), dict(t))
+                                        for i, t in enumerate(self.tilings)))

@@ -79,14 +79,12 @@ def representative_layers(w: Workload, layer_loads: np.ndarray, count: int = 3) 
     return [(loads[b[len(b) // 2]], float(len(b))) for b in bins]
 
 
-def _tiling(w, costs, plan, stage, backend, tight: bool | None = None):
+def _tiling(w, costs, plan, stage, backend, tight: bool = True):
     """The tiling fields a stage gets for a backend: Mosaic GPU's persistent grid leaves sm_for_comm SMs free
     (num_sms; the mechanism behind the SM split), DenseGemm gets capacity buckets that hold the predicted fullest
-    expert with DENSE_HEADROOM (only when the runtime accepts tilings, else the cost model keeps the default
-    buckets the runtime will use)."""
+    expert with DENSE_HEADROOM (tight=False: the default buckets instead)."""
     if backend == "mosaic_gpu" and plan.sm_for_comm:
         return {"num_sms": costs.hw.sms - plan.sm_for_comm}
-    tight = plan_tilings_supported() if tight is None else tight
     if backend != "dense" or not tight or w.layout.moe != "ep":
         return None
     return {"capacities": _dense_capacities(w, plan.split, plan.pipeline_degree)[stage]}
@@ -102,20 +100,6 @@ def _dense_capacities(w: Workload, split: str, pipeline_degree: int) -> tuple[tu
         fullest = [float(np.max(noisy_rows(m, total), initial=0.0)) for m in mu]
         out.append(tuple(sorted({max(64, int(math.ceil(f * DENSE_HEADROOM / 64)) * 64) for f in fullest})))
     return tuple(out)
-
-
-_TILINGS_SUPPORTED: list[bool] = []
-
-
-def plan_tilings_supported() -> bool:
-    """Whether sharding.plan.ExpertPlan carries per-stage tilings (else the runtime uses default tilings and so
-    must the cost model)."""
-    if not _TILINGS_SUPPORTED:
-        try:
-            _TILINGS_SUPPORTED.append("tilings" in Plan.runtime_fields())
-        except ImportError:
-            _TILINGS_SUPPORTED.append(False)
-    return _TILINGS_SUPPORTED[0]
 
 
 def layer_time(w: Workload, costs: CostModel, plan: Plan,
@@ -140,7 +124,7 @@ def candidate_shapes(w: Workload, costs: CostModel, *, max_pipeline: int = 32,
     return [Plan(pn, split, sm_for_comm=p) for split, pn in shapes for p in sms]
 
 
-def with_backends(w: Workload, costs: CostModel, shape: Plan, layers=None, tight: bool | None = None) -> list[Plan]:
+def with_backends(w: Workload, costs: CostModel, shape: Plan, layers=None, tight: bool = True) -> list[Plan]:
     """The backend assignments tried for one (split, PN, sm_for_comm): per-stage best, and each uniform."""
     f = w.cfg.expert_ffn_dim // (w.layout.attention_tp if w.layout.moe == "tp" else 1)
     backends = usable_backends(costs, w.cfg.d_model, f)
@@ -197,9 +181,9 @@ def _better(seconds: float, plan: Plan, best_seconds: float, best_plan: Plan, re
 
 
 def search_plan(w: Workload, costs: CostModel, *, layer_loads: np.ndarray | None = None, max_pipeline: int = 32,
-                sm_options=SM_OPTIONS, token_chunks=TOKEN_CHUNK_OPTIONS, tight_tilings: bool | None = None,
+                sm_options=SM_OPTIONS, token_chunks=TOKEN_CHUNK_OPTIONS, tight_tilings: bool = True,
                 shortlist: int = 12) -> PlanChoice:
-    """The fastest plan in simulation (module docstring). tight_tilings: None asks sharding.plan.
+    """The fastest plan in simulation (module docstring). tight_tilings=False keeps DenseGemm's default buckets.
 
     With per-layer loads every candidate is first simulated on the median representative layer only, and the
     `shortlist` fastest (plus the best unpipelined one) on all representative layers; best_by_pn then covers the

@@ -8,6 +8,7 @@ import pytest
 
 from epsjax.scheduler import Plan, Planner, RoutingHistogram, layout_for, plan_for, search_for
 from models.config import get_preset
+from pallas_kernels.group_gemm_mgpu import MosaicTiling
 from sharding.expert_compute import MoEStats
 from sharding.plan import ExpertPlan
 
@@ -38,12 +39,9 @@ def test_plan_conversion_and_validation():
     plan = Plan(4, "experts", backends=("mosaic_gpu",), tilings=((("num_sms", 108),),), sm_for_comm=24)
     expert_plan = plan.to_expert_plan()
     assert (expert_plan.pipeline_degree, expert_plan.split, expert_plan.backends) == (4, "experts", ("mosaic_gpu",))
-    if "tilings" in Plan.runtime_fields():  # the runtime takes tilings: Mosaic GPU's grid leaves 24 SMs free
-        from pallas_kernels.group_gemm_mgpu import MosaicTiling
-
-        assert expert_plan.tilings == (MosaicTiling(num_sms=108),)
-        dense = Plan(2, backends=("dense",), tilings=((("capacities", (128, 256)),),)).to_expert_plan()
-        assert dense.tilings[0].capacities == (128, 256)
+    assert expert_plan.tilings == (MosaicTiling(num_sms=108),)  # Mosaic GPU's grid leaves 24 SMs free
+    dense = Plan(2, backends=("dense",), tilings=((("capacities", (128, 256)),),)).to_expert_plan()
+    assert dense.tilings[0].capacities == (128, 256)
     assert plan.expert_groups(10) == ExpertPlan(4).expert_groups(10)
     assert Plan(3, "tokens").token_chunks == 3 and Plan(3, "tokens").expert_groups(5) == ((0, 5),)
     assert plan.as_dict()["tilings"] == [{"num_sms": 108}]
