@@ -47,6 +47,12 @@ def stacked_experts(hf_names: list[str], path: Path, shape: tuple[int, int, int]
         save=lambda a: [np.ascontiguousarray(w.T) for w in a[0]])
 
 
+def llama_layer_norms(prefix: str, layer_path: Path, d_model: int) -> list[TensorRule]:
+    """The two per-layer norms of Llama-style layers (Mixtral, Arctic, DeepSeek-V2, Qwen3-MoE)."""
+    return [identity(prefix + "input_layernorm.weight", layer_path + ("attn_norm", "scale"), (d_model,)),
+            identity(prefix + "post_attention_layernorm.weight", layer_path + ("ffn_norm", "scale"), (d_model,))]
+
+
 def gqa_attention(prefix: str, layer_path: Path, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int,
                   qk_norm: bool) -> list[TensorRule]:
     """Llama-style q/k/v/o_proj (+ Qwen3 q_norm/k_norm) under `prefix` (e.g. "model.layers.3.self_attn.")."""

@@ -82,8 +82,7 @@ def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
     for layer in range(cfg.num_layers):
         prefix, path = f"model.layers.{layer}.", ("layers", layer)
         rules += [
-            common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
-            common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+            *common.llama_layer_norms(prefix, path, cfg.d_model),
             *mla_rules(cfg, prefix + "self_attn.", path),
             *qwen3_moe.mlp_rules(cfg, layer, prefix + "mlp.", path),
         ]

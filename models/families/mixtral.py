@@ -44,8 +44,7 @@ def layer_rules(cfg: ModelConfig, layer: int) -> list[common.TensorRule]:
     """Attention, norms and the block_sparse_moe of one Llama-style layer."""
     prefix, path = f"model.layers.{layer}.", ("layers", layer)
     return [
-        common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
-        common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+        *common.llama_layer_norms(prefix, path, cfg.d_model),
         *common.gqa_attention(prefix + "self_attn.", path, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                               cfg.head_dim, cfg.qk_norm),
         *common.per_expert_moe(prefix + "block_sparse_moe.", ("w1", "w3", "w2"), "gate", path, cfg.num_experts,

@@ -49,8 +49,7 @@ def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
     for layer in range(cfg.num_layers):
         prefix, path = f"model.layers.{layer}.", ("layers", layer)
         rules += [
-            common.identity(prefix + "input_layernorm.weight", path + ("attn_norm", "scale"), (cfg.d_model,)),
-            common.identity(prefix + "post_attention_layernorm.weight", path + ("ffn_norm", "scale"), (cfg.d_model,)),
+            *common.llama_layer_norms(prefix, path, cfg.d_model),
             *common.gqa_attention(prefix + "self_attn.", path, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
                                   cfg.head_dim, cfg.qk_norm),
         ]
