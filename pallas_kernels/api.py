@@ -126,8 +126,8 @@ def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, 
     if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
         if backend == "jax_triton" or not interpret:
             hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
-            raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the default device is "
-                             f"{selector.platform()!r}{hint}")
+            raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the program is built for "
+                             f"{selector.platform()!r} (no GPU device, and no GPU mesh in context){hint}")
     return backend, tiling
 
 

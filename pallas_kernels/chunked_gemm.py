@@ -66,10 +66,9 @@ def _loop(x, weights, group_sizes, slots, chunk: int, item_fn):
 
     out = jnp.zeros((m_pad, n), jnp.float32)  # [M_pad, N]
     # Under shard_map the carry must vary over the mesh axes its updates vary over (those of every input).
-    varying = set().union(*(jax.typeof(a).manual_axis_type.varying
-                            for a in jax.tree.leaves((x, weights, items))))
+    varying = semantics.varying_axes(x, weights, items)
     if varying:
-        out = jax.lax.pcast(out, tuple(sorted(varying)), to="varying")
+        out = jax.lax.pcast(out, varying, to="varying")
     _, out = jax.lax.while_loop(lambda s: s[0] < items.num_active, body, (jnp.int32(0), out))
     return out[:m]
 

@@ -1,14 +1,10 @@
 """Grouped GEMM as a hand-written Triton kernel called through jax-triton (GPU only).
 
 Algorithm: the one of :mod:`pallas_kernels.group_gemm_triton`, written in
-Triton directly so that Triton's own pipeliner and autotuning knobs apply
-without the (deprecated) Pallas Triton lowering in between.  The grid is
-``(max_items, cdiv(N, BLOCK_N))`` over the work list of
-:mod:`pallas_kernels.work_list`; a program loads its item, runs a
-``BLOCK_K`` loop of ``tl.dot`` into a float32 accumulator (two accumulators
-and a ``silu(gate) * up`` epilogue in the fused gate/up mode) and stores the
-item's rows ``[lo, hi)`` with a masked store; slotless items store zeros and
-idle items return at once.
+Triton directly (:mod:`pallas_kernels.triton_kernel`) so that Triton's own
+pipeliner and autotuning knobs apply without the (deprecated) Pallas Triton
+lowering in between.  The grid is ``(max_items, cdiv(N, BLOCK_N))`` over the
+work list of :mod:`pallas_kernels.work_list`.
 
 Tiling: :class:`TritonTiling` of :mod:`pallas_kernels.group_gemm_triton`
 (``block_m, block_n, block_k, num_warps, num_stages``).
@@ -16,17 +12,22 @@ Tiling: :class:`TritonTiling` of :mod:`pallas_kernels.group_gemm_triton`
 Importing this module never needs triton or jax_triton: both are imported on
 first use, and :func:`importable` says whether that will work.  jax-triton
 0.3.1 pairs with triton 3.6 (jax-triton 0.4.x needs triton >= 3.7); the
-``gpu`` extra of pyproject.toml pins it.  There is no interpret mode.
+``gpu`` extra of pyproject.toml pins it.  There is no jax interpret mode; the kernel itself
+(:mod:`pallas_kernels.triton_kernel`, which imports no jax) runs in Triton's own interpreter on torch CPU
+tensors in ``scripts/check_triton_interpret.py``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics, work_list
+from pallas_kernels import semantics, targets, work_list
+from pallas_kernels.triton_kernel import triton_kernel
 from pallas_kernels.group_gemm_triton import TritonTiling
 
 
@@ -47,54 +48,6 @@ def _modules():
     return jax_triton, triton
 
 
-@functools.lru_cache(maxsize=None)
-def triton_kernel():
-    """The ``@triton.jit`` kernel (built on first use so triton stays optional)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _kernel(tile_ptr, lo_ptr, hi_ptr, slot_ptr, lhs_ptr, rhs_ptr, up_ptr, out_ptr,
-                M: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                FUSED: tl.constexpr):
-        # lhs [M, K], rhs / up [S, K, N], out [M, N]: row-major, contiguous.
-        item = tl.program_id(0)
-        n_block = tl.program_id(1)
-        lo = tl.load(lo_ptr + item)
-        hi = tl.load(hi_ptr + item)
-        if lo < hi:
-            tile = tl.load(tile_ptr + item)
-            slot = tl.load(slot_ptr + item)
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-            cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-            ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            row_mask = (rows >= lo) & (rows < hi)
-            col_mask = cols < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if slot >= 0:
-                w_offset = slot.to(tl.int64) * K * N
-                for k0 in range(0, K, BLOCK_K):
-                    k_mask = (k0 + ks) < K
-                    a = tl.load(lhs_ptr + rows[:, None].to(tl.int64) * K + (k0 + ks)[None, :],
-                                mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-                    w_idx = w_offset + (k0 + ks)[:, None].to(tl.int64) * N + cols[None, :]
-                    w_mask = k_mask[:, None] & col_mask[None, :]
-                    b = tl.load(rhs_ptr + w_idx, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
-                    acc = tl.dot(a, b, acc)
-                    if FUSED:
-                        u = tl.load(up_ptr + w_idx, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
-                        acc_up = tl.dot(a, u, acc_up)
-                if FUSED:
-                    acc = acc * tl.sigmoid(acc) * acc_up
-            out_idx = rows[:, None].to(tl.int64) * N + cols[None, :]
-            tl.store(out_ptr + out_idx, acc.to(out_ptr.dtype.element_ty),
-                     mask=row_mask[:, None] & col_mask[None, :])
-
-    return _kernel
-
-
 @functools.partial(jax.jit, static_argnames=("tiling",))
 def _call(lhs, rhs, up, group_sizes, slots, *, tiling: TritonTiling):
     jax_triton, _ = _modules()
@@ -106,13 +59,57 @@ def _call(lhs, rhs, up, group_sizes, slots, *, tiling: TritonTiling):
     return jax_triton.triton_call(
         items.tile, items.lo, items.hi, items.slot, lhs, rhs, up if fused else rhs,
         kernel=triton_kernel(),
-        out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+        out_shape=semantics.out_struct((m, n), lhs.dtype, lhs, rhs, up, items),
         grid=(num_items, -(-n // tiling.block_n)),
         num_warps=tiling.num_warps,
         num_stages=tiling.num_stages,
+        compute_capability=_compute_capability(),
         M=m, K=k, N=n, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
         FUSED=fused,
     )
+
+
+def _compute_capability() -> int | None:
+    """The target's compute capability when building for compile-only GPU devices (jax-triton would ask the
+    CUDA driver, which is not there); None lets jax-triton ask the GPU it runs on."""
+    device = targets.current()
+    if not device.compile_only:
+        return None
+    target = targets.target_for_kind(device.device_kind)
+    if target is None:
+        raise ValueError(f"jax_triton: no compute capability known for compile-only {device.device_kind!r}; "
+                         f"known targets: {sorted(targets.TARGETS)}")
+    return target.compute_capability_int
+
+
+def ptx(m: int, k: int, n: int, dtype, tiling: TritonTiling | None = None, *, fused: bool = False,
+        compute_capability: int = 90) -> str:
+    """The PTX triton generates for the kernel at these shapes and launch options (what jax-triton compiles
+    for ``_call``), for ptxas reports on a machine without the GPU."""
+    _, triton = _modules()
+    from triton.backends.compiler import GPUTarget
+
+    tiling = TritonTiling() if tiling is None else tiling
+    element = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[jnp.dtype(dtype).name]
+    signature = {name: "*i32" for name in ("tile_ptr", "lo_ptr", "hi_ptr", "slot_ptr")}
+    signature |= {name: f"*{element}" for name in ("lhs_ptr", "rhs_ptr", "up_ptr", "out_ptr")}
+    constants = dict(M=m, K=k, N=n, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+                     FUSED=fused)
+    signature |= {name: "constexpr" for name in constants}
+    source = triton.compiler.ASTSource(fn=triton_kernel(), signature=signature, constexprs=constants)
+    # jax_triton empties TRITON_CACHE_DIR at import (it compiles stage by stage); triton.compile needs one.
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", compute_capability, 32),
+                                      options={"num_warps": tiling.num_warps, "num_stages": tiling.num_stages})
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_CACHE_DIR", None)
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
+    return compiled.asm["ptx"]
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,

@@ -30,7 +30,17 @@ Tiling: ``block_m`` (multiple of 64, one warpgroup wgmma M), ``block_n``
 for 16-bit types), ``max_concurrent_steps`` (pipeline depth), ``num_sms``
 (persistent grid size; None = every SM of the device); stages that do not
 fit the 227 KiB of shared memory are dropped (the fused gate/up mode holds
-two weight tiles per stage).  Requires 16-bit
+two weight tiles per stage).
+
+Resources (:func:`resources`, checked by :func:`check_tiling`): one
+128-thread warpgroup holds every float32 accumulator, ``block_m * block_n /
+128`` registers per thread per weight matrix.  Above
+:data:`ACCUMULATOR_REGISTER_BUDGET` of them ptxas runs out of the 255
+registers a thread may have: compiled for sm_90a it spills and serializes
+wgmma (measured with ``scripts/aot_check.py``: 128x128 fused gate/up, 255
+registers and 896 bytes spilled; 128x256 plain, 1168 bytes), so such tilings
+are refused.  The fused gate/up kernel's default is therefore 128x64 (two
+128x64 accumulators), the plain kernel's 128x128.  Requires 16-bit
 inputs (float16 / bfloat16) and ``K % block_k == N % block_n == 0``; M is padded to
 a multiple of 8 (the TMA row tiling) when it is not one.
 
@@ -49,10 +59,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import semantics, work_list
+from pallas_kernels import semantics, targets, work_list
 
 _SWIZZLE_BYTES = 128
 MAX_SMEM_BYTES = 232448  # sm_90 dynamic shared memory per block (227 KiB)
+WARPGROUP_THREADS = 128
+# float32 accumulator registers per thread that leave ptxas room for addresses, the pipeline's barriers and
+# the epilogue (sm_90a, 255 registers per thread). Compiled for H100 at Mixtral-like shapes: 192 of them built
+# without spills (fused 64x192: 255 registers used; plain 128x192: 218), and every tiling with 256 spilled
+# (fused 128x128, 64x256; plain 128x256, 256x128) and serialized wgmma.
+ACCUMULATOR_REGISTER_BUDGET = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +185,31 @@ def _store_rows(value, out_gmem, row0, lo, hi, n_block, bm: int, bn: int):
     pl.run_scoped(scope, plgpu.SMEM((bm, bn), out_gmem.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What one thread block of the kernel holds (a static estimate, checked against ptxas by the AOT check)."""
+
+    accumulator_registers: int  # float32 accumulator registers per thread (one warpgroup holds them all)
+    smem_bytes: int             # shared memory: pipeline stages, epilogue tile, barriers
+    stages: int                 # pipeline stages after dropping those that do not fit shared memory
+
+    @property
+    def fits_registers(self) -> bool:
+        return self.accumulator_registers <= ACCUMULATOR_REGISTER_BUDGET
+
+
+def resources(tiling: MosaicTiling, itemsize: int, num_weights: int = 1) -> Resources:
+    """The resource model of ``tiling`` for ``num_weights`` weight matrices (2 = fused gate/up)."""
+    accumulators = num_weights * tiling.block_m * tiling.block_n // WARPGROUP_THREADS
+    fitted = fit_stages(tiling, itemsize, num_weights)
+    return Resources(accumulators, smem_bytes(fitted, itemsize, num_weights), fitted.max_concurrent_steps)
+
+
+def default_tiling(num_weights: int = 1) -> MosaicTiling:
+    """128x128 for one weight matrix; 128x64 for the fused gate/up kernel (two accumulators in registers)."""
+    return MosaicTiling() if num_weights == 1 else MosaicTiling(block_n=64)
+
+
 def smem_bytes(tiling: MosaicTiling, itemsize: int, num_weights: int = 1) -> int:
     """Shared memory of the kernel: pipeline stages, the epilogue tile, barriers (estimate)."""
     stage = (tiling.block_m * tiling.block_k + num_weights * tiling.block_k * tiling.block_n) * itemsize
@@ -189,10 +230,7 @@ def fit_stages(tiling: MosaicTiling, itemsize: int, num_weights: int) -> MosaicT
 def _num_sms(tiling: MosaicTiling) -> int:
     if tiling.num_sms is not None:
         return tiling.num_sms
-    if abstract := jax.sharding.get_abstract_mesh().abstract_device:
-        return abstract.num_cores
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or 132
+    return targets.current().num_cores or 132
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
@@ -204,9 +242,12 @@ def _call(lhs, rhs_list, group_sizes, slots, *, tiling: MosaicTiling, interpret:
     tiling = fit_stages(tiling, jnp.dtype(lhs.dtype).itemsize, len(rhs_list))
     items = work_list.build(group_sizes, slots, m_pad, tiling.block_m)
     num_items = items.tile.shape[0]
+    fused = len(rhs_list) == 2
+    body = functools.partial(_kernel, tiling=tiling, fused=fused, num_items=num_items)
+    body.__name__ = "gate_up" if fused else "group_gemm"  # Mosaic names the kernel (and ptxas reports) by it
     kernel = plgpu.kernel(
-        functools.partial(_kernel, tiling=tiling, fused=len(rhs_list) == 2, num_items=num_items),
-        out_type=jax.ShapeDtypeStruct((m_pad, n), lhs.dtype),
+        body,
+        out_type=semantics.out_struct((m_pad, n), lhs.dtype, lhs, *rhs_list, items),
         grid=(_num_sms(tiling),),
         grid_names=("sm",),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -219,7 +260,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
                tiling: MosaicTiling | None = None, interpret: bool = False):
     """Grouped GEMM ``[M, K] x [S, K, N] -> [M, N]`` (semantics: :mod:`pallas_kernels.semantics`)."""
     semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
-    tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2])
+    tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2], num_weights=1)
     slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
     return _call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret)
 
@@ -230,31 +271,39 @@ def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None
     semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
     if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
         raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
-    tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2])
+    tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2], num_weights=2)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
     return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
 
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
                tiling: MosaicTiling | None = None, interpret: bool = False):
-    """Expert FFN: the fused gate/up kernel, then the grouped down projection."""
+    """Expert FFN: the fused gate/up kernel, then the grouped down projection. ``tiling=None`` gives each its
+    default (:func:`default_tiling`); a tiling given applies to both and must fit the fused kernel."""
     semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
     kw = dict(group_offset=group_offset, slot_of_expert=slot_of_expert, tiling=tiling, interpret=interpret)
     hidden = gate_up(x, w_gate, w_up, group_sizes, **kw)  # [M, F]
     return group_gemm(hidden, w_down, group_sizes, **kw)  # [M, D]
 
 
-def supports(dtype, k: int, n: int, tiling: MosaicTiling | None = None) -> bool:
-    """Whether the kernel takes these operands (16-bit dtype, K and N divisible by the tiles)."""
+def supports(dtype, k: int, n: int, tiling: MosaicTiling | None = None, op: str = "group_gemm") -> bool:
+    """Whether the kernel takes these operands (16-bit dtype, K and N divisible by the tiles, accumulators
+    within the register budget). For ``op="expert_ffn"`` (k = D, n = F) both of its kernels must."""
     try:
-        check_tiling(tiling, dtype, k, n)
+        if op == "expert_ffn":
+            check_tiling(tiling, dtype, k, n, num_weights=2)  # gate/up: [M, D] x [D, F]
+            check_tiling(tiling, dtype, n, k, num_weights=1)  # down: [M, F] x [F, D]
+        else:
+            check_tiling(tiling, dtype, k, n, num_weights=1)
     except ValueError:
         return False
     return True
 
 
-def check_tiling(tiling, dtype, k: int, n: int) -> MosaicTiling:
-    tiling = MosaicTiling() if tiling is None else tiling
+def check_tiling(tiling, dtype, k: int, n: int, num_weights: int = 1) -> MosaicTiling:
+    """The tiling to run (the default for ``num_weights`` when None); ValueError, naming the limit, when the
+    kernel cannot take it."""
+    tiling = default_tiling(num_weights) if tiling is None else tiling
     if not isinstance(tiling, MosaicTiling):
         raise ValueError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
     itemsize = jnp.dtype(dtype).itemsize
@@ -264,6 +313,12 @@ def check_tiling(tiling, dtype, k: int, n: int) -> MosaicTiling:
         raise ValueError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} bytes; got {tiling.block_k=} {dtype=}")
     if k % tiling.block_k or n % tiling.block_n:
         raise ValueError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
+    regs = resources(tiling, itemsize, num_weights).accumulator_registers
+    if regs > ACCUMULATOR_REGISTER_BUDGET:
+        kind = "the fused gate/up kernel (two accumulators)" if num_weights == 2 else "the kernel"
+        raise ValueError(f"{tiling} needs {regs} float32 accumulator registers per thread in {kind}, over the "
+                         f"budget of {ACCUMULATOR_REGISTER_BUDGET} (block_m * block_n * weights / 128; above it "
+                         f"ptxas spills and serializes wgmma); e.g. {default_tiling(num_weights)}")
     return tiling
 
 

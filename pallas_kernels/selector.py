@@ -28,6 +28,10 @@ them):
 
 ``"auto"`` in :func:`pallas_kernels.group_gemm` calls this with the static
 shape ``M / G`` as tokens per expert and the default (balanced) load.
+
+The device is the one the program is built for (:func:`pallas_kernels.targets.current`): the mesh in
+context when it names one (so tracing under compile-only H100 devices selects the Hopper kernels on a
+CPU-only machine), else the default device.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ import math
 import pathlib
 import re
 
-import jax
 import jax.numpy as jnp
+
+from pallas_kernels import targets
 
 BACKENDS = ("reference", "ragged_dot", "dense", "chunked", "pallas_triton", "mosaic_gpu", "jax_triton")
 GPU_ONLY = ("pallas_triton", "mosaic_gpu", "jax_triton")  # compiled kernels; the first two also interpret
@@ -60,12 +65,14 @@ class Choice:
 
 
 def device_kind() -> str:
-    """The default device's kind, e.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu"``."""
-    return jax.devices()[0].device_kind
+    """The kind of the device the program is built for, e.g. ``"NVIDIA H100 80GB HBM3"`` or ``"cpu"``: the
+    context mesh's (``jax.set_mesh``, inside ``shard_map``) when it has one, else the default device's."""
+    return targets.current().device_kind
 
 
 def platform() -> str:
-    return jax.devices()[0].platform
+    """The platform the program is built for ("cpu", "gpu"), found as :func:`device_kind` is."""
+    return targets.current().platform
 
 
 def table_name(kind: str) -> str:
@@ -114,7 +121,7 @@ def select_backend(*, tokens_per_expert: float, num_experts: int, k: int, n: int
       dtype: operand dtype.
       op: "group_gemm" or "expert_ffn".
       max_tokens_per_expert: the fullest expert's rows, when known (skew).
-      kind, plat: device kind and platform (default: the default device's).
+      kind, plat: device kind and platform (default: those the program is built for).
       exclude: backend names not to return (e.g. the dense path's own fallback).
     """
     kind = device_kind() if kind is None else kind
@@ -128,7 +135,7 @@ def select_backend(*, tokens_per_expert: float, num_experts: int, k: int, n: int
                              "skewed" if skewed else "balanced", plat, exclude)
         if choice is not None:
             return choice
-    return _rules(tokens_per_expert, k, n, dtype, kind, plat, skewed, exclude)
+    return _rules(tokens_per_expert, k, n, dtype, kind, plat, skewed, exclude, op)
 
 
 def _from_table(table, tpe, e, k, n, dtype, op, load, plat, exclude) -> Choice | None:
@@ -155,7 +162,7 @@ def _from_table(table, tpe, e, k, n, dtype, op, load, plat, exclude) -> Choice |
                   f"N={fastest['N']} {fastest['load']} {fastest['tokens_per_expert']} tokens/expert")
 
 
-def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude) -> Choice:
+def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude, op) -> Choice:
     def pick(*names, reason):
         for name in names:
             if name not in exclude:
@@ -168,8 +175,7 @@ def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude) -> Choice:
         return pick("chunked", "dense", reason="CPU")
     from pallas_kernels import group_gemm_mgpu
 
-    hopper = re.search(r"H100|H200|H800|H20\b|GH200", kind) is not None
-    if hopper and group_gemm_mgpu.supports(dtype, k, n):
+    if targets.is_hopper_kind(kind) and group_gemm_mgpu.supports(dtype, k, n, op=op):
         grouped, regime = ("mosaic_gpu", "pallas_triton", "ragged_dot"), "Hopper GroupGemm regime"
     elif dtype.itemsize == 2:
         grouped, regime = ("pallas_triton", "ragged_dot"), "GPU GroupGemm regime"
@@ -178,6 +184,26 @@ def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude) -> Choice:
     if tpe >= DENSE_CROSSOVER_TOKENS and not skewed:
         return pick("dense", *grouped, reason=f">= {DENSE_CROSSOVER_TOKENS} tokens per expert")
     return pick(*grouped, reason=regime)
+
+
+def candidate_tilings(backend: str) -> tuple:
+    """The tilings ``scripts/profile_gemm.py`` times for ``backend`` (so every tiling a measured table can
+    name), None (the backend's default) first. ``scripts/aot_check.py`` compiles each for sm_90a and its test
+    asserts that none spills registers or serializes wgmma; a tiling a kernel refuses for an op (the Mosaic
+    resource model) is skipped there."""
+    from pallas_kernels import chunked_gemm, group_gemm_mgpu, group_gemm_triton
+
+    mosaic, triton = group_gemm_mgpu.MosaicTiling, group_gemm_triton.TritonTiling
+    candidates = {
+        "mosaic_gpu": (None, mosaic(128, 128, 64, 4), mosaic(128, 64, 64, 4), mosaic(64, 128, 64, 4),
+                       mosaic(128, 192, 64, 3), mosaic(256, 64, 64, 3)),
+        "pallas_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
+        "jax_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
+        "dense": (None,),
+        "chunked": (chunked_gemm.ChunkTiling(16), chunked_gemm.ChunkTiling(64), chunked_gemm.ChunkTiling(256)),
+        "ragged_dot": (None,),
+    }
+    return candidates.get(backend, (None,))
 
 
 def tiling_from_dict(backend: str, fields: dict | None):

@@ -121,6 +121,19 @@ def slot_of_row(group_sizes, slots, m: int):
     return padded[group_of_row(group_sizes, m)]
 
 
+def varying_axes(*arrays) -> tuple[str, ...]:
+    """The manual mesh axes (inside shard_map) over which any of ``arrays`` varies: a kernel's output, which
+    depends on all of them, varies over these."""
+    return tuple(sorted(set().union(*(jax.typeof(a).manual_axis_type.varying for a in jax.tree.leaves(arrays)))))
+
+
+def out_struct(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """A Pallas kernel's output type: ``shape``/``dtype``, varying over the mesh axes its inputs vary over
+    (under shard_map with check_vma, pallas_call refuses an output type that does not say)."""
+    return jax.ShapeDtypeStruct(shape, dtype,
+                                manual_axis_type=jax.sharding.ManualAxisType(varying=frozenset(varying_axes(*inputs))))
+
+
 def silu(x):
     return x * jax.nn.sigmoid(x)
 

@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import platform as platform_lib
-import subprocess
 import sys
 import time
 
@@ -39,11 +38,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import pallas_kernels as pk  # noqa: E402
+from epsjax.provenance import git_commit  # noqa: E402
 from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector  # noqa: E402
-from pallas_kernels.chunked_gemm import ChunkTiling  # noqa: E402
-from pallas_kernels.dense_gemm import DenseTiling  # noqa: E402
-from pallas_kernels.group_gemm_mgpu import MosaicTiling  # noqa: E402
-from pallas_kernels.group_gemm_triton import TritonTiling  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +60,6 @@ SHAPES = (
 )
 GPU_TOKENS = (1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 QUICK_TOKENS = (1, 8, 64, 256)
-TILINGS = {  # candidates per backend; the fastest is recorded
-    "mosaic_gpu": (MosaicTiling(128, 128, 64, 4), MosaicTiling(64, 128, 64, 4), MosaicTiling(128, 256, 64, 3)),
-    "pallas_triton": (TritonTiling(64, 128, 64, 4, 3), TritonTiling(128, 128, 64, 8, 3), TritonTiling(16, 64, 64, 4, 4)),
-    "jax_triton": (TritonTiling(64, 128, 64, 4, 3), TritonTiling(128, 128, 64, 8, 3), TritonTiling(16, 64, 64, 4, 4)),
-    "dense": (DenseTiling(),),
-    "chunked": (ChunkTiling(16), ChunkTiling(64), ChunkTiling(256)),
-    "ragged_dot": (None,),
-}
 
 
 def quick_shape(shape: MoeShape) -> MoeShape:
@@ -157,7 +145,7 @@ def run_point(op, backend, tilings, operands, sizes, repeats):
     best = (None, None)
     for tiling in tilings:
         if backend == "mosaic_gpu" and not group_gemm_mgpu.supports(operands[0].dtype, operands[1].shape[1],
-                                                                     operands[1].shape[2], tiling):
+                                                                     operands[1].shape[2], tiling, op=op):
             continue
         fn = getattr(pk, op)
         jitted = jax.jit(lambda *args, t=tiling: fn(*args, backend=backend, tiling=t))
@@ -187,12 +175,6 @@ def tiling_json(tiling):
                                         for k, v in dataclasses.asdict(tiling).items()}
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cpu_model() -> str:
@@ -277,7 +259,7 @@ def main(argv=None):
         operands = make_operands(op, m, shape, dtype, key)
         flops = 2 * m * shape.d * shape.f * (3 if op == "expert_ffn" else 1)
         for backend in backends:
-            seconds, tiling = run_point(op, backend, TILINGS[backend], operands, sizes, repeats)
+            seconds, tiling = run_point(op, backend, selector.candidate_tilings(backend), operands, sizes, repeats)
             if seconds is None:
                 continue
             tflops = flops / seconds / 1e12

@@ -167,7 +167,7 @@ def stage_gemm_times(costs: CostModel, backend: str, mu: np.ndarray, total: floa
 def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
     """The modelled backends that can run the expert FFN's GEMMs ([., D] x [D, F] and [., F] x [F, D]) in the
     cost model's dtype: the Pallas GroupGemms take 16-bit operands only (the selector sends others to XLA), and
-    Mosaic GPU needs K % 64 == N % 128 == 0 (pallas_kernels.group_gemm_mgpu.supports)."""
+    Mosaic GPU needs both expert FFN kernels' tiles to divide D and F (pallas_kernels.group_gemm_mgpu.supports)."""
     try:
         import jax.numpy as jnp
         from pallas_kernels import group_gemm_mgpu
@@ -178,7 +178,7 @@ def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
     for name in costs.backends:
         if name in ("mosaic_gpu", "pallas_triton", "jax_triton") and dtype.itemsize != 2:
             continue
-        if name == "mosaic_gpu" and not (group_gemm_mgpu.supports(dtype, d, f) and group_gemm_mgpu.supports(dtype, f, d)):
+        if name == "mosaic_gpu" and not group_gemm_mgpu.supports(dtype, d, f, op="expert_ffn"):
             continue
         out.append(name)
     return tuple(out) or costs.backends

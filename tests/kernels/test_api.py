@@ -5,7 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax.sharding import PartitionSpec as P
+
 import pallas_kernels as pk
+
+from . import kernel_cases as kc
 
 
 def _worked_example():
@@ -55,3 +59,22 @@ def test_errors():
     with pytest.raises(ValueError, match="w_down"):
         pk.expert_ffn(jnp.zeros((8, 4)), jnp.zeros((2, 4, 6)), jnp.zeros((2, 4, 6)), jnp.zeros((2, 4, 6)),
                       jnp.array([3, 3], jnp.int32))
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "chunked"])
+def test_kernels_run_inside_shard_map(backend):
+    # Under shard_map (check_vma on), a Pallas kernel's output type must say which mesh axes it varies over; the
+    # expert-parallel MoE calls the kernels this way. (pallas_triton's interpret mode trips over jax's own
+    # varying-axes check inside shard_map; tests/aot builds it there for a GPU instead.)
+    mesh = jax.make_mesh((2,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    lhs, rhs = kc.random_operands(3, 64, 64, 128, 4, "bfloat16")
+    sizes = jnp.array([20, 0, 30, 14], jnp.int32)
+
+    def local(lhs_MK, rhs_EKN, sizes_G):  # each device: its 2 experts (group_offset = 2 * index)
+        offset = jax.lax.axis_index("expert") * 2
+        return pk.group_gemm(lhs_MK, rhs_EKN, sizes_G, group_offset=offset, backend=backend,
+                             interpret=backend != "chunked")[None]
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("expert"), P()), out_specs=P("expert"))(lhs, rhs, sizes)
+    expected = kc.oracle_group_gemm(lhs, rhs, np.asarray(sizes), kc.expected_slots(4, 4))
+    kc.assert_close(out.sum(0), expected, "bfloat16")

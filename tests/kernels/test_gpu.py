@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 import pallas_kernels as pk
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton
+from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets
 from pallas_kernels.group_gemm_mgpu import MosaicTiling
 from pallas_kernels.group_gemm_triton import TritonTiling
 
@@ -28,7 +28,7 @@ requires_gpu = pytest.mark.skipif(not kc.on_gpu(), reason=NO_GPU)
 
 
 def _is_hopper():
-    return kc.on_gpu() and "H100" in jax.devices()[0].device_kind or "H200" in jax.devices()[0].device_kind
+    return kc.on_gpu() and targets.is_hopper_kind(jax.devices()[0].device_kind)  # H100, H800, H200, H20
 
 
 # ---------------------------------------------------------------- compiled, GPU
@@ -36,8 +36,9 @@ def _is_hopper():
 
 GPU_CASES = [
     ("pallas_triton", TritonTiling(64, 64, 32)),
-    ("mosaic_gpu", MosaicTiling(128, 128, 64, 4)),
+    ("mosaic_gpu", MosaicTiling(128, 64, 64, 4)),
     ("mosaic_gpu", MosaicTiling(64, 128, 64, 3, num_sms=16)),  # SMs left to communication
+    ("mosaic_gpu", None),  # the defaults: 128x64 fused gate/up, 128x128 down
     ("jax_triton", TritonTiling(64, 128, 64)),
 ]
 GPU_LOADS = {
@@ -104,8 +105,8 @@ def _lower_for_h100(fn, *args):
 
 @pytest.mark.parametrize("module,tiling,target", [
     (group_gemm_triton, TritonTiling(64, 128, 64), "__gpu$xla.gpu.triton"),
-    (group_gemm_mgpu, MosaicTiling(128, 128, 64, 4), "mosaic_gpu"),
-    (group_gemm_mgpu, MosaicTiling(64, 256, 64, 2, num_sms=100), "mosaic_gpu"),
+    (group_gemm_mgpu, MosaicTiling(128, 64, 64, 4), "mosaic_gpu"),
+    (group_gemm_mgpu, MosaicTiling(64, 128, 64, 2, num_sms=100), "mosaic_gpu"),
 ], ids=["pallas_triton", "mosaic_gpu", "mosaic_gpu_100_sms"])
 def test_lowers_for_h100(module, tiling, target):
     x = jnp.zeros((300, 512), jnp.bfloat16)
@@ -122,17 +123,9 @@ def test_lowers_for_h100(module, tiling, target):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_triton_kernel_compiles_for_sm90(fused):
-    triton = pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu extra)")
-    from triton.backends.compiler import GPUTarget
-
-    signature = {name: "*i32" for name in ("tile_ptr", "lo_ptr", "hi_ptr", "slot_ptr")}
-    signature |= {name: "*bf16" for name in ("lhs_ptr", "rhs_ptr", "up_ptr", "out_ptr")}
-    constants = dict(M=1000, K=5120, N=1536, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, FUSED=fused)
-    signature |= {name: "constexpr" for name in constants}
-    source = triton.compiler.ASTSource(fn=group_gemm_jax_triton.triton_kernel(), signature=signature,
-                                       constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
-    assert "wgmma" in compiled.asm["ptx"]  # Hopper tensor-core path
+    pytest.importorskip("triton", reason="triton is not installed (it comes with the gpu and aot extras)")
+    ptx = group_gemm_jax_triton.ptx(1000, 5120, 1536, jnp.bfloat16, TritonTiling(64, 128, 64), fused=fused)
+    assert "wgmma" in ptx  # Hopper tensor-core path
 
 
 def test_gpu_only_backends_refuse_cpu_without_interpret():
@@ -147,8 +140,8 @@ def test_gpu_only_backends_refuse_cpu_without_interpret():
         pk.group_gemm(lhs, rhs, sizes, backend="jax_triton", interpret=True)
 
 
-@pytest.mark.parametrize("tiling", [MosaicTiling(128, 128, 64, 4), MosaicTiling(128, 256, 64, 8),
-                                    MosaicTiling(64, 256, 64, 6)], ids=str)
+@pytest.mark.parametrize("tiling", [MosaicTiling(128, 64, 64, 8), MosaicTiling(64, 128, 64, 8),
+                                    MosaicTiling(128, 64, 64, 12)], ids=str)
 def test_mosaic_stages_fit_shared_memory(tiling):
     # fit_stages drops pipeline stages until Mosaic GPU's own shared-memory check passes at lowering.
     x = jnp.zeros((256, 512), jnp.bfloat16)
@@ -157,3 +150,60 @@ def test_mosaic_stages_fit_shared_memory(tiling):
     _lower_for_h100(lambda a, b, c, g: group_gemm_mgpu.gate_up(a, b, c, g, tiling=tiling), x, w, w, sizes)
     fitted = group_gemm_mgpu.fit_stages(tiling, 2, 2)
     assert group_gemm_mgpu.smem_bytes(fitted, 2, 2) <= group_gemm_mgpu.MAX_SMEM_BYTES
+
+
+# ------------------------------------------------------- resources, without compiling
+
+def test_mosaic_resource_model_refuses_what_spills():
+    # One warpgroup holds every float32 accumulator: block_m * block_n / 128 registers per thread per weight.
+    # ptxas (sm_90a, scripts/aot_check.py --refused) spills and serializes wgmma above 192 of them.
+    assert group_gemm_mgpu.resources(MosaicTiling(128, 128), 2, 1).accumulator_registers == 128
+    assert group_gemm_mgpu.resources(MosaicTiling(128, 128), 2, 2).accumulator_registers == 256
+    assert group_gemm_mgpu.default_tiling(2) == MosaicTiling(128, 64)
+    with pytest.raises(ValueError, match=r"256 float32 accumulator registers per thread in the fused gate/up"):
+        group_gemm_mgpu.check_tiling(MosaicTiling(128, 128), jnp.bfloat16, 4096, 14336, num_weights=2)
+    with pytest.raises(ValueError, match=r"256 float32 accumulator registers per thread in the kernel"):
+        group_gemm_mgpu.check_tiling(MosaicTiling(128, 256), jnp.bfloat16, 4096, 14336, num_weights=1)
+    assert group_gemm_mgpu.check_tiling(None, jnp.bfloat16, 4096, 14336, num_weights=2) == MosaicTiling(128, 64)
+    assert group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 128))
+    assert not group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 128), op="expert_ffn")
+    # Every candidate the selector may pick for a kernel fits the model (the AOT test checks ptxas agrees).
+    for tiling in selector.candidate_tilings("mosaic_gpu"):
+        assert group_gemm_mgpu.resources(tiling or MosaicTiling(), 2, 1).fits_registers
+
+
+PTXAS_OUTPUT = """\
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 772 by compiler to allow use of registers in GMMA in function 'gate_up_mosaic_gpu_kernel'
+ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'gate_up_mosaic_gpu_kernel'
+ptxas warning : Registers are spilled to local memory in function 'gate_up_mosaic_gpu_kernel', 896 bytes spill stores, 896 bytes spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'gate_up_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for gate_up_mosaic_gpu_kernel
+    528 bytes stack frame, 896 bytes spill stores, 896 bytes spill loads
+ptxas info    : Used 255 registers, used 2 barriers, 528 bytes cumulative stack size, 1 bytes smem
+I1129 19:18:37.503485    3748 subprocess_compilation.cc:356] ptxas info    : 64 bytes gmem
+ptxas info    : Compiling entry function 'loop_compare_fusion' for 'sm_90a'
+ptxas info    : Function properties for loop_compare_fusion
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 0 barriers
+"""
+
+
+def test_ptxas_report_reads_registers_spills_and_serialization():
+    report = targets.ptxas_report(PTXAS_OUTPUT)
+    assert set(report) == {"gate_up_mosaic_gpu_kernel", "loop_compare_fusion"}
+    fused = report["gate_up_mosaic_gpu_kernel"]
+    assert (fused.registers, fused.spill_store_bytes, fused.spill_load_bytes, fused.stack_bytes) == (255, 896, 896, 528)
+    assert fused.serialized_wgmma and fused.injected_arrives and fused.spills
+    plain = report["loop_compare_fusion"]
+    assert (plain.registers, plain.spills, plain.serialized_wgmma) == (10, False, False)
+
+
+def test_target_config_carries_the_device_facts():
+    text = targets.target_config("h200")
+    assert 'name: "NVIDIA H200"' in text and "core_count: 132" in text and "memory_bandwidth: 4800000000000" in text
+    assert targets.target_for_kind("NVIDIA H200") is targets.TARGETS["h200"]
+    assert targets.target_for_kind("NVIDIA H20") is targets.TARGETS["h20"]
+    assert targets.target_for_kind("NVIDIA H800") is targets.TARGETS["h800"]
+    assert targets.target_for_kind("NVIDIA A100-SXM4-80GB") is None
+    assert all(targets.is_hopper_kind(t.device_kind) for t in targets.TARGETS.values())
