@@ -98,8 +98,10 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.experts = experts
         self.batch_sharding = batch_sharding
-        self._prefill = jax.jit(_prefill, static_argnames=("graphdef", "experts", "cache_len", "all_logits"))
-        self._decode = jax.jit(_decode_step, static_argnames=("graphdef", "experts"), donate_argnames=("state",))
+        options = compiler_options(experts)
+        self._prefill = jax.jit(_prefill, static_argnames=_PREFILL_STATIC, compiler_options=options)
+        self._decode = jax.jit(_decode_step, static_argnames=("graphdef", "experts"), donate_argnames=("state",),
+                               compiler_options=options)
 
     # Validation ------------------------------------------------------------------------------------------------
 
@@ -207,6 +209,23 @@ class Engine:
         return GenerateResult(tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               prompt_tokens=int(mask_BT.sum()), generated_tokens=sum(len(o) for o in out),
                               tokens_per_expert=tokens_per_expert, dropped=dropped)
+
+
+_PREFILL_STATIC = ("graphdef", "experts", "cache_len", "all_logits")
+
+
+def compiler_options(experts: ExpertCompute) -> dict | None:
+    """The XLA options an expert compute asks of the programs that run it (e.g. the GPU latency-hiding
+    scheduler for expert parallelism), or None."""
+    return getattr(experts, "compiler_options", None) or None
+
+
+def lower_prefill(graphdef, params, tokens_BT, mask_BT, *, experts: ExpertCompute, cache_len: int,
+                  all_logits: bool = False):
+    """The Engine's prefill program lowered for (possibly abstract) inputs: ShapeDtypeStructs with shardings
+    over compile-only devices build it for a GPU without one (epsjax.aot)."""
+    return jax.jit(_prefill, static_argnames=_PREFILL_STATIC, compiler_options=compiler_options(experts)).lower(
+        graphdef, params, tokens_BT, mask_BT, experts=experts, cache_len=cache_len, all_logits=all_logits)
 
 
 def _prefill(graphdef, params, tokens_BT, mask_BT, *, experts, cache_len: int, all_logits: bool):

@@ -67,6 +67,22 @@ class EPExperts:
         return self.transport
 
     @property
+    def compiler_options(self) -> dict:
+        """XLA options for the programs that run this layer (jax.jit's compiler_options). On a GPU mesh (seen in
+        XLA:GPU's schedule by scripts/aot_check.py, jax 0.11.2):
+
+        - the latency-hiding scheduler: without it every collective stays synchronous, so no stage's
+          all-to-all overlaps another stage's GEMMs;
+        - two collectives in flight: with one, the scheduler serialises the dispatches of stages 1..PN-2
+          before stage 0's GEMMs; with two, stage s's return and stage s+2's dispatch both overlap stage s+1's
+          GEMMs, EPS-MoE's pipeline.
+        """
+        if self.mesh.devices.flat[0].platform in ("gpu", "cuda"):
+            return {"xla_gpu_enable_latency_hiding_scheduler": True,
+                    "xla_gpu_experimental_parallel_collective_overlap_limit": 2}
+        return {}
+
+    @property
     def expert_parallel_size(self) -> int:
         return axis_size(self.mesh, self.rule_set.expert_axes)
 

@@ -8,7 +8,9 @@ at call time. Every implementation has the same contract:
 
 y_TD[t] = sum_k weights_TK[t, k] * FFN_{ids_TK[t, k]}(x_TD[t]) for valid tokens (0 for invalid ones), and
 stats reports the tokens routed to each expert and how many assignments were dropped (0 unless a capacity was
-asked for). Implementations are frozen dataclasses: hashable, so they can be static arguments of jit.
+asked for). Implementations are frozen dataclasses: hashable, so they can be static arguments of jit. One may
+also expose `compiler_options`, XLA options the programs that run it should be compiled with (EPExperts asks
+for XLA:GPU's latency-hiding scheduler); the Engine passes them to jax.jit.
 It lives here, below models/, so that sharding's expert-parallel implementation does not import models/.
 """
 

@@ -64,3 +64,37 @@ ENTRY %main (p: f32[8,4]) -> f32[8,4] {
     assert report.return_violations == []
     assert [c.split(":")[1] for c in report.collectives] == ["ep_dispatch_0", "ep_return_0", "ep_dispatch_1",
                                                              "ep_return_1"]
+
+
+def test_report_infers_the_scopes_xla_gpu_drops_and_finds_gemms_in_flight():
+    # XLA:GPU's ragged all-to-alls carry no metadata. The payload of %r0 was computed in ep_experts_0, so it is
+    # stage 0's return; %d1's result is read first in ep_experts_1, so it is stage 1's dispatch. %d1 is in
+    # flight across stage 0's GEMM (a fusion around a Mosaic GPU custom call); %r0 across stage 1's.
+    text = """HloModule m, is_scheduled=true
+
+%gemm_body (a: bf16[8,4]) -> bf16[8,4] {
+  %a = bf16[8,4]{1,0} parameter(0)
+  ROOT %k = bf16[8,4]{1,0} custom-call(%a), custom_call_target="mosaic_gpu_v2"
+}
+
+ENTRY %main (p: bf16[8,4]) -> bf16[8,4] {
+  %p = bf16[8,4]{1,0} parameter(0)
+  %d0 = bf16[8,4]{1,0} ragged-all-to-all(%p), channel_id=1
+  %g0 = bf16[8,4]{1,0} fusion(%d0), kind=kCustom, calls=%gemm_body, metadata={op_name="jit(f)/ep_experts_0/pallas"}
+  %d1s = (bf16[8,4]{1,0}, bf16[8,4]{1,0}) ragged-all-to-all-start(%p), channel_id=2
+  %y0 = bf16[8,4]{1,0} fusion(%g0), kind=kLoop, calls=%gemm_body, metadata={op_name="jit(f)/ep_experts_0/scatter"}
+  %d1 = bf16[8,4]{1,0} ragged-all-to-all-done(%d1s)
+  %r0s = (bf16[8,4]{1,0}, bf16[8,4]{1,0}) ragged-all-to-all-start(%y0), channel_id=3
+  %g1 = bf16[8,4]{1,0} fusion(%d1), kind=kCustom, calls=%gemm_body, metadata={op_name="jit(f)/ep_experts_1/pallas"}
+  %r0 = bf16[8,4]{1,0} ragged-all-to-all-done(%r0s)
+  ROOT %r1 = bf16[8,4]{1,0} ragged-all-to-all(%g1), channel_id=4
+}
+"""
+    report = hlo_report.report(text)
+    assert report.collectives == ["ragged-all-to-all:ep_dispatch_0", "ragged-all-to-all-start:ep_dispatch_1",
+                                  "ragged-all-to-all-start:ep_return_0", "ragged-all-to-all:ep_return_1"]
+    assert report.pair("ep_dispatch_1").gemms_between == ("ep_experts_0",)
+    assert report.pair("ep_dispatch_1").overlaps_other_stage_gemm()
+    assert report.pair("ep_return_0").gemms_between == ("ep_experts_1",)
+    assert report.host_transfers == []
+    assert "GEMM kernels of ep_experts_0" in report.summary()
