@@ -58,8 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_platforms() -> None:
+    """CPU when no NVIDIA driver is visible: with the CUDA plugin installed (the gpu or aot extras) jax would
+    otherwise try CUDA first and print its failure before falling back. JAX_PLATFORMS, when set, wins."""
+    if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _default_platforms()
     if args.devices:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
