@@ -15,10 +15,10 @@ and its tiling.
 Fallback when no table matches (documented rules, no measurement behind
 them):
 
-* CPU: ``"dense"`` for balanced loads of >= 64 tokens per expert in 16-bit
-  types (Eigen's batched matmul), otherwise ``"chunked"`` (a grouped loop
-  whose work does not grow with skew).  Never ragged_dot (XLA:CPU expands it
-  into a masked dense product) and never an interpret-mode Pallas kernel.
+* CPU: ``"dense"`` for balanced loads of >= 32 tokens per expert (capacity buckets up to 1.5x the mean, with
+  the grouped fallback past that), otherwise ``"chunked"`` (a grouped loop whose work does not grow with skew,
+  its windows sized from the load).  Never ragged_dot (XLA:CPU expands it into a masked dense product) and never
+  an interpret-mode Pallas kernel.
 * Hopper GPU (sm_90), 16-bit types, ``K % 64 == N % 128 == 0``:
   ``"mosaic_gpu"`` below 4096 tokens per expert, ``"dense"`` from 4096 on
   (EPS-MoE's crossover: GroupGemm wins below ~2K tokens per expert and
@@ -51,7 +51,7 @@ BACKENDS = ("reference", "ragged_dot", "dense", "chunked", "pallas_triton", "mos
 GPU_ONLY = ("pallas_triton", "mosaic_gpu", "jax_triton")  # compiled kernels; the first two also interpret
 PROFILE_DIR = pathlib.Path(__file__).parent / "profiles"
 DENSE_CROSSOVER_TOKENS = 4096  # EPS-MoE: DenseGemm wins above ~4K tokens per expert
-CPU_DENSE_MIN_TOKENS = 64
+CPU_DENSE_MIN_TOKENS = 32
 SKEW_RATIO = 2.0
 
 
@@ -147,15 +147,16 @@ def _from_table(table, tpe, e, k, n, dtype, op, load, plat, exclude) -> Choice |
     if not entries:
         return None
 
-    def log_dist(x, keys):
-        return sum(abs(math.log2(max(x[key], 1)) - math.log2(max(val, 1))) for key, val in keys)
+    def log_dist(x, keys):  # tokens per expert go below 1 at decode; the floor only guards log(0)
+        return sum(abs(math.log2(max(x[key], 1 / 64)) - math.log2(max(val, 1 / 64))) for key, val in keys)
 
     best_shape = min(log_dist(x, (("E", e), ("K", k), ("N", n))) for x in entries)
     entries = [x for x in entries if log_dist(x, (("E", e), ("K", k), ("N", n))) == best_shape]
     entries = [x for x in entries if x["load"] == load] or entries
     best_tpe = min(log_dist(x, (("tokens_per_expert", tpe),)) for x in entries)
     entries = [x for x in entries if log_dist(x, (("tokens_per_expert", tpe),)) == best_tpe]
-    fastest = min(entries, key=lambda x: x["seconds"])
+    # Fastest by throughput (rows per second, same shape): comparable when two measured loads tie for nearest.
+    fastest = max(entries, key=lambda x: x["tokens_per_expert"] / x["seconds"])
     tiling = tiling_from_dict(fastest["backend"], fastest.get("tiling"))
     return Choice(fastest["backend"], tiling,
                   f"table {table_name(table['device_kind'])}: fastest at E={fastest['E']} K={fastest['K']} "
@@ -170,8 +171,8 @@ def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude, op) -> Choice:
         return Choice("ragged_dot", None, "fallback rule: everything else excluded")
 
     if plat not in ("gpu", "cuda"):
-        if not skewed and tpe >= CPU_DENSE_MIN_TOKENS and dtype.itemsize == 2:
-            return pick("dense", "chunked", reason="CPU, balanced 16-bit load")
+        if not skewed and tpe >= CPU_DENSE_MIN_TOKENS:
+            return pick("dense", "chunked", reason="CPU, balanced load")
         return pick("chunked", "dense", reason="CPU")
     from pallas_kernels import group_gemm_mgpu
 
@@ -200,7 +201,8 @@ def candidate_tilings(backend: str) -> tuple:
         "pallas_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "jax_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "dense": (None,),
-        "chunked": (chunked_gemm.ChunkTiling(16), chunked_gemm.ChunkTiling(64), chunked_gemm.ChunkTiling(256)),
+        "chunked": (None, chunked_gemm.ChunkTiling(8), chunked_gemm.ChunkTiling(32, 8),
+                    chunked_gemm.ChunkTiling(128, 16), chunked_gemm.ChunkTiling(512, 32)),
         "ragged_dot": (None,),
     }
     return candidates.get(backend, (None,))

@@ -58,8 +58,16 @@ SHAPES = (
     MoeShape("arctic", 7168, 4864, 128, 2),
     MoeShape("qwen3-30b-a3b", 2048, 768, 128, 8),
 )
+# --cpu: the expert shapes of the mid-size models a CPU serves (those of scripts/bench_vs_transformers.py), from
+# decode (a fraction of a token per expert) to prefill loads.
+CPU_SHAPES = (
+    MoeShape("mixtral-mid", 1024, 3584, 8, 2),
+    MoeShape("qwen3-moe-mid", 1024, 384, 64, 8),
+    MoeShape("deepseek-v2-mid", 1024, 384, 32, 6),
+)
 GPU_TOKENS = (1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384)
 QUICK_TOKENS = (1, 8, 64, 256)
+CPU_TOKENS = (0.125, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def quick_shape(shape: MoeShape) -> MoeShape:
@@ -67,11 +75,16 @@ def quick_shape(shape: MoeShape) -> MoeShape:
                                experts=max(4, shape.experts // 8))
 
 
-def group_sizes(load: str, tokens_per_expert: int, experts: int, seed: int = 0) -> np.ndarray:
-    """Balanced: every expert gets the mean.  Skewed: Dirichlet(0.3) shares of the same total."""
-    total = tokens_per_expert * experts
+def group_sizes(load: str, tokens_per_expert: float, experts: int, seed: int = 0) -> np.ndarray:
+    """Balanced: every expert gets the mean (below one token per expert: one row each for a random subset, as
+    at decode).  Skewed: Dirichlet(0.3) shares of the same total."""
+    total = max(1, round(tokens_per_expert * experts))
     if load == "balanced":
-        return np.full(experts, tokens_per_expert, np.int32)
+        if tokens_per_expert < 1:
+            sizes = np.zeros(experts, np.int32)
+            sizes[np.random.default_rng(seed).choice(experts, total, replace=False)] = 1
+            return sizes
+        return np.full(experts, int(tokens_per_expert), np.int32)
     shares = np.random.default_rng(seed).dirichlet(np.full(experts, 0.3))
     sizes = np.floor(shares * total).astype(np.int32)
     sizes[np.argmax(sizes)] += total - sizes.sum()
@@ -193,10 +206,10 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = sorted({(r["model"], r["op"]) for r in results["entries"]})
+    shapes = sorted({(r["model"], r["op"], r["dtype"]) for r in results["entries"]})
     fig, axes = plt.subplots(len(shapes), 1, figsize=(8, 3.2 * len(shapes)), squeeze=False)
-    for ax, (model, op) in zip(axes[:, 0], shapes):
-        rows = [r for r in results["entries"] if r["model"] == model and r["op"] == op]
+    for ax, (model, op, dtype) in zip(axes[:, 0], shapes):
+        rows = [r for r in results["entries"] if r["model"] == model and r["op"] == op and r["dtype"] == dtype]
         for backend, load in sorted({(r["backend"], r["load"]) for r in rows}):
             pts = sorted((r["tokens_per_expert"], r["tflops"]) for r in rows if r["backend"] == backend and r["load"] == load)
             ax.plot(*zip(*pts), marker="o", linestyle="-" if load == "balanced" else "--", label=f"{backend} ({load})")
@@ -219,10 +232,13 @@ def plot(results, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and token counts (CPU check)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU table: mid-size expert shapes, decode to prefill loads, float32 and bfloat16, "
+                             "expert_ffn, the CPU backends")
     parser.add_argument("--models", nargs="*", default=[s.name for s in SHAPES])
     parser.add_argument("--ops", nargs="*", default=["group_gemm", "expert_ffn"])
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--tokens", nargs="*", type=int, help="tokens per expert to sweep")
+    parser.add_argument("--dtype", default=None, help="comma-separated (default: bfloat16; --cpu: float32,bfloat16)")
+    parser.add_argument("--tokens", nargs="*", type=float, help="tokens per expert to sweep")
     parser.add_argument("--backends", nargs="*", help="default: every backend that runs natively here")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-rows", type=int, default=1 << 20, help="skip points with more rows (memory)")
@@ -233,13 +249,17 @@ def main(argv=None):
 
     device = jax.devices()[0]
     kind, plat = device.device_kind, device.platform
-    dtype = jnp.dtype(args.dtype)
-    tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else GPU_TOKENS))
+    dtypes = [jnp.dtype(d) for d in (args.dtype or ("float32,bfloat16" if args.cpu else "bfloat16")).split(",")]
+    tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else CPU_TOKENS if args.cpu else GPU_TOKENS))
     repeats = args.repeats or (5 if plat == "cpu" else 20)
-    backends = args.backends or backends_here(plat, kind)
-    shapes = [quick_shape(s) if args.quick else s for s in SHAPES if s.name in args.models]
-    points = [(op, s, t, load) for op in args.ops for s in shapes for t in tokens for load in ("balanced", "skewed")
-              if t * s.experts <= args.max_rows]
+    backends = args.backends or [b for b in backends_here(plat, kind) if not (args.cpu and b == "ragged_dot")]
+    if args.cpu:
+        shapes, ops = list(CPU_SHAPES), ["expert_ffn"]
+    else:
+        shapes = [quick_shape(s) if args.quick else s for s in SHAPES if s.name in args.models]
+        ops = args.ops
+    points = [(op, s, t, load, dtype) for dtype in dtypes for op in ops for s in shapes for t in tokens
+              for load in ("balanced", "skewed") if t * s.experts <= args.max_rows]
 
     results = {
         "device_kind": kind, "platform": plat, "is_cpu": plat == "cpu",
@@ -247,15 +267,15 @@ def main(argv=None):
         "jax_version": jax.__version__, "commit": git_commit(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["scripts/profile_gemm.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "dtype": dtype.name, "entries": [], "peers": [],
+        "quick": args.quick, "dtypes": [d.name for d in dtypes], "entries": [], "peers": [],
     }
     dense_at_m = {}  # (K, N, M) -> TFLOP/s of one plain [M, K] x [K, N] matmul
     key = jax.random.key(0)
-    for op, shape, tpe, load in tqdm(points, desc=f"profile {kind}", unit="point"):
+    for op, shape, tpe, load, dtype in tqdm(points, desc=f"profile {kind}", unit="point"):
         sizes = group_sizes(load, tpe, shape.experts)
         m = int(sizes.sum())
-        if (shape.d, shape.f, m) not in dense_at_m:
-            dense_at_m[(shape.d, shape.f, m)] = dense_peak(m, shape.d, shape.f, dtype, repeats)
+        if (shape.d, shape.f, m, dtype.name) not in dense_at_m:
+            dense_at_m[(shape.d, shape.f, m, dtype.name)] = dense_peak(m, shape.d, shape.f, dtype, repeats)
         operands = make_operands(op, m, shape, dtype, key)
         flops = 2 * m * shape.d * shape.f * (3 if op == "expert_ffn" else 1)
         for backend in backends:
@@ -267,7 +287,7 @@ def main(argv=None):
                 op=op, model=shape.name, E=shape.experts, K=shape.d, N=shape.f, dtype=dtype.name, load=load,
                 tokens_per_expert=tpe, max_tokens_per_expert=int(sizes.max()), backend=backend,
                 tiling=tiling_json(tiling), seconds=seconds, tflops=tflops,
-                dense_same_m_tflops=dense_at_m[(shape.d, shape.f, m)]))
+                dense_same_m_tflops=dense_at_m[(shape.d, shape.f, m, dtype.name)]))
         if op == "group_gemm" and plat == "gpu":
             peer = torch_grouped_mm(operands[0], operands[1], sizes, repeats)
             if peer is not None:
@@ -276,7 +296,7 @@ def main(argv=None):
 
     # The dense peak of a shape: the best plain matmul over the sweep's sizes (same K, N, dtype).
     for e in results["entries"]:
-        peak = max(v for (k, n, _), v in dense_at_m.items() if (k, n) == (e["K"], e["N"]))
+        peak = max(v for (k, n, _, dt), v in dense_at_m.items() if (k, n, dt) == (e["K"], e["N"], e["dtype"]))
         e["dense_peak_tflops"] = peak
         e["peak_fraction"] = e["tflops"] / peak
     out_dir = pathlib.Path(args.out_dir)
@@ -309,13 +329,13 @@ def summarize(results):
     """The winner per point, printed as a table."""
     by_point = {}
     for e in results["entries"]:
-        by_point.setdefault((e["op"], e["model"], e["load"], e["tokens_per_expert"]), []).append(e)
-    print(f"{'op':11s} {'model':14s} {'load':9s} {'tok/exp':>7s}  winner       TFLOP/s  peak%   others")
-    for (op, model, load, tpe), rows in sorted(by_point.items()):
+        by_point.setdefault((e["op"], e["model"], e["dtype"], e["load"], e["tokens_per_expert"]), []).append(e)
+    print(f"{'op':11s} {'model':16s} {'dtype':9s} {'load':9s} {'tok/exp':>7s}  winner       TFLOP/s  peak%   others")
+    for (op, model, dtype, load, tpe), rows in sorted(by_point.items()):
         rows.sort(key=lambda e: e["seconds"])
         best = rows[0]
         others = " ".join(f"{e['backend']}={e['tflops']:.3g}" for e in rows[1:])
-        print(f"{op:11s} {model:14s} {load:9s} {tpe:7d}  {best['backend']:12s} {best['tflops']:7.3g} "
+        print(f"{op:11s} {model:16s} {dtype:9s} {load:9s} {tpe:7g}  {best['backend']:12s} {best['tflops']:7.3g} "
               f"{100 * best['peak_fraction']:5.1f}%  {others}")
 
 

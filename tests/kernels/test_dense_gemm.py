@@ -14,7 +14,7 @@ from . import kernel_cases as kc
 
 M, NUM_GROUPS, NUM_SLOTS, K, N = 100, 5, 4, 24, 40
 TILINGS = [
-    DenseTiling(),  # cdiv(M, S) * (1, 2, 4): 32, 56, 100
+    DenseTiling(),  # cdiv(M, S) * (1, 9/8, 5/4, 3/2): 32, 40
     DenseTiling((8, 16), fallback="chunked"),  # most loads overflow: the fallback runs
     DenseTiling((8, 16), fallback="ragged_dot"),
 ]
@@ -55,8 +55,9 @@ def test_bucket_choice_is_made_at_run_time(sizes, expected_branch):
 
 
 def test_default_buckets():
-    assert DenseTiling().buckets(100, 4) == (32, 56, 100)
-    assert DenseTiling().buckets(4096, 8) == (512, 1024, 2048)
+    # cdiv(M, S) times 1, 9/8, 5/4, 3/2, rounded up to multiples of 8 and capped at M.
+    assert DenseTiling().buckets(100, 4) == (32, 40)
+    assert DenseTiling().buckets(4096, 8) == (512, 576, 640, 768)
     assert DenseTiling((8, 16, 1000)).buckets(100, 4) == (8, 16, 100)
 
 

@@ -30,7 +30,8 @@ def test_cpu_rules():
     assert rule(tokens_per_expert=128, dtype=jnp.bfloat16).backend == "dense"
     assert rule(tokens_per_expert=8, dtype=jnp.bfloat16).backend == "chunked"
     assert rule(tokens_per_expert=128, max_tokens_per_expert=1000, dtype=jnp.bfloat16).backend == "chunked"
-    assert rule(tokens_per_expert=128, dtype=jnp.float32).backend == "chunked"
+    assert rule(tokens_per_expert=128, dtype=jnp.float32).backend == "dense"
+    assert rule(tokens_per_expert=16, dtype=jnp.float32).backend == "chunked"
     assert "fallback rule" in rule(tokens_per_expert=8, dtype=jnp.float32).reason
 
 
@@ -106,7 +107,7 @@ def test_table_rows_of_unavailable_backends_are_ignored(fake_tables):
 
 def test_committed_cpu_table_is_labelled_and_loadable():
     table = selector.load_table("cpu")
-    assert table is not None, "pallas_kernels/profiles/cpu.json is missing: run scripts/profile_gemm.py --quick"
+    assert table is not None, "pallas_kernels/profiles/cpu.json is missing: run scripts/profile_gemm.py --cpu"
     assert table["is_cpu"] and table["platform"] == "cpu" and table["device_kind"] == "cpu"
     assert "CPU" in table["note"]
     for entry in table["entries"]:
