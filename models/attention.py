@@ -30,10 +30,16 @@ class AttentionContext:
     mask_BTS: jax.Array            # [B, T, S] bool, S = T (prefill) or the cache length (decode)
     write_index: jax.Array | int   # first cache slot the new tokens are written to
     attend_to_cache: bool          # static: decode-style attention over the whole cache
+    causal: bool = False           # static: mask_BTS never lets query t see key s > t (prefill_mask's promise)
 
 
 jax.tree_util.register_dataclass(
-    AttentionContext, data_fields=["positions_BT", "mask_BTS", "write_index"], meta_fields=["attend_to_cache"])
+    AttentionContext, data_fields=["positions_BT", "mask_BTS", "write_index"],
+    meta_fields=["attend_to_cache", "causal"])
+
+# Causal prefills longer than this attend in query blocks of this many tokens, each to the keys up to its end:
+# about half the score FLOPs, and score buffers of [block, S] per head instead of [T, T].
+ATTENTION_BLOCK = 512
 
 
 def write_cache(cache_layer: dict | None, new: dict, write_index) -> dict | None:
@@ -48,6 +54,38 @@ def write_cache(cache_layer: dict | None, new: dict, write_index) -> dict | None
 def masked_softmax(scores, mask):
     """softmax over the last axis in float32, masked keys excluded."""
     return jax.nn.softmax(jnp.where(mask, scores.astype(jnp.float32), _MASKED), axis=-1)
+
+
+def attend(q_BTNH, k_BSKH, v_BSKV, mask_BTS, scale: float, *, causal: bool = False):
+    """softmax(q k^T * scale, masked) v: [B, T, N, V] for N query heads over K key/value heads (N % K == 0; the
+    G = N / K query heads of a group share one key/value head).
+
+    Heads-major: each (batch, key/value head) is one matmul of its G * T queries against the S keys. XLA:CPU runs
+    this layout about 3x faster than contracting [B, T, K, G, H] directly (Mixtral-like layer, 4 x 256 tokens:
+    20 ms -> 6 ms), with identical results. With `causal` (query t sees no key after t, S == T), queries go in
+    blocks of ATTENTION_BLOCK, each over the keys up to its last query: the keys it skips are masked anyway.
+    """
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    if causal and T == S and T > ATTENTION_BLOCK:
+        outs = []
+        for t0 in range(0, T, ATTENTION_BLOCK):
+            t1 = min(T, t0 + ATTENTION_BLOCK)
+            outs.append(_attend(q_BTNH[:, t0:t1], k_BSKH[:, :t1], v_BSKV[:, :t1], mask_BTS[:, t0:t1, :t1], scale))
+        return jnp.concatenate(outs, axis=1)
+    return _attend(q_BTNH, k_BSKH, v_BSKV, mask_BTS, scale)
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKV, mask_BTS, scale: float):
+    B, T, N, H = q_BTNH.shape
+    S, K, V = k_BSKH.shape[1], k_BSKH.shape[2], v_BSKV.shape[-1]
+    G = N // K
+    q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # M = G * T
+    k_BKSH, v_BKSV = k_BSKH.transpose(0, 2, 1, 3), v_BSKV.transpose(0, 2, 1, 3)
+    scores_BKMS = jnp.einsum("BKMH,BKSH->BKMS", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    probs_BKGTS = masked_softmax(scores_BKMS.reshape(B, K, G, T, S), mask_BTS[:, None, None])
+    probs_BKMS = probs_BKGTS.reshape(B, K, G * T, S).astype(v_BSKV.dtype)
+    out_BKMV = jnp.einsum("BKMS,BKSV->BKMV", probs_BKMS, v_BKSV)
+    return out_BKMV.reshape(B, K, G, T, V).transpose(0, 3, 1, 2, 4).reshape(B, T, N, V)
 
 
 class GQAAttention(nnx.Module):
@@ -89,15 +127,9 @@ class GQAAttention(nnx.Module):
         else:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-        B, T, N, H = q_BTNH.shape
-        K = cfg.num_kv_heads
         with jax.named_scope("attention"):
-            q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-            scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
-                                      preferred_element_type=jnp.float32) * (H ** -0.5)
-            probs_BKGTS = masked_softmax(scores_BKGTS, ctx.mask_BTS[:, None, None])
-            out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKGH.reshape(B, T, N, H), self.o_NHD[...])
+            out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, ctx.mask_BTS, cfg.head_dim ** -0.5, causal=ctx.causal)
+            out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...])
         return out_BTD, new_cache
 
 
@@ -162,14 +194,13 @@ class MLAttention(nnx.Module):
                 out_latent_BTNC = jnp.einsum("BNTS,BSC->BTNC", probs_BNTS, latent_BSC)
                 out_BTNV = jnp.einsum("BTNC,CNV->BTNV", out_latent_BTNC, w_v_CNV)
             else:
+                # Decompressed per-head keys [nope | rope] (the rotary key is shared by the heads) and values.
                 k_nope_BSNP = jnp.einsum("BSC,CNP->BSNP", latent_BTC, w_k_CNP)
                 v_BSNV = jnp.einsum("BSC,CNV->BSNV", latent_BTC, w_v_CNV)
-                scores_BNTS = (jnp.einsum("BTNP,BSNP->BNTS", q_nope_BTNP, k_nope_BSNP,
-                                          preferred_element_type=jnp.float32)
-                               + jnp.einsum("BTNR,BSR->BNTS", q_rope_BTNR, k_rope_BTR,
-                                            preferred_element_type=jnp.float32)) * scale
-                probs_BNTS = masked_softmax(scores_BNTS, mask_B1TS).astype(v_BSNV.dtype)
-                out_BTNV = jnp.einsum("BNTS,BSNV->BTNV", probs_BNTS, v_BSNV)
+                k_BSNH = jnp.concatenate(
+                    [k_nope_BSNP, jnp.broadcast_to(k_rope_BTR[:, :, None, :], k_nope_BSNP.shape[:3] + (R,))], -1)
+                q_BTNH = jnp.concatenate([q_nope_BTNP, q_rope_BTNR], -1)
+                out_BTNV = attend(q_BTNH, k_BSNH, v_BSNV, ctx.mask_BTS, scale, causal=ctx.causal)
             out_BTD = jnp.einsum("BTNV,NVD->BTD", out_BTNV, self.o_NVD[...])
         return out_BTD, new_cache
 

@@ -97,9 +97,10 @@ class MoETransformer(nnx.Module):
 
     def __call__(self, tokens_BT, positions_BT, valid_BT, mask_BTS, *, experts: ExpertCompute,
                  cache: list[dict] | None = None, write_index=0, attend_to_cache: bool = False,
-                 last_logits_only: bool = False) -> ForwardOutput:
+                 last_logits_only: bool = False, causal: bool = False) -> ForwardOutput:
+        """causal: mask_BTS is causal (prefill_mask), so attention may skip the keys after each query block."""
         ctx = AttentionContext(positions_BT=positions_BT, mask_BTS=mask_BTS, write_index=write_index,
-                               attend_to_cache=attend_to_cache)
+                               attend_to_cache=attend_to_cache, causal=causal)
         x_BTD = self.embed(tokens_BT)
         new_cache, stats = [], []
         for i, layer in enumerate(self.layers):
