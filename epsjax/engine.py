@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import ExpertCompute, LocalExperts, MoETransformer
+from models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
 from models.transformer import decode_mask, prefill_mask
+
+
+DECODE_CHUNK = 32  # decode steps per device call in generate: the host sees the tokens once per chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,15 +96,21 @@ class Engine:
     """
 
     def __init__(self, model: MoETransformer, *, experts: ExpertCompute = LocalExperts(),
-                 batch_sharding: jax.sharding.Sharding | None = None):
+                 batch_sharding: jax.sharding.Sharding | None = None, decode_chunk: int = DECODE_CHUNK):
+        if not isinstance(decode_chunk, int) or decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.experts = experts
         self.batch_sharding = batch_sharding
+        self.decode_chunk = decode_chunk
         options = compiler_options(experts)
         self._prefill = jax.jit(_prefill, static_argnames=_PREFILL_STATIC, compiler_options=options)
-        self._decode = jax.jit(_decode_step, static_argnames=("graphdef", "experts"), donate_argnames=("state",),
-                               compiler_options=options)
+        self._step = jax.jit(_decode_step, static_argnames=("graphdef", "experts"), donate_argnames=("state",),
+                             compiler_options=options)
+        self._decode_loop = jax.jit(_decode_loop, static_argnames=("graphdef", "experts", "sampling", "eos", "chunk",
+                                                                     "stats_shape"),
+                                    donate_argnames=("state",), compiler_options=options)
 
     # Validation ------------------------------------------------------------------------------------------------
 
@@ -160,7 +169,7 @@ class Engine:
         cache_len = state.kv_valid_BS.shape[1]
         if int(state.write_index) >= cache_len:
             raise ValueError(f"the KV cache is full ({cache_len} slots); prefill with a larger cache_len")
-        return self._decode(self.graphdef, self.params, state, self._place(tokens_B), experts=self.experts)
+        return self._step(self.graphdef, self.params, state, self._place(tokens_B), experts=self.experts)
 
     def _place(self, array):
         return jnp.asarray(array) if self.batch_sharding is None else jax.device_put(array, self.batch_sharding)
@@ -178,37 +187,71 @@ class Engine:
                              f"model's maximum sequence length {self.cfg.max_seq_len}")
         cache_len = min(self.cfg.max_seq_len, math.ceil((T + max_new_tokens) / 64) * 64)
         key = jax.random.key(sampling.seed)
+        B = len(prompts)
 
         start = time.perf_counter()
         logits_BV, state, stats = self.prefill(tokens_BT, mask_BT, cache_len=cache_len)
-        next_B = sample(logits_BV, jax.random.fold_in(key, 0), sampling)
-        next_B.block_until_ready()
+        next_B = _sample(logits_BV, jax.random.fold_in(key, 0), sampling)
+        host_next = np.asarray(next_B)
         prefill_seconds = time.perf_counter() - start
-        tokens_per_expert = np.asarray(stats.tokens_per_expert, np.int64)
-        dropped = int(np.sum(stats.dropped))
 
         eos = self.cfg.eos_token_id if stop_at_eos else None
-        out = [[] for _ in prompts]
-        finished = np.zeros(len(prompts), bool)
+        tokens_BN = np.zeros((B, max_new_tokens), np.int32)  # token t of every sequence (EOS handled below)
+        tokens_BN[:, 0] = host_next
         start = time.perf_counter()
-        for step in range(max_new_tokens):
-            host_next = np.asarray(next_B)
-            for i, token in enumerate(host_next):
-                if not finished[i]:
-                    out[i].append(int(token))
-                    finished[i] = eos is not None and token == eos
-            if finished.all() or step == max_new_tokens - 1:
-                break
-            logits_BV, state, stats = self.decode_step(state, host_next)
-            tokens_per_expert += np.asarray(stats.tokens_per_expert)
-            dropped += int(np.sum(stats.dropped))
-            next_B = sample(logits_BV, jax.random.fold_in(key, step + 1), sampling)
+        produced, decode_stats = self._decode_tokens(state, next_B, tokens_BN, key, sampling, eos)
         decode_seconds = time.perf_counter() - start
+        out = [_until_eos(row[:produced], eos) for row in tokens_BN]
+        tokens_per_expert = np.asarray(stats.tokens_per_expert, np.int64) + decode_stats.tokens_per_expert
+        dropped = int(np.sum(stats.dropped)) + int(np.sum(decode_stats.dropped))
         if dropped:
             warnings.warn(f"{dropped} expert assignments were dropped by the capacity limit", stacklevel=2)
         return GenerateResult(tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               prompt_tokens=int(mask_BT.sum()), generated_tokens=sum(len(o) for o in out),
                               tokens_per_expert=tokens_per_expert, dropped=dropped)
+
+    def _decode_tokens(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None):
+        """Fills tokens_BN[:, 1:] (column 0 holds the prefill's tokens, next_B on the device) until every sequence
+        has sampled EOS or the columns run out; returns the columns filled and the steps' MoE statistics (host
+        arrays). On the device: up to decode_chunk steps per call (sampling, EOS bookkeeping and the cache update
+        included), so the host sees the tokens once per chunk."""
+        B, max_new_tokens = tokens_BN.shape
+        finished_B = tokens_BN[:, 0] == eos if eos is not None else np.zeros(B, bool)
+        finished_dev = self._place(finished_B)
+        per_expert = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
+        dropped = np.zeros(len(self.cfg.moe_layers), np.int64)
+        produced = 1
+        while produced < max_new_tokens and not finished_B.all():
+            steps = min(self.decode_chunk, max_new_tokens - produced)
+            chunk_BC, count, state, next_B, finished_dev, chunk_stats = self._decode_loop(
+                self.graphdef, self.params, state, next_B, finished_dev, key, jnp.int32(produced),
+                jnp.int32(steps), experts=self.experts, sampling=sampling, eos=eos, chunk=self.decode_chunk,
+                stats_shape=per_expert.shape)
+            count = int(count)
+            tokens_BN[:, produced:produced + count] = np.asarray(chunk_BC)[:, :count]
+            finished_B = np.asarray(finished_dev)
+            per_expert += np.asarray(chunk_stats.tokens_per_expert)
+            dropped += np.asarray(chunk_stats.dropped)
+            produced += count
+        return produced, MoEStats(tokens_per_expert=per_expert, dropped=dropped)
+
+    def _decode_tokens_on_host(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None):
+        """_decode_tokens' contract with one decode_step per token driven from the host: for engines whose steps are
+        not one device program (epsjax.offload runs the model layer by layer)."""
+        B, max_new_tokens = tokens_BN.shape
+        finished_B = tokens_BN[:, 0] == eos if eos is not None else np.zeros(B, bool)
+        per_expert = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
+        dropped = np.zeros(len(self.cfg.moe_layers), np.int64)
+        produced = 1
+        while produced < max_new_tokens and not finished_B.all():
+            logits_BV, state, stats = self.decode_step(state, tokens_BN[:, produced - 1])
+            per_expert += np.asarray(stats.tokens_per_expert)
+            dropped += np.asarray(stats.dropped)
+            tokens_BN[:, produced] = np.asarray(_sample(logits_BV, jax.random.fold_in(key, produced), sampling))
+            if eos is not None:
+                finished_B |= tokens_BN[:, produced] == eos
+            produced += 1
+        return produced, MoEStats(tokens_per_expert=per_expert, dropped=dropped)
 
 
 _PREFILL_STATIC = ("graphdef", "experts", "cache_len", "all_logits")
@@ -233,12 +276,53 @@ def _prefill(graphdef, params, tokens_BT, mask_BT, *, experts, cache_len: int, a
     B, T = tokens_BT.shape
     positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
     out = model(tokens_BT, positions_BT, mask_BT, prefill_mask(mask_BT), experts=experts,
-                cache=model.init_cache(B, cache_len), write_index=0, last_logits_only=not all_logits)
+                cache=model.init_cache(B, cache_len), write_index=0, last_logits_only=not all_logits, causal=True)
     kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT)
     state = DecodeState(cache=out.cache, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
                         write_index=jnp.asarray(T, jnp.int32))
     logits = out.logits if all_logits else out.logits[:, -1]
     return logits, state, out.moe_stats
+
+
+def _decode_loop(graphdef, params, state: DecodeState, tokens_B, finished_B, key, first_step, num_steps, *,
+                 experts, sampling: SamplingParams, eos: int | None, chunk: int, stats_shape: tuple[int, int]):
+    """Up to `num_steps` (traced, <= chunk) decode steps in one device call, stopping early once every sequence
+    has finished. Step i feeds the previous step's tokens and samples with fold_in(key, first_step + i), exactly as
+    a host loop of decode_step and sample would. Returns the sampled tokens [B, chunk] (columns past the count are
+    zeros), the number of steps run, the state, the last tokens [B], finished [B] (EOS seen) and MoE statistics
+    summed over the steps (stats_shape: MoE layers, experts)."""
+    B = tokens_B.shape[0]
+    n_moe, E = stats_shape
+
+    def cond(carry):
+        i, _, _, finished, *_ = carry
+        return (i < num_steps) & ~jnp.all(finished)
+
+    def body(carry):
+        i, state, tokens, finished, out_BC, per_expert, dropped = carry
+        logits_BV, state, stats = _decode_step(graphdef, params, state, tokens, experts=experts)
+        tokens = sample(logits_BV, jax.random.fold_in(key, first_step + i), sampling)
+        out_BC = jax.lax.dynamic_update_slice_in_dim(out_BC, tokens[:, None], i, axis=1)
+        if eos is not None:
+            finished = finished | (tokens == eos)
+        return (i + 1, state, tokens, finished, out_BC, per_expert + stats.tokens_per_expert,
+                dropped + stats.dropped)
+
+    init = (jnp.int32(0), state, tokens_B, finished_B, jnp.zeros((B, chunk), jnp.int32),
+            jnp.zeros((n_moe, E), jnp.int32), jnp.zeros((n_moe,), jnp.int32))
+    count, state, tokens_B, finished_B, out_BC, per_expert, dropped = jax.lax.while_loop(cond, body, init)
+    return out_BC, count, state, tokens_B, finished_B, MoEStats(tokens_per_expert=per_expert, dropped=dropped)
+
+
+_sample = jax.jit(sample, static_argnames=("sampling",))
+
+
+def _until_eos(row, eos: int | None) -> list[int]:
+    """A sequence's tokens up to and including its first EOS."""
+    row = [int(t) for t in row]
+    if eos is not None and eos in row:
+        return row[:row.index(eos) + 1]
+    return row
 
 
 def _decode_step(graphdef, params, state: DecodeState, tokens_B, *, experts):

@@ -227,12 +227,13 @@ def main(argv=None) -> int:
     lengths = [256] if args.quick else [int(n) for n in args.prompt_lens.split(",")]
     repeats = 2 if args.quick else args.repeats
 
+    load_before = machine_load()  # before the worker starts (importing torch keeps a core busy for a while)
     peer = PeerProcess(args.peer_python)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"commit": git_commit(), "label": args.label, "jax": jax.__version__, "dtype": "float32",
               "machine": {"cpus": os.cpu_count(), "host": platform.node(), "processor": platform.processor()},
-              "load_before": machine_load(), "decode_steps": args.decode_steps, "repeats": repeats, "families": {}}
+              "load_before": load_before, "decode_steps": args.decode_steps, "repeats": repeats, "families": {}}
     try:
         points = list(itertools.product(families, batches, lengths))
         bar = tqdm(points, desc="points", unit="point")

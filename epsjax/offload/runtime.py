@@ -189,6 +189,8 @@ class OffloadEngine(Engine):
     model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device).
     """
 
+    _decode_tokens = Engine._decode_tokens_on_host  # each step runs layer by layer from the host
+
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
                  predictor=None, device: jax.Device | None = None, record_routing: bool = False):
         self.cfg = model.cfg
