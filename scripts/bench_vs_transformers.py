@@ -201,6 +201,48 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(before: dict, after: dict, path: Path) -> str:
+    """The epsjax / transformers ratios of two runs (each against the peer in its own run) side by side: a
+    markdown table, and a plot of both at every point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["family | batch x prompt | prefill: before -> after (x transformers) | decode: before -> after (x "
+             "transformers) | tokens", "--- | --- | --- | --- | ---"]
+    families = [f for f in after["families"] if f in before["families"]]
+    fig, axes = plt.subplots(2, len(families), figsize=(5 * len(families), 7), squeeze=False)
+    for col, fam in enumerate(families):
+        old = {(p["batch"], p["prompt_len"]): p for p in before["families"][fam]["points"]}
+        points = [p for p in after["families"][fam]["points"] if (p["batch"], p["prompt_len"]) in old]
+        for p in points:
+            q = old[(p["batch"], p["prompt_len"])]
+            match = "match" if not p["greedy_sequences_mismatched"] and p["prefill_next_tokens_match"] else "DIFFER"
+            lines.append(f"{fam} | {p['batch']}x{p['prompt_len']} | {q['prefill']['ratio_median']:.2f}x -> "
+                         f"**{p['prefill']['ratio_median']:.2f}x** | {q['decode']['ratio_median']:.2f}x -> "
+                         f"**{p['decode']['ratio_median']:.2f}x** | {match}")
+        labels = [f"{p['batch']}x{p['prompt_len']}" for p in points]
+        x = np.arange(len(points))
+        for row, phase in enumerate(("prefill", "decode")):
+            ax = axes[row][col]
+            ax.bar(x - 0.2, [old[(p["batch"], p["prompt_len"])][phase]["ratio_median"] for p in points], 0.4,
+                   label=f"before ({before['commit']})", color="tab:gray")
+            ax.bar(x + 0.2, [p[phase]["ratio_median"] for p in points], 0.4, label=f"after ({after['commit']})",
+                   color="tab:green")
+            ax.axhline(1.0, color="black", lw=1)
+            ax.axhline(1.5, color="gray", lw=1, ls="--")
+            ax.set_xticks(x, labels, rotation=45, fontsize=8)
+            ax.set_title(f"{fam} {phase}")
+            ax.set_ylabel("epsjax / transformers tokens/s")
+            ax.legend(fontsize=7)
+    fig.suptitle("epsjax / transformers (float32, 2 CPU cores), each run against the peer in the same run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", default=os.environ.get("EPSJAX_PEER_PYTHON"), help=PEER_HELP)
@@ -214,7 +256,13 @@ def main(argv=None) -> int:
                         help="where the peer writes (or has written) the checkpoints")
     parser.add_argument("--out", default=str(ROOT / "scripts" / "results" / "bench_vs_transformers_cpu.json"))
     parser.add_argument("--label", default="", help="a note stored with the results (e.g. 'before')")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="no run: tabulate and plot two result files side by side (next to AFTER)")
     args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(Path(f).read_text()) for f in args.compare)
+        print(compare(before, after, Path(args.compare[1]).with_name("bench_vs_transformers_before_after.png")))
+        return 0
     if not args.peer_python or not Path(args.peer_python).exists():
         print(f"bench_vs_transformers: error: --peer-python must name {PEER_HELP}", file=sys.stderr)
         return 2
