@@ -3,15 +3,28 @@
 Loading reads a directory as it is on disk (config.json plus model.safetensors, or shards listed by
 model.safetensors.index.json), streams one tensor rule at a time from the memory-mapped files (so host RAM never
 holds a second copy of the model), converts to our layout and dtype, and places each parameter on its device(s)
-before the next is read. Every tensor is checked: missing, unexpected and mis-shaped tensors are errors that name
-the tensor and both shapes. Pickled checkpoints (*.bin, *.pt) are refused: unpickling can run arbitrary code.
+before the next is read. What is checked, each failure a CheckpointError naming the file and tensor:
+
+- every file's safetensors header before anything is read: its length, JSON, dtypes, shapes and data offsets
+  (inside the file, matching shape x dtype, not overlapping), so a truncated or corrupt file is named at once;
+- missing, unexpected and mis-shaped tensors (both shapes named);
+- dtypes: weights must be floating point (F16, BF16, F32, F64); an integer, boolean or 8-bit float tensor is an
+  error, as is a config.json that declares a quantization_config (no quantized format is supported yet);
+- finiteness: every tensor is checked for NaN and Inf as it is placed (an error naming the tensor and the count,
+  or with allow_nonfinite=True a warning);
+- the config.json fields (models.ConfigError, with the file named).
+
+Pickled checkpoints (*.bin, *.pt) are refused: unpickling can run arbitrary code.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -24,43 +37,167 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from models import MoETransformer, ModelConfig
+from models.config import FLOAT_DTYPES, ConfigError
 from models.families import family_module
+from pallas_kernels.errors import EpsjaxError
 
 # Tensors some checkpoints carry that hold no parameters (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EpsjaxError):
     """A checkpoint directory that cannot be loaded as it is: the message says what and where."""
 
 
+# safetensors dtype -> bytes per element; only the floating-point ones hold weights we load.
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                      "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+FLOAT_TENSOR_DTYPES = ("F64", "F32", "F16", "BF16")
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it (offsets relative to the data after the header)."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_json(file: Path, what: str):
+    try:
+        return json.loads(file.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read {what}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: {what} is not valid JSON ({e})") from None
+
+
+def _present(file: Path, what: str) -> bool:
+    """Whether `file` is there; a broken link or a directory in its place is an error naming it."""
+    if file.is_symlink() and not file.exists():
+        raise CheckpointError(f"{file}: {what} is a broken symbolic link (to {os.readlink(file)})")
+    if file.exists() and not file.is_file():
+        raise CheckpointError(f"{file}: {what} is not a regular file")
+    return file.is_file()
+
+
 def read_config(path: str | os.PathLike, *, dtype: str | None = None) -> ModelConfig:
-    """Our ModelConfig from a checkpoint directory's config.json (dtype: override config.json's torch_dtype)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
+    """Our ModelConfig from a checkpoint directory's config.json (dtype: override config.json's torch_dtype).
+    A field the family cannot use is a ConfigError naming config.json, the field, its value and what is allowed."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json and "
+                              "safetensors files)")
+    config_file = path / "config.json"
+    if not _present(config_file, "config.json"):
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-    hf = json.loads(config_file.read_text())
-    if "model_type" not in hf:
-        raise CheckpointError(f"{config_file}: no model_type")
-    dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
-    cfg = family_module(hf["model_type"]).config_from_hf(hf, dtype=dtype)
-    return cfg.replace(name=Path(path).resolve().name)
+    hf = _read_json(config_file, "config.json")
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{config_file}: must hold a JSON object, got {type(hf).__name__}")
+    if hf.get("quantization_config") is not None:
+        method = (hf["quantization_config"] or {}).get("quant_method", "?") if isinstance(
+            hf["quantization_config"], dict) else "?"
+        raise CheckpointError(f"{config_file}: quantization_config (quant_method {method!r}) declares a quantized "
+                              "checkpoint; epsjax loads floating-point weights only")
+    try:
+        if not isinstance(hf.get("model_type"), str):
+            raise ConfigError(f"field model_type is missing or not a string (got {hf.get('model_type')!r})")
+        dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
+        if dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"dtype {dtype!r} (torch_dtype or the dtype asked for) must be one of "
+                              f"{', '.join(FLOAT_DTYPES)}")
+        cfg = family_module(hf["model_type"]).config_from_hf(hf, dtype=dtype)
+        return cfg.replace(name=path.resolve().name)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {e}") from None
 
 
-def tensor_files(path: str | os.PathLike) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file declares, after checking its header against the file: a CheckpointError
+    names the file (and tensor) when the header is truncated, not JSON, or declares data the file does not hold."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file}: truncated ({size} bytes): not even the 8-byte length of a "
+                                      "safetensors header")
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, _MAX_HEADER_BYTES):
+                raise CheckpointError(f"{file}: truncated or not a safetensors file: the header claims {length} "
+                                      f"bytes and the file holds {size - 8} after the length")
+            raw = f.read(length)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: the safetensors header is not valid JSON ({e}); is this a safetensors "
+                              "file?") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header is not a JSON object")
+    data_bytes = size - 8 - length
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = lambda why: CheckpointError(f"{file}: tensor {name}: {why}")  # noqa: E731
+        if not isinstance(entry, dict):
+            raise bad("its header entry is not a JSON object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise bad(f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of integers >= 0")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or any(isinstance(o, bool) or not isinstance(o, int) for o in offsets)):
+            raise bad(f"data_offsets {offsets!r} are not two integers")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"data_offsets {offsets} are not 0 <= begin <= end")
+        if end > data_bytes:
+            raise bad(f"data_offsets {offsets} reach past the end of the file ({data_bytes} data bytes): the file is "
+                      "truncated")
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+        if end - begin != expected:
+            raise bad(f"data_offsets {offsets} hold {end - begin} bytes, but shape {shape} of {dtype} needs "
+                      f"{expected}")
+        infos[name] = TensorInfo(file, dtype, tuple(shape), begin, end)
+    ordered = sorted(infos.items(), key=lambda kv: kv[1].begin)
+    for (a, ia), (b, ib) in zip(ordered, ordered[1:]):
+        if ib.begin < ia.end:
+            raise CheckpointError(f"{file}: tensors {a} and {b} overlap (data_offsets {[ia.begin, ia.end]} and "
+                                  f"{[ib.begin, ib.end]})")
+    return infos
+
+
+def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Tensor name -> where it is and what its header says, for every tensor of the checkpoint (headers checked)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: path / file for name, file in weight_map.items()}
-        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+    if _present(index, "the shard index"):
+        table = _read_json(index, "the shard index")
+        weight_map = table.get("weight_map") if isinstance(table, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no weight_map object (tensor name -> shard file name)")
+        shards = {file: path / file for file in set(weight_map.values())}
+        absent = sorted(str(f) for f in shards.values() if not _present(f, "a shard"))
         if absent:
             raise CheckpointError(f"{index} lists shard files that do not exist: {', '.join(absent)}")
-        return files
+        headers = {file: read_header(f) for file, f in shards.items()}
+        infos = {}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
+                raise CheckpointError(f"{index} places tensor {name} in {file}, whose header does not declare it")
+            infos[name] = headers[file][name]
+        return infos
     single = path / "model.safetensors"
-    if not single.is_file():
+    if not _present(single, "model.safetensors"):
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickled:
             raise CheckpointError(
@@ -69,17 +206,17 @@ def tensor_files(path: str | os.PathLike) -> dict[str, Path]:
                 "transformers' `AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, "
                 "safe_serialization=True)`.")
         raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}
+    return read_header(single)
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
-                    progress: bool = True) -> MoETransformer:
+                    progress: bool = True, allow_nonfinite: bool = False) -> MoETransformer:
     """Builds the model described by `path`'s config.json and fills it from its safetensors files.
 
     dtype: parameter dtype (default: config.json's torch_dtype). shardings: parameter path -> where to place it
     (default: the default device); sharding/ passes one so that each parameter lands directly in its shards.
+    allow_nonfinite: load tensors holding NaN or Inf with a warning instead of refusing them.
     """
     cfg = read_config(path, dtype=dtype)
     files = tensor_files(path)
@@ -102,30 +239,37 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
 
     values = {}
     handles = {}
+    total = sum(int(np.prod(s)) for rule in rules for s in rule.hf_shapes)
+    bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {cfg.name}", disable=not progress)
     try:
-        total = sum(int(np.prod(s)) for rule in rules for s in rule.hf_shapes)
-        bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {cfg.name}", disable=not progress)
         for rule in rules:
             arrays = []
             for name, shape in zip(rule.hf_names, rule.hf_shapes):
-                file = files[name]
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="numpy")
-                tensor_slice = handles[file].get_slice(name)
-                actual = tuple(tensor_slice.get_shape())
-                if actual != shape:
-                    raise CheckpointError(f"{path}: tensor {name} has shape {actual}, expected {shape} "
+                info = files[name]
+                if info.shape != shape:
+                    raise CheckpointError(f"{info.file}: tensor {name} has shape {info.shape}, expected {shape} "
                                           f"from config.json")
-                arrays.append(handles[file].get_tensor(name))
+                if info.dtype not in FLOAT_TENSOR_DTYPES:
+                    raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be "
+                                          f"floating point ({', '.join(FLOAT_TENSOR_DTYPES)}), and no quantized "
+                                          "format is supported")
+                try:
+                    if info.file not in handles:
+                        handles[info.file] = safe_open(info.file, framework="numpy")
+                    arrays.append(handles[info.file].get_tensor(name))
+                except Exception as e:  # noqa: BLE001 - safetensors' errors carry no file name
+                    raise CheckpointError(f"{info.file}: tensor {name} cannot be read: {e}") from None
             for p, array in zip(rule.paths, rule.load(arrays)):
                 target = abstract[p]
                 value = jnp.asarray(array, dtype=target.dtype) if shardings is None else jax.device_put(
                     np.asarray(array).astype(target.dtype), shardings(p))
+                if int(_count_nonfinite(value)):  # one fused reduction on the placed value
+                    _nonfinite(rule, arrays, files, allow_nonfinite)
                 values[p] = value
             bar.update(sum(int(np.prod(s)) for s in rule.hf_shapes))
             del arrays
-        bar.close()
     finally:
+        bar.close()  # ends the bar's line, so an error prints on a line of its own
         handles.clear()
 
     state = nnx.from_flat_state([(p, abstract[p].replace(values[p])) for p in abstract])
@@ -171,6 +315,26 @@ def save_checkpoint(model: MoETransformer, path: str | os.PathLike, *, max_shard
 
 def _model_type(path) -> str:
     return json.loads((Path(path) / "config.json").read_text())["model_type"]
+
+
+@jax.jit
+def _count_nonfinite(value):
+    return jnp.sum(~jnp.isfinite(value))
+
+
+def _nonfinite(rule, arrays, files: dict, allow: bool) -> None:
+    """A parameter holds NaN or Inf: an error naming the checkpoint tensors that do (or, with allow, a warning).
+    Left alone it would turn every token that touches it into NaN, and greedy decoding into token 0."""
+    culprits = []
+    for name, array in zip(rule.hf_names, arrays):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            culprits.append(f"{files[name].file.name}: {name} ({bad} of {np.size(array)} values)")
+    shown = "; ".join(culprits[:3]) + (f"; and {len(culprits) - 3} more tensors" if len(culprits) > 3 else "")
+    message = f"non-finite values (NaN or Inf) in {shown}"
+    if not allow:
+        raise CheckpointError(message + "; load anyway with allow_nonfinite=True (epsjax: --allow-nonfinite)")
+    warnings.warn(message + " (loaded: allow_nonfinite)", stacklevel=3)
 
 
 def _check_rules_cover(cfg: ModelConfig, rules, abstract: dict) -> None:

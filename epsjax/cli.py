@@ -2,6 +2,10 @@
 
 jax reads its device flags when it is first imported, so this module imports jax only after parsing arguments
 (`--devices N` asks XLA:CPU for N virtual devices).
+
+Errors: bad input of any layer (epsjax.errors: a checkpoint, a config field, a request, a plan or mesh, a kernel
+backend, or a flag) is one line on stderr and exit status 2; argparse's usage errors also exit 2. Anything else
+is a bug and keeps its traceback (exit 1); `--debug` shows the traceback of input errors too.
 """
 
 from __future__ import annotations
@@ -11,14 +15,46 @@ import os
 import sys
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int, _nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", help="a Hugging Face model directory (config.json + safetensors)")
     source.add_argument("--preset", default="tiny-deepseek-v2",
                         help="a built-in config with random weights (default: %(default)s; see `epsjax info --list`)")
-    p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's, or the preset's)")
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="parameter dtype (default: the checkpoint's, or the preset's)")
+    p.add_argument("--devices", type=_positive_int, default=None,
                    help="on CPU, the number of virtual devices to create (XLA_FLAGS host device count)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load checkpoint tensors holding NaN or Inf (with a warning) instead of refusing them")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,12 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     prompts = gen.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", action="append", help="token ids, comma or space separated (repeatable)")
     prompts.add_argument("--text", action="append", help="text, tokenized with the model directory's tokenizer.json")
-    gen.add_argument("--batch", type=int, default=8, help="random prompts when none are given (default: 8)")
-    gen.add_argument("--prompt-len", type=int, default=32, help="length of the random prompts (default: 32)")
-    gen.add_argument("--max-new-tokens", type=int, default=16)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch", type=_positive_int, default=8, help="random prompts when none are given (default: 8)")
+    gen.add_argument("--prompt-len", type=_positive_int, default=32,
+                     help="length of the random prompts (default: 32)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=16)
+    gen.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=_finite_float, default=1.0)
+    gen.add_argument("--seed", type=_nonnegative_int, default=0)
     gen.add_argument("--backend", default="auto",
                      help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of "
                           "every stage)")
@@ -45,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                           "local on one)")
     par.add_argument("--mesh",
                      help="data,tensor,expert sizes, e.g. 1,2,4 (default: as much TP/EP as the model allows)")
-    par.add_argument("--pipeline-degree", type=int,
+    par.add_argument("--pipeline-degree", type=_positive_int,
                      help="force the EPS pipeline degree (default: the scheduler's plan)")
     par.add_argument("--split", choices=("experts", "tokens"), default="experts",
                      help="with --pipeline-degree: stages by expert groups or by token chunks")
@@ -65,15 +102,23 @@ def _default_platforms() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+class UsageError(Exception):
+    """A flag combination the command cannot use (reported like every input error: one line, exit 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _default_platforms()
     if args.devices:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
+    from epsjax.errors import EpsjaxError  # imports jax: after the device flags are set
+
     try:
         return {"generate": _generate, "info": _info}[args.command](args)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except (EpsjaxError, UsageError) as e:  # bad input: one clear line, no traceback
+        if args.debug:
+            raise
         print(f"epsjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -89,7 +134,8 @@ def _load_model(args, mesh=None, rule_set=None):
     if args.model:
         shardings = None if mesh is None else placement.param_shardings(
             read_config(args.model, dtype=args.dtype), mesh, rule_set)
-        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings)
+        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings,
+                               allow_nonfinite=args.allow_nonfinite)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = get_preset(args.preset, **overrides)
     _check_host_memory(cfg)
@@ -104,7 +150,7 @@ def _check_host_memory(cfg) -> None:
     need = cfg.param_counts()["total"] * jnp.dtype(cfg.dtype).itemsize
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
-        raise ValueError(f"preset {cfg.name} needs {need / 2**30:.1f} GiB of parameters in {cfg.dtype}; this host "
+        raise UsageError(f"preset {cfg.name} needs {need / 2**30:.1f} GiB of parameters in {cfg.dtype}; this host "
                          f"has {have / 2**30:.1f} GiB (from Python, get_preset(name, num_layers=N) builds fewer "
                          f"layers; or use a tiny-* preset)")
 
@@ -121,9 +167,12 @@ def _tokenizer(args):
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError as e:
-        raise ValueError(f"--prompt takes token ids (e.g. '1,2,3'), got {text!r}; use --text for text") from e
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--prompt takes token ids (e.g. '1,2,3'), got {text!r}; use --text for text") from None
+    if not ids:
+        raise UsageError(f"--prompt {text!r} holds no token ids")
+    return ids
 
 
 def _generate(args) -> int:
@@ -139,10 +188,15 @@ def _generate(args) -> int:
 
     cfg = read_config(args.model, dtype=args.dtype) if args.model else get_preset(
         args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+    if args.backend != "auto" and args.backend not in pallas_kernels.BACKENDS:
+        raise UsageError(f"--backend must be auto or one of {', '.join(pallas_kernels.BACKENDS)}, got "
+                         f"{args.backend!r}")
+    if args.devices and jax.devices()[0].platform != "cpu":
+        raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
     tokenizer = _tokenizer(args)
     if args.text:
         if tokenizer is None:
-            raise ValueError("--text needs a model directory with a tokenizer.json; give token ids with --prompt")
+            raise UsageError("--text needs a model directory with a tokenizer.json; give token ids with --prompt")
         prompts = [tokenizer.encode(t).ids for t in args.text]
     elif args.prompt:
         prompts = [_parse_ids(p) for p in args.prompt]
@@ -169,9 +223,12 @@ def _generate(args) -> int:
                 f"{': ' + choice.reason if args.backend == 'auto' else ''})")
     else:
         if args.mesh:
-            sizes = [int(x) for x in args.mesh.split(",")]
-            if len(sizes) != 3:
-                raise ValueError(f"--mesh takes data,tensor,expert sizes, got {args.mesh!r}")
+            try:
+                sizes = [int(x) for x in args.mesh.split(",")]
+            except ValueError:
+                sizes = []
+            if len(sizes) != 3 or min(sizes) < 1:
+                raise UsageError(f"--mesh takes three positive data,tensor,expert sizes, got {args.mesh!r}")
             shape = dict(zip(("data", "tensor", "expert"), sizes))
         else:
             shape = placement.default_mesh_shape(strategy, cfg, len(devices))
@@ -179,7 +236,7 @@ def _generate(args) -> int:
         sharding.rules_for_model(cfg, mesh, strategy)  # clear errors for experts / heads that do not divide
         batch_shards = int(np.prod([mesh.shape[a] for a in sharding.get_rules(strategy).batch_axes]))
         if len(prompts) % batch_shards:
-            raise ValueError(f"{len(prompts)} prompts do not divide over the {batch_shards} batch shards of "
+            raise UsageError(f"{len(prompts)} prompts do not divide over the {batch_shards} batch shards of "
                              f"--strategy {strategy} on mesh {shape}; give a multiple of {batch_shards} prompts")
         forced = None if args.pipeline_degree is None else sharding.ExpertPlan(
             args.pipeline_degree, args.split, backends=(args.backend,))

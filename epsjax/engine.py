@@ -2,8 +2,10 @@
 
 Prompts of different lengths are left-padded into one batch: padding slots are masked out of attention and of
 the MoE (no expert computes a padding token), and rotary positions count real tokens only, as transformers does.
-Bad requests (empty batch or prompt, token ids outside the vocabulary, prompts that do not fit the cache) raise
-ValueError before anything runs.
+Bad requests raise RequestError before anything runs: an empty batch or prompt, token ids that are not integers
+or lie outside the vocabulary, prompts (real, unpadded lengths) that do not fit the model or the cache, sampling
+parameters that are not finite or out of range, a seed outside the PRNG's 32-bit range, a decode step whose batch
+differs from its state's.
 """
 
 from __future__ import annotations
@@ -21,24 +23,58 @@ from flax import nnx
 
 from models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
 from models.transformer import decode_mask, prefill_mask
+from pallas_kernels.errors import EpsjaxError
 
 
 DECODE_CHUNK = 32  # decode steps per device call in generate: the host sees the tokens once per chunk
 
 
+SEED_LIMIT = 2**32  # jax.random.key takes 32-bit seeds without x64: 2**32 would silently equal seed 0
+
+
+class RequestError(EpsjaxError):
+    """A request the engine cannot serve as asked: the message names the argument, the value and what is allowed."""
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+_NONE = object()
+
+
+def _flatten(values):
+    """The scalars of a (nested) sequence or array, in order."""
+    if isinstance(values, np.ndarray):
+        yield from values.reshape(-1).tolist() if values.dtype != object else values.reshape(-1)
+    elif isinstance(values, (list, tuple)):
+        for v in values:
+            yield from _flatten(v)
+    else:
+        yield values
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the top-p mass."""
+    """temperature 0 is greedy; otherwise sample from softmax(logits / temperature) restricted to the top-p mass.
+    seed: an integer in [0, 2**32)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _number(self.top_p) or not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _integer(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise RequestError(f"seed must be an integer in [0, 2**32) (jax's PRNG takes 32-bit seeds), "
+                               f"got {self.seed!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +134,7 @@ class Engine:
     def __init__(self, model: MoETransformer, *, experts: ExpertCompute = LocalExperts(),
                  batch_sharding: jax.sharding.Sharding | None = None, decode_chunk: int = DECODE_CHUNK):
         if not isinstance(decode_chunk, int) or decode_chunk < 1:
-            raise ValueError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
+            raise RequestError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.experts = experts
@@ -114,42 +150,84 @@ class Engine:
 
     # Validation ------------------------------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens: np.ndarray, what: str) -> None:
-        bad = tokens[(tokens < 0) | (tokens >= self.cfg.vocab_size)]
+    def _token_ids(self, values, what: str) -> np.ndarray:
+        """values as an int64 array of token ids, or a RequestError naming `what` and the first bad value."""
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iu" and values.dtype != np.uint64:
+            array = values.astype(np.int64)
+        else:
+            flat = list(_flatten(values))
+            bad = next((v for v in flat if not _integer(v)), _NONE)
+            if bad is not _NONE:
+                raise RequestError(f"{what}: token ids must be integers, got {bad!r} ({type(bad).__name__})")
+            huge = [v for v in flat if not -2**63 <= v < 2**63]
+            if huge:
+                raise RequestError(f"{what} has token ids outside the vocabulary [0, {self.cfg.vocab_size}): "
+                                   f"{huge[:10]}")
+            try:
+                array = np.asarray(values, dtype=np.int64)
+            except ValueError:
+                raise RequestError(f"{what} must be a rectangular array of token ids (rows of one length)") from None
+        bad = array[(array < 0) | (array >= self.cfg.vocab_size)]
         if bad.size:
-            raise ValueError(f"{what} has token ids outside the vocabulary [0, {self.cfg.vocab_size}): "
-                             f"{sorted(set(bad.tolist()))[:10]}")
+            raise RequestError(f"{what} has token ids outside the vocabulary [0, {self.cfg.vocab_size}): "
+                               f"{sorted(set(bad.tolist()))[:10]}")
+        return array
 
-    def pad_prompts(self, prompts: Sequence[Sequence[int]], *, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pads prompts to one length (rounded up to `multiple` to reuse compilations): tokens, mask [B, T]."""
+    def _prompt_ids(self, prompts) -> list[np.ndarray]:
+        """The prompts as int64 arrays, each checked (a RequestError names the prompt and what is wrong)."""
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+            raise RequestError(f"prompts must be a list of token-id sequences, got {type(prompts).__name__}")
         if len(prompts) == 0:
-            raise ValueError("empty batch: give at least one prompt")
+            raise RequestError("empty batch: give at least one prompt")
+        for i, p in enumerate(prompts):
+            if isinstance(p, (str, bytes)) or not hasattr(p, "__len__"):
+                raise RequestError(f"prompt {i} must be a sequence of token ids, got {type(p).__name__}")
         empty = [i for i, p in enumerate(prompts) if len(p) == 0]
         if empty:
-            raise ValueError(f"prompts {empty} are empty: every prompt needs at least one token")
-        T = max(len(p) for p in prompts)
-        T = min(math.ceil(T / multiple) * multiple, max(T, self.cfg.max_seq_len))
-        tokens = np.full((len(prompts), T), self.cfg.pad_token_id, np.int32)
-        mask = np.zeros((len(prompts), T), bool)
-        for i, p in enumerate(prompts):
-            tokens[i, T - len(p):] = np.asarray(p, np.int64)
+            raise RequestError(f"prompts {empty} are empty: every prompt needs at least one token")
+        ids = [self._token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        if any(a.ndim != 1 for a in ids):
+            raise RequestError("each prompt must be a flat sequence of token ids")
+        return ids
+
+    def pad_prompts(self, prompts: Sequence[Sequence[int]], *, multiple: int = 8,
+                    max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Left-pads prompts to one length, rounded up to `multiple` to reuse compilations but never past
+        max_length (default: the model's max_seq_len): tokens, mask [B, T]."""
+        ids = self._prompt_ids(prompts)
+        T = max(len(p) for p in ids)
+        max_length = self.cfg.max_seq_len if max_length is None else max_length
+        T = min(math.ceil(T / multiple) * multiple, max(T, max_length))
+        tokens = np.full((len(ids), T), self.cfg.pad_token_id, np.int32)
+        mask = np.zeros((len(ids), T), bool)
+        for i, p in enumerate(ids):
+            tokens[i, T - len(p):] = p
             mask[i, T - len(p):] = True
-        self._check_tokens(np.asarray([t for p in prompts for t in p], np.int64), "prompt")
         return tokens, mask
 
     def check_prefill_inputs(self, tokens_BT, mask_BT, cache_len: int | None):
         """Host-side checks of a prefill request: tokens [B, T] (int32), mask [B, T] (bool), the cache length."""
-        tokens_BT = np.asarray(tokens_BT)
+        tokens_BT = self._token_ids(tokens_BT, "tokens")
         if tokens_BT.ndim != 2 or tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
-            raise ValueError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
-        self._check_tokens(tokens_BT, "tokens")
-        mask_BT = np.ones(tokens_BT.shape, bool) if mask_BT is None else np.asarray(mask_BT, bool)
+            raise RequestError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
+        if mask_BT is None:
+            mask_BT = np.ones(tokens_BT.shape, bool)
+        else:
+            mask_BT = np.asarray(mask_BT)
+            if mask_BT.dtype != bool and not (mask_BT.dtype.kind in "iu" and np.isin(mask_BT, (0, 1)).all()):
+                raise RequestError(f"the attention mask must be boolean (or 0/1 integers), got {mask_BT.dtype}")
+            mask_BT = mask_BT.astype(bool)
         if mask_BT.shape != tokens_BT.shape:
-            raise ValueError(f"attention mask shape {mask_BT.shape} differs from tokens shape {tokens_BT.shape}")
-        cache_len = cache_len or self.cfg.max_seq_len
+            raise RequestError(f"attention mask shape {mask_BT.shape} differs from tokens shape {tokens_BT.shape}")
+        if not mask_BT.any(axis=1).all():
+            raise RequestError(f"sequences {np.flatnonzero(~mask_BT.any(axis=1)).tolist()} have no real token in "
+                               "the mask")
+        cache_len = self.cfg.max_seq_len if cache_len is None else cache_len
+        if not _integer(cache_len) or cache_len < 1:
+            raise RequestError(f"cache_len must be a positive integer, got {cache_len!r}")
         if tokens_BT.shape[1] > cache_len:
-            raise ValueError(f"prompt length {tokens_BT.shape[1]} exceeds the cache length {cache_len}")
-        return tokens_BT, mask_BT, cache_len
+            raise RequestError(f"prompt length {tokens_BT.shape[1]} exceeds the cache length {cache_len}")
+        return tokens_BT.astype(np.int32), mask_BT, int(cache_len)
 
     # Jitted steps ----------------------------------------------------------------------------------------------
 
@@ -164,12 +242,23 @@ class Engine:
 
     def decode_step(self, state: DecodeState, tokens_B):
         """Feeds one token per sequence; returns (logits [B, V], state, moe_stats). `state` is consumed."""
-        tokens_B = np.asarray(tokens_B, np.int32)
-        self._check_tokens(tokens_B, "tokens")
-        cache_len = state.kv_valid_BS.shape[1]
-        if int(state.write_index) >= cache_len:
-            raise ValueError(f"the KV cache is full ({cache_len} slots); prefill with a larger cache_len")
+        if not isinstance(state, DecodeState):
+            raise RequestError(f"state must be the DecodeState prefill or decode_step returned, got "
+                               f"{type(state).__name__}")
+        tokens_B = self.check_decode_inputs(tokens_B, state.kv_valid_BS.shape, int(state.write_index))
         return self._step(self.graphdef, self.params, state, self._place(tokens_B), experts=self.experts)
+
+    def check_decode_inputs(self, tokens_B, cache_shape: tuple[int, int], write_index: int) -> np.ndarray:
+        """Host-side checks of a decode step: one valid token id per sequence of the state's batch, and a free
+        cache slot (cache_shape: the state's [batch, cache length]). Returns the tokens as int32."""
+        tokens_B = self._token_ids(tokens_B, "tokens")
+        batch, cache_len = cache_shape
+        if tokens_B.shape != (batch,):
+            raise RequestError(f"decode_step takes one token per sequence of the state's batch ({batch}), got "
+                               f"shape {tokens_B.shape}")
+        if write_index >= cache_len:
+            raise RequestError(f"the KV cache is full ({cache_len} slots); prefill with a larger cache_len")
+        return tokens_B.astype(np.int32)
 
     def _place(self, array):
         return jnp.asarray(array) if self.batch_sharding is None else jax.device_put(array, self.batch_sharding)
@@ -178,13 +267,19 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 16,
                  sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True) -> GenerateResult:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        tokens_BT, mask_BT = self.pad_prompts(prompts)
+        if not _integer(max_new_tokens) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        # Lengths are checked on the real prompts; padding (to a multiple of 8, for fewer compilations) stops where
+        # the generated tokens would no longer fit.
+        ids = self._prompt_ids(prompts)
+        longest = max(len(p) for p in ids)
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise RequestError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} exceeds the model's "
+                               f"maximum sequence length {self.cfg.max_seq_len}")
+        tokens_BT, mask_BT = self.pad_prompts(ids, max_length=self.cfg.max_seq_len - max_new_tokens + 1)
         T = tokens_BT.shape[1]
-        if T + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt length {T} (after padding) plus max_new_tokens {max_new_tokens} exceeds the "
-                             f"model's maximum sequence length {self.cfg.max_seq_len}")
         cache_len = min(self.cfg.max_seq_len, math.ceil((T + max_new_tokens) / 64) * 64)
         key = jax.random.key(sampling.seed)
         B = len(prompts)

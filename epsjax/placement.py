@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from models import ModelConfig, MoETransformer
 import sharding
 from sharding.rules import Rules, rules_for_model
+from sharding.errors import PlanError
 
 ParamPath = tuple
 
@@ -40,7 +41,7 @@ def abstract_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules):
             parts = math.prod(mesh.shape[a] for a in names)
             if size % parts:
                 where = "/".join(str(p) for p in path)
-                raise ValueError(f"{cfg.name}: parameter {where} {tuple(variable.shape)} dimension {dim} "
+                raise PlanError(f"{cfg.name}: parameter {where} {tuple(variable.shape)} dimension {dim} "
                                  f"({logical[dim]}={size}) does not divide over mesh axes {names} ({parts} "
                                  f"devices) of rule set {rules.name!r}")
         return variable.replace(NamedSharding(mesh, spec))
@@ -106,7 +107,7 @@ def default_mesh_shape(rule_set: str, cfg: ModelConfig, devices: int) -> dict[st
     if rule_set == "tp_ep":
         tensor = largest_divisor(ep, lambda t: cfg.num_heads % t == 0)
         return dict(data=devices // ep, tensor=tensor, expert=ep // tensor)
-    raise ValueError(f"unknown rule set {rule_set!r}; choose from tp, dp, tp_ep, dp_ep")
+    raise PlanError(f"unknown rule set {rule_set!r}; choose from tp, dp, tp_ep, dp_ep")
 
 
 def ep_experts(cfg: ModelConfig, mesh: Mesh, rule_set: str, *, batch: int, seq_len: int,

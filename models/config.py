@@ -12,6 +12,15 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from pallas_kernels.errors import EpsjaxError
+
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class ConfigError(EpsjaxError):
+    """A model configuration that cannot describe a model: the message names the field, the value and what is
+    allowed (and the config.json when it came from one)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -33,9 +42,18 @@ class RopeConfig:
 
     def __post_init__(self):
         if self.layout not in ("rotate_half", "interleaved"):
-            raise ValueError(f"RopeConfig.layout must be 'rotate_half' or 'interleaved', got {self.layout!r}")
-        if self.theta <= 0:
-            raise ValueError(f"RopeConfig.theta must be positive, got {self.theta}")
+            raise ConfigError(f"rope layout must be 'rotate_half' or 'interleaved', got {self.layout!r}")
+        if not _finite_positive(self.theta):
+            raise ConfigError(f"rope theta must be a finite number > 0, got {self.theta!r}")
+        if self.yarn_factor is not None:
+            if not _finite_positive(self.yarn_factor):
+                raise ConfigError(f"rope YaRN factor must be a finite number > 0, got {self.yarn_factor!r}")
+            if not isinstance(self.yarn_original_max_position, int) or self.yarn_original_max_position < 1:
+                raise ConfigError(f"rope YaRN original_max_position_embeddings must be a positive integer, got "
+                                  f"{self.yarn_original_max_position!r}")
+            for name in ("yarn_beta_fast", "yarn_beta_slow"):
+                if not _finite_positive(getattr(self, name)):
+                    raise ConfigError(f"rope {name} must be a finite number > 0, got {getattr(self, name)!r}")
 
     @property
     def attention_factor(self) -> float:
@@ -53,6 +71,10 @@ class RopeConfig:
         if self.yarn_factor is None or not self.yarn_mscale_all_dim:
             return 1.0
         return _yarn_mscale(self.yarn_factor, self.yarn_mscale_all_dim) ** 2
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _yarn_mscale(scale: float, m: float = 1.0) -> float:
@@ -129,37 +151,69 @@ class ModelConfig:
     dtype: str = "bfloat16"
 
     def __post_init__(self):
+        def fail(message: str):
+            raise ConfigError(f"ModelConfig {self.name!r}: {message}")
+
         def positive(**fields):
             for key, value in fields.items():
-                if not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"ModelConfig {self.name!r}: {key} must be a positive int, got {value!r}")
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    fail(f"{key} must be a positive integer, got {value!r}")
 
         positive(vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                  num_experts=self.num_experts, expert_ffn_dim=self.expert_ffn_dim, max_seq_len=self.max_seq_len)
+        for key in ("dense_ffn_dim", "shared_ffn_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(f"{key} must be an integer >= 0, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig {self.name!r}: num_heads={self.num_heads} is not a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
-        if not 0 < self.router.top_k <= self.num_experts:
-            raise ValueError(f"ModelConfig {self.name!r}: router.top_k={self.router.top_k} must be in "
-                             f"[1, num_experts={self.num_experts}]")
-        if self.num_experts % self.router.n_group:
-            raise ValueError(f"ModelConfig {self.name!r}: num_experts={self.num_experts} is not divisible by "
-                             f"router.n_group={self.router.n_group}")
-        if not 0 < self.router.topk_group <= self.router.n_group:
-            raise ValueError(f"ModelConfig {self.name!r}: router.topk_group={self.router.topk_group} must be in "
-                             f"[1, n_group={self.router.n_group}]")
+            fail(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        r = self.router
+        positive(**{"router.top_k": r.top_k, "router.n_group": r.n_group, "router.topk_group": r.topk_group})
+        if r.top_k > self.num_experts:
+            fail(f"router.top_k={r.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.num_experts % r.n_group:
+            fail(f"num_experts={self.num_experts} is not divisible by router.n_group={r.n_group}")
+        if r.topk_group > r.n_group:
+            fail(f"router.topk_group={r.topk_group} must be in [1, n_group={r.n_group}]")
+        if r.n_group > 1 and r.top_k > r.topk_group * (self.num_experts // r.n_group):
+            fail(f"router.top_k={r.top_k} exceeds the {r.topk_group} groups x {self.num_experts // r.n_group} experts "
+                 f"a token may choose from")
+        if r.topk_norm_p is not None and not _finite_positive(r.topk_norm_p):
+            fail(f"router.topk_norm_p must be a finite number > 0 or None, got {r.topk_norm_p!r}")
+        if not _finite_positive(r.routed_scaling_factor):
+            fail(f"router.routed_scaling_factor must be a finite number > 0, got {r.routed_scaling_factor!r}")
         bad_layers = [l for l in self.dense_layers if not 0 <= l < self.num_layers]
         if bad_layers:
-            raise ValueError(f"ModelConfig {self.name!r}: dense_layers {bad_layers} outside [0, {self.num_layers})")
+            fail(f"dense_layers {bad_layers} outside [0, {self.num_layers})")
+        if len(self.dense_layers) == self.num_layers:
+            fail(f"every one of the {self.num_layers} layers is dense: an MoE model needs at least one MoE layer")
         if (self.dense_layers or self.dense_residual) and self.dense_ffn_dim <= 0:
-            raise ValueError(f"ModelConfig {self.name!r}: dense layers or a dense residual need dense_ffn_dim > 0")
+            fail("dense layers or a dense residual need dense_ffn_dim > 0")
+        if self.mla is not None:
+            m = self.mla
+            positive(**{"mla.kv_lora_rank": m.kv_lora_rank, "mla.qk_nope_head_dim": m.qk_nope_head_dim,
+                        "mla.qk_rope_head_dim": m.qk_rope_head_dim, "mla.v_head_dim": m.v_head_dim})
+            if m.q_lora_rank is not None:
+                positive(**{"mla.q_lora_rank": m.q_lora_rank})
+            if m.qk_rope_head_dim % 2:
+                fail(f"mla.qk_rope_head_dim={m.qk_rope_head_dim} must be even (rotary pairs)")
+        elif self.head_dim % 2:
+            fail(f"head_dim={self.head_dim} must be even (rotary pairs)")
         if self.norm not in ("rms", "layer"):
-            raise ValueError(f"ModelConfig {self.name!r}: norm must be 'rms' or 'layer', got {self.norm!r}")
-        try:
-            jnp.dtype(self.dtype)
-        except TypeError as e:
-            raise ValueError(f"ModelConfig {self.name!r}: unknown dtype {self.dtype!r}") from e
+            fail(f"norm must be 'rms' or 'layer', got {self.norm!r}")
+        if not _finite_positive(self.norm_eps):
+            fail(f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        if self.clip_qkv is not None and not _finite_positive(self.clip_qkv):
+            fail(f"clip_qkv must be a finite number > 0 or None, got {self.clip_qkv!r}")
+        for key in ("pad_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is None and key == "eos_token_id":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+                fail(f"{key}={value!r} is not a token id of the vocabulary [0, {self.vocab_size})")
+        if self.dtype not in FLOAT_DTYPES:
+            fail(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
 
     # Derived sizes ------------------------------------------------------------------------------------------------
 
@@ -293,5 +347,5 @@ def list_presets() -> list[str]:
 def get_preset(name: str, **overrides) -> ModelConfig:
     """A preset by name, with optional field overrides (e.g. dtype="float32", num_layers=2)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

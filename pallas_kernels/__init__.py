@@ -11,12 +11,13 @@ Semantics (shared by every backend) are documented in :mod:`pallas_kernels.seman
 from pallas_kernels.api import expert_ffn, group_gemm
 from pallas_kernels.chunked_gemm import ChunkTiling
 from pallas_kernels.dense_gemm import DenseTiling
+from pallas_kernels.errors import EpsjaxError, KernelError
 from pallas_kernels.group_gemm_mgpu import MosaicTiling
 from pallas_kernels.group_gemm_triton import TritonTiling
 from pallas_kernels.selector import BACKENDS, Choice, select_backend
 from pallas_kernels.semantics import expert_ffn_reference, group_gemm_reference
 
 __all__ = [
-    "BACKENDS", "ChunkTiling", "Choice", "DenseTiling", "MosaicTiling", "TritonTiling", "expert_ffn", "expert_ffn_reference", "group_gemm",
+    "BACKENDS", "ChunkTiling", "EpsjaxError", "KernelError", "Choice", "DenseTiling", "MosaicTiling", "TritonTiling", "expert_ffn", "expert_ffn_reference", "group_gemm",
     "group_gemm_reference", "select_backend",
 ]

@@ -20,6 +20,7 @@ jax_triton      Triton kernel through jax-triton (GPU only, needs jax_triton)
 from __future__ import annotations
 
 from pallas_kernels import selector, semantics
+from pallas_kernels.errors import KernelError
 
 _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
 
@@ -116,17 +117,17 @@ def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, 
                                          k=k, n=n, dtype=dtype, op=op)
         return choice.backend, tiling if tiling is not None else choice.tiling
     if backend not in selector.BACKENDS:
-        raise ValueError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
+        raise KernelError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
     if tiling is not None and backend in ("reference", "ragged_dot"):
-        raise ValueError(f"backend {backend!r} takes no tiling; got {tiling=}")
+        raise KernelError(f"backend {backend!r} takes no tiling; got {tiling=}")
     if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
-        raise ValueError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
+        raise KernelError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")
     if interpret and backend == "jax_triton":
-        raise ValueError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
+        raise KernelError("backend 'jax_triton' has no interpret mode; use 'pallas_triton' with interpret=True")
     if backend in selector.GPU_ONLY and selector.platform() not in ("gpu", "cuda"):
         if backend == "jax_triton" or not interpret:
             hint = "" if backend == "jax_triton" else "; pass interpret=True to run it in interpret mode"
-            raise ValueError(f"backend {backend!r} needs a CUDA GPU, and the program is built for "
+            raise KernelError(f"backend {backend!r} needs a CUDA GPU, and the program is built for "
                              f"{selector.platform()!r} (no GPU device, and no GPU mesh in context){hint}")
     return backend, tiling
 
@@ -139,7 +140,7 @@ def _dense_fallback(tiling, m, num_slots, num_groups, k, n, dtype, op):
                                        dtype=dtype, op=op, max_tokens_per_expert=float(m),
                                        exclude=("dense",)).backend
     if name == "dense" or name not in selector.BACKENDS:
-        raise ValueError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
+        raise KernelError(f"DenseTiling.fallback must name a grouped backend; got {name!r}")
     if name == "reference":
         return getattr(semantics, f"{op}_reference")
     return getattr(_module(name), op)  # a module-level function: a stable static argument

@@ -9,7 +9,11 @@ one of the output, small next to reading the weights.
 
 On XLA:GPU this is a real grouped GEMM.  XLA:CPU expands it into a masked
 dense product (E times the work), so on CPU it is a correctness baseline,
-never the fast path.
+never the fast path; and since that expansion multiplies every row by every
+expert's weights and then by a 0/1 mask, one expert's NaN or Inf would reach
+every row (0 * NaN = NaN).  Off GPU this backend therefore computes the same
+function as a where-masked loop over the slots (the reference's expansion),
+so a non-finite expert only reaches the rows routed to it, as on a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics
+from pallas_kernels import semantics, targets
 
 
 @functools.partial(jax.jit, static_argnames=("direct",))
@@ -51,8 +55,16 @@ def permute_to_slots(group_sizes, slots, m: int, num_slots: int):
     return perm, inv_perm, sizes, keep
 
 
+def _masked_expansion() -> bool:
+    """Whether XLA would expand ragged_dot into a 0/1-masked dense product here (everything but a GPU)."""
+    return not targets.current().is_gpu
+
+
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None):
     """Grouped GEMM through lax.ragged_dot (see :mod:`pallas_kernels.semantics`)."""
+    if _masked_expansion():
+        return semantics.group_gemm_reference(lhs, rhs, group_sizes, group_offset=group_offset,
+                                              slot_of_expert=slot_of_expert)
     semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
     direct = (slot_of_expert is None and semantics.is_static_zero(group_offset)
               and group_sizes.shape[0] == rhs.shape[0])
@@ -73,6 +85,9 @@ def _expert_ffn(x, w_gate, w_up, w_down, group_sizes, slots):
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None):
     """Expert FFN through three lax.ragged_dot calls on slot-ordered rows."""
+    if _masked_expansion():
+        return semantics.expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
+                                              slot_of_expert=slot_of_expert)
     semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
     return _expert_ffn(x, w_gate, w_up, w_down, group_sizes, slots)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import pallas_kernels
 from sharding import transports
 from sharding.expert_compute import MoEStats, combine
+from sharding.errors import PlanError
 from sharding.mesh import axis_size
 from sharding.plan import ExpertPlan
 from sharding.rules import Rules, check_mesh, get_rules
@@ -56,7 +57,11 @@ class EPExperts:
         object.__setattr__(self, "rule_set", get_rules(self.rule_set))
         check_mesh(self.rule_set, self.mesh)
         if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+            raise PlanError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        platform = self.mesh.devices.flat[0].platform
+        if self.transport == "ragged" and platform not in ("gpu", "cuda") and self.rule_set.expert_axes:
+            raise PlanError(f"transport 'ragged' (jax.lax.ragged_all_to_all) needs GPU devices, and the mesh is "
+                            f"{platform}: XLA:{platform.upper()} has no ragged all-to-all; use 'padded' or 'auto'")
 
     @property
     def resolved_transport(self) -> str:
@@ -92,7 +97,7 @@ class EPExperts:
         E = w_gate_EDF.shape[0]
         ep = self.expert_parallel_size
         if E % ep:
-            raise ValueError(f"{E} experts do not divide over the expert-parallel size {ep} (mesh axes {ep_axes})")
+            raise PlanError(f"{E} experts do not divide over the expert-parallel size {ep} (mesh axes {ep_axes})")
         groups = plan.expert_groups(E // ep)
         # The model around the MoE keeps its tokens split as its batch is, in and out (without this, a split over
         # an axis only the MoE uses, e.g. tp_ep's "tensor", propagates into attention and the KV cache, and the

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
+from sharding.errors import PlanError
 
 DATA = "data"
 TENSOR = "tensor"
@@ -29,14 +30,14 @@ def make_mesh(data: int = 1, tensor: int = 1, expert: int = 1,
     sizes = {DATA: data, TENSOR: tensor, EXPERT: expert}
     for name, size in sizes.items():
         if not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh axis {name!r} must be a positive int, got {size!r}")
+            raise PlanError(f"mesh axis {name!r} must be a positive int, got {size!r}")
     devices = list(jax.devices() if devices is None else devices)
     needed = math.prod(sizes.values())
     if needed > len(devices):
         platform = devices[0].platform if devices else "none"
         hint = (f"; on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={needed} before importing jax"
                 if platform == "cpu" else "")
-        raise ValueError(f"mesh data={data} x tensor={tensor} x expert={expert} needs {needed} devices, but only "
+        raise PlanError(f"mesh data={data} x tensor={tensor} x expert={expert} needs {needed} devices, but only "
                          f"{len(devices)} {platform} device(s) are available{hint}")
     return jax.make_mesh((data, tensor, expert), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices[:needed])
 

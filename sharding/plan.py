@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 import pallas_kernels
+from sharding.errors import PlanError
 
 SPLITS = ("experts", "tokens")
 
@@ -33,18 +34,18 @@ class ExpertPlan:
 
     def __post_init__(self):
         if not isinstance(self.pipeline_degree, int) or self.pipeline_degree < 1:
-            raise ValueError(f"pipeline_degree must be a positive int, got {self.pipeline_degree!r}")
+            raise PlanError(f"pipeline_degree must be a positive int, got {self.pipeline_degree!r}")
         if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+            raise PlanError(f"split must be one of {SPLITS}, got {self.split!r}")
         if isinstance(self.backends, str):
             object.__setattr__(self, "backends", (self.backends,))
         for name, value in (("backends", self.backends), ("tilings", self.tilings)):
             if len(value) not in (1, self.pipeline_degree):
-                raise ValueError(f"{name} must have 1 or pipeline_degree={self.pipeline_degree} entries, "
+                raise PlanError(f"{name} must have 1 or pipeline_degree={self.pipeline_degree} entries, "
                                  f"got {value!r}")
         bad = [b for b in self.backends if b != "auto" and b not in pallas_kernels.BACKENDS]
         if bad:
-            raise ValueError(f"unknown backends {bad}; expected 'auto' or one of {pallas_kernels.BACKENDS}")
+            raise PlanError(f"unknown backends {bad}; expected 'auto' or one of {pallas_kernels.BACKENDS}")
 
     def backend(self, stage: int) -> str:
         return self.backends[0] if len(self.backends) == 1 else self.backends[stage]
@@ -58,7 +59,7 @@ class ExpertPlan:
         if self.split == "tokens":
             return ((0, num_local_experts),)
         if PN > num_local_experts:
-            raise ValueError(f"a pipeline of {PN} expert groups needs at least {PN} experts per device, but there "
+            raise PlanError(f"a pipeline of {PN} expert groups needs at least {PN} experts per device, but there "
                              f"are {num_local_experts}; use split='tokens' or a smaller pipeline_degree")
         bounds = [s * num_local_experts // PN for s in range(PN + 1)]
         return tuple(zip(bounds[:-1], bounds[1:]))

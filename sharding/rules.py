@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding import axes
 from sharding.mesh import AXES, DATA, EXPERT, TENSOR
+from sharding.errors import PlanError
 
 MeshAxes = tuple[str, ...]
 
@@ -52,16 +53,16 @@ class Rules:
         known = set(axes.PARAM_AXES) | set(axes.ACTIVATION_AXES)
         unknown = sorted(set(names) - known)
         if unknown:
-            raise ValueError(f"rule set {self.name!r}: unknown logical axes {unknown}; known: {sorted(known)}")
+            raise PlanError(f"rule set {self.name!r}: unknown logical axes {unknown}; known: {sorted(known)}")
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ValueError(f"rule set {self.name!r}: logical axes {duplicated} have more than one entry")
+            raise PlanError(f"rule set {self.name!r}: logical axes {duplicated} have more than one entry")
         missing = sorted(known - set(names))
         if missing:
-            raise ValueError(f"rule set {self.name!r}: no entry for logical axes {missing} (use () to replicate)")
+            raise PlanError(f"rule set {self.name!r}: no entry for logical axes {missing} (use () to replicate)")
         for logical, mesh_axes in self.table:
             if not isinstance(mesh_axes, tuple) or len(set(mesh_axes)) != len(mesh_axes):
-                raise ValueError(f"rule set {self.name!r}: {logical!r} must map to a tuple of distinct mesh axes, "
+                raise PlanError(f"rule set {self.name!r}: {logical!r} must map to a tuple of distinct mesh axes, "
                                  f"got {mesh_axes!r}")
 
     @classmethod
@@ -76,7 +77,7 @@ class Rules:
         for name, mesh_axes in self.table:
             if name == logical:
                 return mesh_axes
-        raise ValueError(f"rule set {self.name!r} has no entry for logical axis {logical!r}")
+        raise PlanError(f"rule set {self.name!r} has no entry for logical axis {logical!r}")
 
     def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
         """The PartitionSpec of an array annotated with logical axis names (one per dimension)."""
@@ -91,7 +92,7 @@ class Rules:
         table = dict(self.table)
         for logical, mesh_axes in changes.items():
             if logical not in table:
-                raise ValueError(f"rule set {self.name!r} has no logical axis {logical!r}")
+                raise PlanError(f"rule set {self.name!r} has no logical axis {logical!r}")
             table[logical] = tuple(mesh_axes)
         return Rules(self.name, tuple(table.items()))
 
@@ -137,7 +138,7 @@ def get_rules(rule_set: str | Rules) -> Rules:
     if isinstance(rule_set, Rules):
         return rule_set
     if rule_set not in RULE_SETS:
-        raise ValueError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")
+        raise PlanError(f"unknown rule set {rule_set!r}; known: {', '.join(RULE_SETS)}")
     return RULE_SETS[rule_set]
 
 
@@ -154,15 +155,15 @@ def check_mesh(rules: Rules, mesh: Mesh) -> None:
     for logical, mesh_axes in rules.table:
         absent = [a for a in mesh_axes if a not in mesh.shape]
         if absent:
-            raise ValueError(f"rule set {rules.name!r} maps {logical!r} to mesh axes {absent} that the mesh "
+            raise PlanError(f"rule set {rules.name!r} maps {logical!r} to mesh axes {absent} that the mesh "
                              f"{dict(mesh.shape)} lacks (build it with sharding.make_mesh: axes {AXES})")
     overlap = sorted(set(rules.expert_tensor_axes) & set(rules.moe_token_axes))
     if overlap:
-        raise ValueError(f"rule set {rules.name!r}: mesh axes {overlap} split both the experts' FFN dim "
+        raise PlanError(f"rule set {rules.name!r}: mesh axes {overlap} split both the experts' FFN dim "
                          f"(expert_mlp) and the MoE's tokens (moe_tokens); an expert-TP axis must see all tokens")
     overlap = sorted(set(rules.expert_tensor_axes) & set(rules.expert_axes))
     if overlap:
-        raise ValueError(f"rule set {rules.name!r}: mesh axes {overlap} split both the experts and their FFN dim")
+        raise PlanError(f"rule set {rules.name!r}: mesh axes {overlap} split both the experts and their FFN dim")
 
 
 def rules_for_model(cfg, mesh: Mesh, rule_set: str | Rules) -> Rules:
@@ -178,12 +179,12 @@ def rules_for_model(cfg, mesh: Mesh, rule_set: str | Rules) -> Rules:
     ep_axes = rules.expert_axes
     ep = _size(mesh, ep_axes)
     if cfg.num_experts % ep:
-        raise ValueError(f"{cfg.name}: num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
+        raise PlanError(f"{cfg.name}: num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
                          f"{ep} ({rules.name}: experts -> {_describe(mesh, ep_axes)})")
     heads_axes = rules.mesh_axes(axes.HEADS)
     tp = _size(mesh, heads_axes)
     if cfg.num_heads % tp:
-        raise ValueError(f"{cfg.name}: num_heads={cfg.num_heads} is not divisible by the tensor-parallel size {tp} "
+        raise PlanError(f"{cfg.name}: num_heads={cfg.num_heads} is not divisible by the tensor-parallel size {tp} "
                          f"({rules.name}: heads -> {_describe(mesh, heads_axes)})")
     kv_axes = rules.mesh_axes(axes.KV_HEADS)
     if cfg.mla is None and cfg.num_kv_heads % _size(mesh, kv_axes):

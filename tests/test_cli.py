@@ -3,10 +3,13 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from epsjax.cli import main
@@ -37,6 +40,111 @@ def test_errors_are_one_line(capsys):
     assert "outside the vocabulary [0, 256): [999]" in capsys.readouterr().err
     assert main(["generate", "--preset", "tiny-mixtral", "--text", "hello"]) == 2
     assert "--text needs a model directory with a tokenizer.json" in capsys.readouterr().err
+
+
+def _error(capsys, *argv) -> str:
+    """Runs the command expecting an input error: exit status 2 and one error line on stderr (after a loading
+    progress bar, if any), no traceback."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("epsjax ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in line for line in err), err
+    return errors[0]
+
+
+def _usage_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage, then one error line
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    path = tmp_path / "qwen3"
+    shutil.copytree(MIXTRAL.parent / "qwen3_moe", path)
+    return path
+
+
+def test_checkpoint_errors_exit_2_naming_the_file(capsys, damaged):
+    file = damaged / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+    line = _error(capsys, "generate", "--model", str(damaged), "--prompt", "1,2")
+    assert line.startswith("epsjax generate: error: ") and f"{file}: tensor " in line and "truncated" in line
+    file.write_bytes(data)
+    (damaged / "model.safetensors.index.json").write_text("{}")
+    assert "no weight_map object" in _error(capsys, "generate", "--model", str(damaged), "--prompt", "1,2")
+
+
+def test_nonfinite_weights_exit_2_unless_allowed(capsys, damaged):
+    from safetensors.numpy import save_file
+    tensors = load_file(str(damaged / "model.safetensors"))
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, :3] = np.nan
+    save_file(tensors, str(damaged / "model.safetensors"))
+    line = _error(capsys, "generate", "--model", str(damaged), "--prompt", "1,2", "--max-new-tokens", "2")
+    assert f"{name} (3 of " in line and "--allow-nonfinite" in line
+    assert main(["generate", "--model", str(damaged), "--prompt", "1,2", "--max-new-tokens", "2",
+                 "--allow-nonfinite"]) == 0
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"hidden_size": None}, "field hidden_size is missing"),
+    ({"rms_norm_eps": -1}, "field rms_norm_eps must be a finite number > 0, got -1"),
+    ({"pad_token_id": 100000}, "pad_token_id=100000 is not a token id of the vocabulary [0, 160)"),
+])
+def test_config_errors_exit_2_naming_the_field(capsys, damaged, edit, message):
+    config = json.loads((damaged / "config.json").read_text())
+    config.update(edit)
+    if edit.get("hidden_size", 0) is None:
+        del config["hidden_size"]
+    (damaged / "config.json").write_text(json.dumps(config))
+    line = _error(capsys, "info", "--model", str(damaged))
+    assert str(damaged / "config.json") in line and message in line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--devices", "-1"], "argument --devices: must be an integer >= 1, got '-1'"),
+    (["--devices", "0"], "argument --devices: must be an integer >= 1, got '0'"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be an integer >= 1, got '0'"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number, got 'nan'"),
+    (["--seed", "-4"], "argument --seed: must be an integer >= 0, got '-4'"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+])
+def test_bad_flags_exit_2(capsys, argv, message):
+    assert message in _usage_error(capsys, "generate", *argv)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--top-p", "0"], "top_p must be a number in (0, 1], got 0.0"),
+    (["--seed", str(2**32)], "seed must be an integer in [0, 2**32)"),
+    (["--prompt", "1.5,2"], "--prompt takes token ids (e.g. '1,2,3'), got '1.5,2'"),
+    (["--backend", "fastest"], "--backend must be auto or one of"),
+    (["--backend", "mosaic_gpu", "--strategy", "local"], "backend 'mosaic_gpu' needs a CUDA GPU"),
+    (["--preset", "mixtral-8x8b"], "unknown preset 'mixtral-8x8b'"),
+    (["--strategy", "dp_ep", "--mesh", "1,1,16"], "needs 16 devices, but only 8 cpu device(s)"),
+    (["--strategy", "dp_ep", "--mesh", "1,x,1"], "--mesh takes three positive data,tensor,expert sizes"),
+])
+def test_bad_requests_exit_2(capsys, argv, message):
+    assert message in _error(capsys, "generate", "--max-new-tokens", "2", *argv)
+
+
+def test_ragged_transport_on_cpu_exits_2():
+    # --devices needs a fresh process (jax reads the device count once).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "epsjax.cli", "generate", "--devices", "4", "--transport",
+                             "ragged", "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "transport 'ragged' (jax.lax.ragged_all_to_all) needs GPU devices" in lines[0]
+
+
+def test_debug_shows_the_traceback():
+    from epsjax.errors import RequestError
+    with pytest.raises(RequestError, match="top_p"):
+        main(["generate", "--top-p", "0", "--debug", "--max-new-tokens", "2"])
 
 
 def _run_cli(*args: str) -> str:

@@ -281,13 +281,9 @@ class OffloadEngine(Engine):
         return (logits if all_logits else logits[:, -1]), state, stats
 
     def decode_step(self, state: OffloadState, tokens_B):
-        tokens_B = np.asarray(tokens_B, np.int32)
-        self._check_tokens(tokens_B, "tokens")
         d = state.decode
-        cache_len = d.kv_valid_BS.shape[1]
         write_index = int(d.write_index)
-        if write_index >= cache_len:
-            raise ValueError(f"the KV cache is full ({cache_len} slots); prefill with a larger cache_len")
+        tokens_B = self.check_decode_inputs(tokens_B, d.kv_valid_BS.shape, write_index)
         B = tokens_B.shape[0]
         recent = np.concatenate([state.recent_BW[:, 1:], tokens_B[:, None]], axis=1)
         recent_valid = np.concatenate([state.recent_valid_BW[:, 1:], np.ones((B, 1), bool)], axis=1)

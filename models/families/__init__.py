@@ -3,6 +3,7 @@
 Keyed by config.json's `model_type`. Each module provides config_from_hf, config_to_hf and tensor_rules.
 """
 
+from models.config import ConfigError
 from models.families import arctic, dbrx, deepseek_v2, mixtral, qwen3_moe
 
 FAMILIES = {"mixtral": mixtral, "deepseek_v2": deepseek_v2, "qwen3_moe": qwen3_moe, "dbrx": dbrx, "arctic": arctic}
@@ -10,5 +11,5 @@ FAMILIES = {"mixtral": mixtral, "deepseek_v2": deepseek_v2, "qwen3_moe": qwen3_m
 
 def family_module(model_type: str):
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(FAMILIES)}")
+        raise ConfigError(f"field model_type={model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[model_type]

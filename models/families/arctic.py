@@ -5,18 +5,19 @@ transformers has no Arctic class; names follow the Hub checkpoint (remote code `
 
 from __future__ import annotations
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
 from models.families import common, mixtral
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
-    frequency = hf.get("moe_layer_frequency", 1)
+    f = common.HFFields(hf)
+    frequency = f.int("moe_layer_frequency", 1)
     if frequency != 1:
-        raise NotImplementedError(f"Arctic with moe_layer_frequency={frequency} is not supported (released: 1)")
-    if not hf.get("parallel_attn_mlp_res", False):
-        raise NotImplementedError("Arctic without parallel_attn_mlp_res is not supported (released: true)")
+        raise ConfigError(f"field moe_layer_frequency={frequency}: Arctic is supported with 1 only (as released)")
+    if not f.bool("parallel_attn_mlp_res"):
+        raise ConfigError("field parallel_attn_mlp_res: Arctic is supported with true only (as released)")
     base = mixtral.config_from_hf(hf, dtype=dtype, name="arctic")
-    return base.replace(family="arctic", dense_residual=True, dense_ffn_dim=hf["hidden_size"])
+    return base.replace(family="arctic", dense_residual=True, dense_ffn_dim=f.int("hidden_size"))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

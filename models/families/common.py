@@ -13,7 +13,84 @@ from typing import Callable
 
 import numpy as np
 
+from models.config import ConfigError
+
 Path = tuple  # e.g. ("layers", 0, "attn", "q_DNH")
+_MISSING = object()
+
+
+class HFFields:
+    """Typed, range-checked reads of a Hugging Face config.json (a dict): every field a family reads goes through
+    one of these, and a missing, mistyped or out-of-range value is a ConfigError naming the field, the value seen
+    and what is allowed. `where` prefixes the field names of a nested section (e.g. DBRX's "ffn_config.")."""
+
+    def __init__(self, hf: dict, where: str = ""):
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{where.rstrip('.') or 'config.json'} must be a JSON object, got {type(hf).__name__}")
+        self.hf, self.where = hf, where
+
+    def _get(self, name, default):
+        if name in self.hf and self.hf[name] is not None:
+            return self.hf[name]
+        if default is _MISSING:
+            raise ConfigError(f"field {self.where}{name} is missing")
+        return default
+
+    def _fail(self, name, value, allowed):
+        raise ConfigError(f"field {self.where}{name} must be {allowed}, got {value!r}")
+
+    def has(self, name) -> bool:
+        return self.hf.get(name) is not None
+
+    def int(self, name, default=_MISSING, *, min: int = 1) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < min:
+            self._fail(name, value, f"an integer >= {min}")
+        return value
+
+    def optional_int(self, name, *, min: int = 1) -> int | None:
+        return self.int(name, None, min=min) if self.has(name) else None
+
+    def float(self, name, default=_MISSING, *, positive: bool = True) -> float:
+        value = self._get(name, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (positive and value <= 0):
+            self._fail(name, value, "a finite number" + (" > 0" if positive else ""))
+        return float(value)
+
+    def bool(self, name, default: bool = False) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            self._fail(name, value, "true or false")
+        return value
+
+    def str(self, name, default=_MISSING, *, choices: tuple[str, ...] | None = None) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            self._fail(name, value, f"one of {', '.join(choices)}" if choices else "a string")
+        return value
+
+    def int_list(self, name) -> list[int]:
+        value = self._get(name, [])
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+            self._fail(name, value, "a list of integers >= 0")
+        return value
+
+    def token_id(self, name) -> int | None:
+        """A special token id: an integer >= 0, the first of a list of them (HF allows several EOS), or absent."""
+        value = self.hf.get(name)
+        if isinstance(value, list):
+            if not value:
+                return None
+            value = value[0]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self._fail(name, self.hf.get(name), "a token id (an integer >= 0, or a list of them)")
+        return value
+
+    def section(self, name) -> "HFFields":
+        return HFFields(self._get(name, {}), where=f"{self.where}{name}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,25 +166,26 @@ def per_expert_moe(prefix: str, names: tuple[str, str, str], router_name: str, l
     ]
 
 
-def rope_from_hf(hf: dict) -> dict:
+def rope_from_hf(hf: HFFields) -> dict:
     """RopeConfig fields from an HF config: transformers 5 `rope_parameters`, or the Hub's `rope_theta` and
     `rope_scaling` (transformers 4 layout)."""
-    params = dict(hf.get("rope_parameters") or {})
-    if not params:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    fields = {"theta": float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+    section = "rope_parameters" if hf.has("rope_parameters") else "rope_scaling"
+    params = hf.section(section)
+    kind = params.str("rope_type", params.str("type", "default"))
+    theta = params.float("rope_theta", hf.float("rope_theta", 10_000.0))
+    fields = {"theta": theta}
     if kind == "yarn":
+        mscale = params.float("mscale") if params.has("mscale") else None
+        mscale_all_dim = params.float("mscale_all_dim") if params.has("mscale_all_dim") else None
         fields.update(
-            yarn_factor=float(params["factor"]),
-            yarn_original_max_position=int(params["original_max_position_embeddings"]),
-            yarn_beta_fast=float(params.get("beta_fast") or 32), yarn_beta_slow=float(params.get("beta_slow") or 1),
-            yarn_mscale=params.get("mscale"), yarn_mscale_all_dim=params.get("mscale_all_dim"))
-        if params.get("attention_factor") is not None:
-            raise NotImplementedError("an explicit YaRN attention_factor is not supported")
+            yarn_factor=params.float("factor"),
+            yarn_original_max_position=params.int("original_max_position_embeddings"),
+            yarn_beta_fast=params.float("beta_fast", 32.0), yarn_beta_slow=params.float("beta_slow", 1.0),
+            yarn_mscale=mscale, yarn_mscale_all_dim=mscale_all_dim)
+        if params.has("attention_factor"):
+            raise ConfigError(f"field {section}.attention_factor: an explicit YaRN attention_factor is not supported")
     elif kind != "default":
-        raise NotImplementedError(f"rope type {kind!r} is not supported (supported: default, yarn)")
+        raise ConfigError(f"field {section}.rope_type must be one of default, yarn (supported), got {kind!r}")
     return fields
 
 
@@ -119,12 +197,6 @@ def rope_to_hf(rope) -> dict:
                       beta_fast=rope.yarn_beta_fast, beta_slow=rope.yarn_beta_slow, mscale=rope.yarn_mscale,
                       mscale_all_dim=rope.yarn_mscale_all_dim)
     return {"rope_parameters": params}
-
-
-def first_token_id(value) -> int | None:
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return None if value is None else int(value)
 
 
 def hf_dtype_name(dtype: str) -> str:

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.config import ModelConfig, RopeConfig, RouterConfig
+from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
 from models.families import common
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
-    attn, ffn = hf.get("attn_config") or {}, hf.get("ffn_config") or {}
-    act = (ffn.get("ffn_act_fn") or {}).get("name", "silu")
+    f = common.HFFields(hf)
+    attn, ffn = f.section("attn_config"), f.section("ffn_config")
+    act = ffn.section("ffn_act_fn").str("name", "silu")
     if act != "silu":
-        raise NotImplementedError(f"DBRX ffn_act_fn {act!r} is not supported (released: silu)")
-    heads = hf["n_heads"]
-    norm_p = ffn.get("moe_normalize_expert_weights", 1.0)
+        raise ConfigError(f"field ffn_config.ffn_act_fn.name must be silu (as released), got {act!r}")
+    heads, d_model = f.int("n_heads"), f.int("d_model")
+    # moe_normalize_expert_weights: absent means 1 (the p-norm), an explicit null means no renormalisation.
+    explicit_null = "moe_normalize_expert_weights" in ffn.hf and ffn.hf["moe_normalize_expert_weights"] is None
+    norm_p = None if explicit_null else ffn.float("moe_normalize_expert_weights", 1.0)
     return ModelConfig(
-        name="dbrx", family="dbrx", vocab_size=hf["vocab_size"], d_model=hf["d_model"], num_layers=hf["n_layers"],
-        num_heads=heads, num_kv_heads=attn.get("kv_n_heads", 1), head_dim=hf["d_model"] // heads,
-        num_experts=ffn["moe_num_experts"], expert_ffn_dim=ffn["ffn_hidden_size"],
-        router=RouterConfig(top_k=ffn["moe_top_k"], topk_norm_p=None if norm_p is None else float(norm_p)),
-        rope=RopeConfig(theta=float(attn.get("rope_theta", 10_000.0))), norm="layer", norm_eps=1e-5,
-        clip_qkv=attn.get("clip_qkv"), max_seq_len=hf.get("max_seq_len", 2048),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
-        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+        name="dbrx", family="dbrx", vocab_size=f.int("vocab_size"), d_model=d_model, num_layers=f.int("n_layers"),
+        num_heads=heads, num_kv_heads=attn.int("kv_n_heads", 1), head_dim=d_model // heads,
+        num_experts=ffn.int("moe_num_experts"), expert_ffn_dim=ffn.int("ffn_hidden_size"),
+        router=RouterConfig(top_k=ffn.int("moe_top_k"), topk_norm_p=norm_p),
+        rope=RopeConfig(theta=attn.float("rope_theta", 10_000.0)), norm="layer", norm_eps=1e-5,
+        clip_qkv=attn.float("clip_qkv") if attn.has("clip_qkv") else None, max_seq_len=f.int("max_seq_len", 2048),
+        tie_embeddings=f.bool("tie_word_embeddings"),
+        pad_token_id=f.token_id("pad_token_id") or 0, eos_token_id=f.token_id("eos_token_id"), dtype=dtype)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

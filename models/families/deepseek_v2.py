@@ -2,39 +2,38 @@
 
 from __future__ import annotations
 
-from models.config import MLAConfig, ModelConfig, RopeConfig, RouterConfig
+from models.config import ConfigError, MLAConfig, ModelConfig, RopeConfig, RouterConfig
 from models.families import common, mixtral, qwen3_moe
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
-    if hf.get("num_experts_per_tok") is None:
-        raise ValueError("DeepSeek-V2 config.json has no num_experts_per_tok")
-    if hf.get("attention_bias"):
-        raise NotImplementedError("attention_bias=true is not supported")
-    layers, first_dense = hf["num_hidden_layers"], hf.get("first_k_dense_replace", 0)
-    freq = hf.get("moe_layer_freq", 1)
+    f = common.HFFields(hf)
+    if f.bool("attention_bias"):
+        raise ConfigError("field attention_bias: true is not supported (only false)")
+    layers, first_dense = f.int("num_hidden_layers"), f.int("first_k_dense_replace", 0, min=0)
+    freq = f.int("moe_layer_freq", 1)
     dense = tuple(l for l in range(layers) if l < first_dense or l % freq != 0)
-    grouped = hf.get("topk_method", "greedy") == "group_limited_greedy"
+    top_k = f.int("num_experts_per_tok")
+    grouped = f.str("topk_method", "greedy", choices=("greedy", "group_limited_greedy")) == "group_limited_greedy"
     # DeepSeek-V2 either renormalises the top-k weights or scales them by routed_scaling_factor, never both.
-    renormalise = bool(hf.get("norm_topk_prob", False)) and hf["num_experts_per_tok"] > 1
+    renormalise = f.bool("norm_topk_prob") and top_k > 1
     router = RouterConfig(
-        top_k=hf["num_experts_per_tok"], topk_norm_p=1.0 if renormalise else None,
-        n_group=(hf.get("n_group") or 1) if grouped else 1, topk_group=(hf.get("topk_group") or 1) if grouped else 1,
-        routed_scaling_factor=1.0 if renormalise else float(hf.get("routed_scaling_factor", 1.0)))
-    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
-                    qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-                    v_head_dim=hf["v_head_dim"])
-    heads = hf["num_attention_heads"]
+        top_k=top_k, topk_norm_p=1.0 if renormalise else None,
+        n_group=f.int("n_group", 1) if grouped else 1, topk_group=f.int("topk_group", 1) if grouped else 1,
+        routed_scaling_factor=1.0 if renormalise else f.float("routed_scaling_factor", 1.0))
+    mla = MLAConfig(q_lora_rank=f.optional_int("q_lora_rank"), kv_lora_rank=f.int("kv_lora_rank"),
+                    qk_nope_head_dim=f.int("qk_nope_head_dim"), qk_rope_head_dim=f.int("qk_rope_head_dim"),
+                    v_head_dim=f.int("v_head_dim"))
+    heads, expert_ffn = f.int("num_attention_heads"), f.int("moe_intermediate_size")
     return ModelConfig(
-        name="deepseek_v2", family="deepseek_v2", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=mla.qk_head_dim, num_experts=hf["n_routed_experts"], expert_ffn_dim=hf["moe_intermediate_size"],
-        dense_ffn_dim=hf["intermediate_size"], shared_ffn_dim=(hf.get("n_shared_experts") or 0) * hf[
-            "moe_intermediate_size"], dense_layers=dense, router=router, mla=mla,
-        rope=RopeConfig(layout="interleaved", **common.rope_from_hf(hf)), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
-        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
-        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+        name="deepseek_v2", family="deepseek_v2", vocab_size=f.int("vocab_size"), d_model=f.int("hidden_size"),
+        num_layers=layers, num_heads=heads, num_kv_heads=f.int("num_key_value_heads", heads),
+        head_dim=mla.qk_head_dim, num_experts=f.int("n_routed_experts"), expert_ffn_dim=expert_ffn,
+        dense_ffn_dim=f.int("intermediate_size"), shared_ffn_dim=f.int("n_shared_experts", 0, min=0) * expert_ffn,
+        dense_layers=dense, router=router, mla=mla,
+        rope=RopeConfig(layout="interleaved", **common.rope_from_hf(f)), norm_eps=f.float("rms_norm_eps", 1e-6),
+        max_seq_len=f.int("max_position_embeddings", 4096), tie_embeddings=f.bool("tie_word_embeddings"),
+        pad_token_id=f.token_id("pad_token_id") or 0, eos_token_id=f.token_id("eos_token_id"), dtype=dtype)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

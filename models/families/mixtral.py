@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from models.config import ModelConfig, RopeConfig, RouterConfig
+from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
 from models.families import common
 
 
 def config_from_hf(hf: dict, *, dtype: str, name: str = "mixtral") -> ModelConfig:
-    if hf.get("sliding_window") is not None:
-        raise NotImplementedError(f"sliding-window attention (sliding_window={hf['sliding_window']}) is not supported")
-    heads = hf["num_attention_heads"]
+    f = common.HFFields(hf)
+    if f.has("sliding_window"):
+        raise ConfigError(f"field sliding_window={hf['sliding_window']!r}: sliding-window attention is not supported "
+                          "(only null)")
+    heads, d_model = f.int("num_attention_heads"), f.int("hidden_size")
     return ModelConfig(
-        name=name, family="mixtral", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, num_experts=hf["num_local_experts"],
-        expert_ffn_dim=hf["intermediate_size"], router=RouterConfig(top_k=hf["num_experts_per_tok"]),
-        rope=RopeConfig(**common.rope_from_hf(hf)), norm_eps=hf.get("rms_norm_eps", 1e-5),
-        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
-        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
-        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+        name=name, family="mixtral", vocab_size=f.int("vocab_size"), d_model=d_model,
+        num_layers=f.int("num_hidden_layers"), num_heads=heads, num_kv_heads=f.int("num_key_value_heads", heads),
+        head_dim=f.int("head_dim", d_model // heads), num_experts=f.int("num_local_experts"),
+        expert_ffn_dim=f.int("intermediate_size"), router=RouterConfig(top_k=f.int("num_experts_per_tok")),
+        rope=RopeConfig(**common.rope_from_hf(f)), norm_eps=f.float("rms_norm_eps", 1e-5),
+        max_seq_len=f.int("max_position_embeddings", 4096), tie_embeddings=f.bool("tie_word_embeddings"),
+        pad_token_id=f.token_id("pad_token_id") or 0, eos_token_id=f.token_id("eos_token_id"), dtype=dtype)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

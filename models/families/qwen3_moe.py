@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-from models.config import ModelConfig, RopeConfig, RouterConfig
+from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
 from models.families import common, mixtral
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
-    if hf.get("use_sliding_window"):
-        raise NotImplementedError("Qwen3-MoE with use_sliding_window=true is not supported")
-    if hf.get("attention_bias"):
-        raise NotImplementedError("attention_bias=true is not supported")
-    layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
-    mlp_only = set(hf.get("mlp_only_layers") or [])
+    f = common.HFFields(hf)
+    if f.bool("use_sliding_window"):
+        raise ConfigError("field use_sliding_window: true (sliding-window attention) is not supported")
+    if f.bool("attention_bias"):
+        raise ConfigError("field attention_bias: true is not supported (only false)")
+    layers, step = f.int("num_hidden_layers"), f.int("decoder_sparse_step", 1)
+    mlp_only = set(f.int_list("mlp_only_layers"))
     dense = tuple(l for l in range(layers) if l in mlp_only or (l + 1) % step != 0)
-    heads = hf["num_attention_heads"]
+    heads, d_model = f.int("num_attention_heads"), f.int("hidden_size")
+    # The Hub's config.json says num_experts; transformers 5 writes num_local_experts.
+    experts = f.int("num_experts") if f.has("num_experts") else f.int("num_local_experts")
     return ModelConfig(
-        name="qwen3_moe", family="qwen3_moe", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=layers, num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        # The Hub's config.json says num_experts; transformers 5 writes num_local_experts.
-        num_experts=hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"],
-        expert_ffn_dim=hf["moe_intermediate_size"], dense_ffn_dim=hf["intermediate_size"] if dense else 0,
+        name="qwen3_moe", family="qwen3_moe", vocab_size=f.int("vocab_size"), d_model=d_model,
+        num_layers=layers, num_heads=heads, num_kv_heads=f.int("num_key_value_heads", heads),
+        head_dim=f.int("head_dim", d_model // heads), num_experts=experts,
+        expert_ffn_dim=f.int("moe_intermediate_size"), dense_ffn_dim=f.int("intermediate_size") if dense else 0,
         dense_layers=dense,
-        router=RouterConfig(top_k=hf["num_experts_per_tok"], topk_norm_p=1.0 if hf.get("norm_topk_prob") else None),
-        rope=RopeConfig(**common.rope_from_hf(hf)), qk_norm=True, norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_seq_len=hf.get("max_position_embeddings", 4096), tie_embeddings=hf.get("tie_word_embeddings", False),
-        pad_token_id=common.first_token_id(hf.get("pad_token_id")) or 0,
-        eos_token_id=common.first_token_id(hf.get("eos_token_id")), dtype=dtype)
+        router=RouterConfig(top_k=f.int("num_experts_per_tok"), topk_norm_p=1.0 if f.bool("norm_topk_prob") else None),
+        rope=RopeConfig(**common.rope_from_hf(f)), qk_norm=True, norm_eps=f.float("rms_norm_eps", 1e-6),
+        max_seq_len=f.int("max_position_embeddings", 4096), tie_embeddings=f.bool("tie_word_embeddings"),
+        pad_token_id=f.token_id("pad_token_id") or 0, eos_token_id=f.token_id("eos_token_id"), dtype=dtype)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -1,0 +1,19 @@
+"""Every error a user of epsjax can cause, by layer (all subclass EpsjaxError, itself a ValueError).
+
+    EpsjaxError        the root: input epsjax cannot use (the `epsjax` command: one line, exit status 2)
+    KernelError        pallas_kernels: a GEMM backend or tiling that cannot run here
+    PlanError          sharding: a mesh, rule set, expert plan or transport that cannot run
+    ConfigError        models: a model configuration or config.json field (named, with its value)
+    CheckpointError    epsjax.checkpoint: checkpoint files and tensors (file and tensor named)
+    RequestError       epsjax.engine: prompts, lengths, sampling parameters, decode steps
+
+The README's "Errors" table lists what each means and what to do.
+"""
+
+from epsjax.checkpoint import CheckpointError
+from epsjax.engine import RequestError
+from models.config import ConfigError
+from pallas_kernels.errors import EpsjaxError, KernelError
+from sharding.errors import PlanError
+
+__all__ = ["CheckpointError", "ConfigError", "EpsjaxError", "KernelError", "PlanError", "RequestError"]
