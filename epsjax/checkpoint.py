@@ -239,6 +239,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
 
     values = {}
     handles = {}
+    pending = []  # (rule, count of non-finite values on the device) not yet read back
     total = sum(int(np.prod(s)) for rule in rules for s in rule.hf_shapes)
     bar = tqdm(total=total, unit="param", unit_scale=True, desc=f"loading {cfg.name}", disable=not progress)
     try:
@@ -263,11 +264,16 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                 target = abstract[p]
                 value = jnp.asarray(array, dtype=target.dtype) if shardings is None else jax.device_put(
                     np.asarray(array).astype(target.dtype), shardings(p))
-                if int(_count_nonfinite(value)):  # one fused reduction on the placed value
-                    _nonfinite(rule, arrays, files, allow_nonfinite)
+                # One fused reduction on the placed value, read back only after the next tensor is placed, so
+                # it runs while the host reads that tensor.
+                pending.append((rule, _count_nonfinite(value)))
                 values[p] = value
             bar.update(sum(int(np.prod(s)) for s in rule.hf_shapes))
             del arrays
+            while len(pending) > 1:
+                _check_finite(*pending.pop(0), files, handles, allow_nonfinite)
+        while pending:
+            _check_finite(*pending.pop(0), files, handles, allow_nonfinite)
     finally:
         bar.close()  # ends the bar's line, so an error prints on a line of its own
         handles.clear()
@@ -322,11 +328,15 @@ def _count_nonfinite(value):
     return jnp.sum(~jnp.isfinite(value))
 
 
-def _nonfinite(rule, arrays, files: dict, allow: bool) -> None:
-    """A parameter holds NaN or Inf: an error naming the checkpoint tensors that do (or, with allow, a warning).
-    Left alone it would turn every token that touches it into NaN, and greedy decoding into token 0."""
+def _check_finite(rule, count, files: dict, handles: dict, allow: bool) -> None:
+    """Reads back a placed parameter's non-finite count; a non-zero one is an error naming the checkpoint tensors
+    that hold NaN or Inf (or, with allow, a warning). Left alone they would turn every token that touches them into
+    NaN, and greedy decoding into token 0."""
+    if not int(count):
+        return
     culprits = []
-    for name, array in zip(rule.hf_names, arrays):
+    for name in rule.hf_names:
+        array = handles[files[name].file].get_tensor(name)
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         if bad:
             culprits.append(f"{files[name].file.name}: {name} ({bad} of {np.size(array)} values)")
