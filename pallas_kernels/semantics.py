@@ -170,4 +170,8 @@ def _masked_sum(lhs, rhs, row_slot):
         return acc + jnp.where((row_slot == s)[:, None], prod, 0.0)
 
     init = jnp.zeros((lhs.shape[0], rhs.shape[2]), jnp.float32)
+    # Inside shard_map the sum varies over every axis its inputs vary over; the loop carry must say so up front.
+    axes = set().union(*(jax.typeof(a).mat.varying for a in (lhs, rhs, row_slot)))
+    if axes:
+        init = jax.lax.pcast(init, tuple(sorted(axes, key=str)), to="varying")
     return jax.lax.fori_loop(0, rhs.shape[0], body, init)
