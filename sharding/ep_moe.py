@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pallas_kernels
-from sharding import transports
+from sharding import ragged_emulation, transports
 from sharding.expert_compute import MoEStats, combine
 from sharding.errors import PlanError
 from sharding.mesh import axis_size
@@ -44,7 +44,7 @@ class EPExperts:
     """ExpertCompute over `mesh` following a rule set's expert, expert_mlp and moe_tokens axes.
 
     transport: "ragged" (jax.lax.ragged_all_to_all; GPU), "padded" (jax.lax.all_to_all of dropless fixed-size
-        slots; every platform), "ragged_reference" (the ragged arithmetic over an all_gather emulation; for tests),
+        slots; every platform), "ragged_reference" (the ragged arithmetic over sharding.ragged_emulation; for tests),
         or "auto": ragged on GPU, padded elsewhere.
     """
 
@@ -206,7 +206,7 @@ def stage_route(counts_PE, me, j0: int, j1: int):
 
 
 def _collective(transport: str):
-    return transports.ragged_all_to_all_reference if transport == "ragged_reference" else jax.lax.ragged_all_to_all
+    return ragged_emulation.ragged_all_to_all if transport == "ragged_reference" else jax.lax.ragged_all_to_all
 
 
 def _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_JDF, w_up_JDF, w_down_JFD, *, group_offset,

@@ -13,8 +13,9 @@ padded (CPU, any platform): `jax.lax.all_to_all` of a [P * rows_per_peer, D] buf
     few are routed, i.e. up to min(K, E_stage) * P / K times the ragged traffic, and holds a send and a receive
     buffer of P * rows_per_peer * D elements each (ragged: M * D and P * rows_per_peer * D).
 
-`ragged_all_to_all_reference` reproduces ragged_all_to_all's documented semantics with an all_gather (P times
-the memory): it runs the ragged transport's offset arithmetic on CPU, where XLA has no ragged_all_to_all.
+On CPU, where XLA has no ragged_all_to_all, the ragged transport's offset arithmetic runs through
+`sharding.ragged_emulation.ragged_all_to_all`: the collective's documented semantics from an all_gather (P times
+the memory), poisoned (NaN) on any violated precondition.
 """
 
 from __future__ import annotations
@@ -92,26 +93,3 @@ def padded_return(y_recv_XD, y_sorted_MD, route: Route, rows: int, axis_name):
     row_R = jnp.arange(rows, dtype=jnp.int32)
     index_PR = jnp.where(row_R[None, :] < route.send_sizes[:, None], route.send_offsets[:, None] + row_R[None, :], M)
     return y_sorted_MD.at[index_PR.reshape(-1)].set(back_XD, mode="drop")
-
-
-# reference ------------------------------------------------------------------------------------------------------
-
-
-def ragged_all_to_all_reference(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                                axis_name):
-    """jax.lax.ragged_all_to_all's semantics (one slice per peer) from an all_gather: for tests and CPU."""
-    P = input_offsets.shape[0]
-    me = jax.lax.axis_index(axis_name)
-    operand_PND = jax.lax.all_gather(operand, axis_name)            # every source's operand
-    input_offsets_PP = jax.lax.all_gather(input_offsets, axis_name)  # [source, destination]
-    send_sizes_PP = jax.lax.all_gather(send_sizes, axis_name)
-    output_offsets_PP = jax.lax.all_gather(output_offsets, axis_name)
-    row = jnp.arange(output.shape[0], dtype=jnp.int32)
-    result = output
-    for q in range(P):
-        start, size, source_start = output_offsets_PP[q, me], send_sizes_PP[q, me], input_offsets_PP[q, me]
-        mine = (row >= start) & (row < start + size)
-        source_row = jnp.clip(source_start + row - start, 0, operand.shape[0] - 1)
-        result = jnp.where(mine.reshape((-1,) + (1,) * (output.ndim - 1)), operand_PND[q][source_row], result)
-    del recv_sizes  # implied by the senders' send_sizes, which the real collective requires it to equal
-    return result

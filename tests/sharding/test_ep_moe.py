@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import sharding
 from models import LocalExperts
-from sharding import transports
+from sharding import ragged_emulation, transports
 from sharding.ep_moe import destination_keys, stage_route
 
 E, D, F, K, T = 16, 32, 24, 2, 64
@@ -207,13 +207,13 @@ def test_dispatch_worked_example():
             recv, _ = transports.padded_dispatch(x[order], route, 3, "expert")
         else:
             recv, _ = transports.ragged_dispatch(x[order], route, 6, "expert",
-                                                 collective=transports.ragged_all_to_all_reference)
+                                                 collective=ragged_emulation.ragged_all_to_all)
         back = jnp.zeros_like(x)
         if transport == "padded":
             back = transports.padded_return(recv, back, route, 3, "expert")
         else:
             back = transports.ragged_return(recv, back, route, "expert",
-                                            collective=transports.ragged_all_to_all_reference)
+                                            collective=ragged_emulation.ragged_all_to_all)
         return recv, recv_counts.reshape(-1), back, x[order]
 
     def run(transport):
@@ -234,13 +234,13 @@ def test_dispatch_worked_example():
     np.testing.assert_array_equal(back, sent)
 
 
-def test_ragged_all_to_all_reference_reproduces_the_jax_docstring_example():
+def test_ragged_reference_reproduces_the_jax_docstring_example_with_integers():
     mesh = sharding.make_mesh(expert=2)
     operand = jnp.array([1, 2, 2, 3, 4, 0])
     output = jnp.zeros(8, operand.dtype)
     input_offsets, send_sizes = jnp.array([0, 1, 0, 1]), jnp.array([1, 2, 1, 1])
     output_offsets, recv_sizes = jnp.array([0, 0, 1, 2]), jnp.array([1, 1, 2, 1])
-    f = jax.shard_map(functools.partial(transports.ragged_all_to_all_reference, axis_name="expert"), mesh=mesh,
+    f = jax.shard_map(functools.partial(ragged_emulation.ragged_all_to_all, axis_name="expert"), mesh=mesh,
                       in_specs=jax.sharding.PartitionSpec("expert"), out_specs=jax.sharding.PartitionSpec("expert"),
                       check_vma=False)
     result = jax.jit(f)(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
