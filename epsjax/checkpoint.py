@@ -37,7 +37,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from models import MoETransformer, ModelConfig
-from models.config import FLOAT_DTYPES, ConfigError
+from models.config import ConfigError
 from models.families import family_module
 from pallas_kernels.errors import EpsjaxError
 
@@ -107,10 +107,7 @@ def read_config(path: str | os.PathLike, *, dtype: str | None = None) -> ModelCo
     try:
         if not isinstance(hf.get("model_type"), str):
             raise ConfigError(f"field model_type is missing or not a string (got {hf.get('model_type')!r})")
-        dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"
-        if dtype not in FLOAT_DTYPES:
-            raise ConfigError(f"dtype {dtype!r} (torch_dtype or the dtype asked for) must be one of "
-                              f"{', '.join(FLOAT_DTYPES)}")
+        dtype = dtype or hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"  # ModelConfig checks it
         cfg = family_module(hf["model_type"]).config_from_hf(hf, dtype=dtype)
         return cfg.replace(name=path.resolve().name)
     except ConfigError as e:

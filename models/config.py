@@ -213,7 +213,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
                 fail(f"{key}={value!r} is not a token id of the vocabulary [0, {self.vocab_size})")
         if self.dtype not in FLOAT_DTYPES:
-            fail(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
+            fail(f"dtype {self.dtype!r} (the parameters' dtype) must be one of {', '.join(FLOAT_DTYPES)}")
 
     # Derived sizes ------------------------------------------------------------------------------------------------
 
