@@ -124,8 +124,9 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     ok &= jnp.all(recv_sizes == size)
     ok &= jnp.all((start >= 0) & (start + size <= rows_out))
     nonempty = size > 0
+    end = start + size
     overlap_NN = (nonempty[:, None] & nonempty[None, :] & (slot[:, None] < slot[None, :])
-                  & (start[:, None] < start[None, :] + size[None, :]) & (start[None, :] < start[:, None] + size[:, None]))
+                  & (start[:, None] < end[None, :]) & (start[None, :] < end[:, None]))
     ok &= ~jnp.any(overlap_NN)
     ok = jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
 

@@ -87,7 +87,6 @@ def padded_dispatch(x_sorted_MD, route: Route, rows: int, axis_name):
 def padded_return(y_recv_XD, y_sorted_MD, route: Route, rows: int, axis_name):
     """The reverse all_to_all: slot p comes back holding my rows computed by peer p, in the order I sent them;
     they are written to their sorted positions in `y_sorted_MD`."""
-    P = route.send_sizes.shape[0]
     M = y_sorted_MD.shape[0]
     back_XD = jax.lax.all_to_all(y_recv_XD, axis_name, 0, 0, tiled=True) if axis_name else y_recv_XD
     row_R = jnp.arange(rows, dtype=jnp.int32)
