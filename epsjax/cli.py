@@ -249,6 +249,10 @@ def _generate(args) -> int:
                 f"expert={shape.get('expert', 1)}; pipeline degree {p.pipeline_degree}"
                 f"{' split by ' + p.split if p.pipeline_degree > 1 else ''}, backends {','.join(p.backends)}, "
                 f"transport {experts.resolved_transport} ({source})")
+        if experts.expert_parallel_size > 1:
+            r = cfg.router
+            plan += "\ndispatch   " + sharding.device_reach(cfg.num_experts, experts.expert_parallel_size, r.top_k,
+                                                              r.n_group, r.topk_group)[1]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"

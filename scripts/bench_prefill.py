@@ -10,6 +10,12 @@ reports each strategy's largest logit difference from the first one, as a check.
     .venv/bin/python scripts/bench_prefill.py --checkpoint /models/Mixtral-8x7B-v0.1 --batch 4 --seq 2048 \
         --profile /tmp/prefill-trace          # a jax.profiler trace of one prefill per strategy
 
+--traffic (CPU) runs each EP strategy's prefill once more through the ragged transport (the real
+jax.lax.ragged_all_to_all, lowered to sharding.ragged_emulation's emulation, which records what every receiver
+gets) and reports the rows and bytes its dispatch and return moved per MoE layer, beside the (token, k)
+assignments (what a per-assignment dispatch moves), the padded transport's static slots, and the minimum: the
+distinct (token, device) pairs, which the unpipelined plan's dispatch moves.
+
 Writes JSON (default scripts/results/bench_prefill_<model>_<devices>.json) and prints a table. --hlo prints,
 for each EP strategy, the collective schedule of one MoE layer compiled alone (sharding/hlo_report.py): whether
 the backend made the all-to-alls asynchronous and what it scheduled between start and done.
@@ -54,7 +60,9 @@ def parse_args(argv=None):
                    help="pipeline stages by expert groups or token chunks (auto: experts when each device holds "
                         "enough experts)")
     p.add_argument("--strategies", default="tp,tp_ep,dp_ep", help="rule sets to run (tp, dp, tp_ep, dp_ep)")
-    p.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded", "ragged_reference"))
+    p.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"))
+    p.add_argument("--traffic", action="store_true",
+                   help="CPU: measure the rows each EP strategy's dispatch and return move (emulated ragged)")
     p.add_argument("--backend", default="auto", help="pallas_kernels backend of every stage")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="output JSON path")
@@ -153,6 +161,8 @@ def main(argv=None) -> list[dict]:
             first_call_s=round(first_s, 3),
             median_s=median, min_s=min(times), tokens_per_s=n_tokens / median,
             max_logit_diff=float(np.abs(logits - reference_logits).max())))
+        if args.traffic and strategy.rule_set.endswith("_ep"):
+            rows[-1]["traffic"] = measure_traffic(cfg, mesh, strategy.rule_set, plan, engine, tokens, args.seq)
         if args.hlo and strategy.rule_set.endswith("_ep"):
             print(f"-- {strategy.label} PN={plan.pipeline_degree}: one MoE layer's collectives")
             print(moe_layer_report(cfg, mesh, experts, n_tokens))
@@ -167,6 +177,47 @@ def main(argv=None) -> list[dict]:
     print(table(result))
     print(f"wrote {out}")
     return rows
+
+
+def measure_traffic(cfg, mesh, rule_set, plan, engine, tokens, seq) -> dict:
+    """Rows per MoE layer that one prefill's dispatches and returns deliver through the (emulated) ragged
+    transport, summed over devices and stages, with bytes; and the same layer's (token, k) assignments and
+    padded-slot rows."""
+    import jax
+    import numpy as np
+
+    import sharding
+    from sharding import ragged_emulation, transports
+
+    record = []
+    jax.clear_caches()  # a program lowered for an earlier measurement would append to that measurement's record
+    with ragged_emulation.emulated_on_cpu(record):
+        experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport="ragged")
+        _with_experts(engine, experts).prefill(tokens, cache_len=seq)[0].block_until_ready()
+        jax.effects_barrier()
+    D, item = cfg.d_model, np.dtype(cfg.jnp_dtype).itemsize
+    layers = len(cfg.moe_layers)
+    # A dispatched row is int32 words (the hidden state, then its experts' ids and weights); a returned row is
+    # the hidden state in the model's dtype.
+    moved = {"ep_dispatch": sum(r for dtype, _, r in record if dtype == "int32") / layers,
+             "ep_return": sum(r for dtype, shape, r in record if dtype != "int32" and shape == (D,)) / layers}
+    dispatch_bytes = sum(r * 4 * math.prod(shape) for dtype, shape, r in record if dtype == "int32") / layers
+    P = experts.expert_parallel_size
+    n_tokens = tokens.size
+    stages = plan.pipeline_degree
+    padded_rows = P * P * transports.rows_per_peer(-(-n_tokens // P // plan.token_chunks)) * (
+        stages if plan.split == "experts" else plan.token_chunks)
+    return dict(dispatch_rows=moved["ep_dispatch"], return_rows=moved["ep_return"],
+                dispatch_bytes=dispatch_bytes, return_bytes=moved["ep_return"] * D * item,
+                assignments=n_tokens * cfg.router.top_k, padded_rows=padded_rows)
+
+
+def _with_experts(engine, experts):
+    """The engine's model and sharding with another expert compute."""
+    from epsjax.engine import Engine
+    from flax import nnx
+
+    return Engine(nnx.merge(engine.graphdef, engine.params), experts=experts, batch_sharding=engine.batch_sharding)
 
 
 def moe_layer_report(cfg, mesh, experts, n_tokens: int) -> str:
@@ -196,6 +247,22 @@ def table(result: dict) -> str:
         lines.append(" | ".join((r["strategy"], mesh, str(r["expert_parallel"]), str(r["pipeline_degree"]),
                                  r["split"], r["transport"], f"{1e3 * r['median_s']:.1f}",
                                  f"{r['tokens_per_s']:,.0f}", f"{r['max_logit_diff']:.1e}")))
+    traffic = [r for r in result["rows"] if "traffic" in r]
+    if traffic:
+        cols = ("strategy", "PN", "split", "dispatch rows", "return rows", "minimum", "(token, k)", "padded slots",
+                "dispatch / (token, k)", "dispatch MiB", "return MiB")
+        lines += ["", "what one MoE layer's all-to-alls move (rows summed over devices and stages; minimum: distinct "
+                  "(token, device) pairs, the unpipelined plan's dispatch)", " | ".join(cols),
+                  " | ".join("-" * len(c) for c in cols)]
+        for r in traffic:
+            t = r["traffic"]
+            minimum = next((q["traffic"]["dispatch_rows"] for q in traffic
+                            if q["rule_set"] == r["rule_set"] and q["pipeline_degree"] == 1), float("nan"))
+            lines.append(" | ".join((
+                r["strategy"], str(r["pipeline_degree"]), r["split"], f"{t['dispatch_rows']:,.0f}",
+                f"{t['return_rows']:,.0f}", f"{minimum:,.0f}", f"{t['assignments']:,}", f"{t['padded_rows']:,}",
+                f"{t['dispatch_rows'] / t['assignments']:.3f}", f"{t['dispatch_bytes'] / 2**20:.2f}",
+                f"{t['return_bytes'] / 2**20:.2f}")))
     return "\n".join(lines)
 
 

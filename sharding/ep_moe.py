@@ -2,16 +2,23 @@
 
 On every device of the mesh (all axes manual), for its T_l tokens and its E_l = E / P local experts:
 
-    sort the T_l*K (token, k) assignments by destination key              -- key = (stage, peer, expert)
-    all_gather the per-key counts over the EP group                       -- one small collective per layer
+    one row per (token, destination): destination = (stage, peer) of each of the token's experts; a token whose
+        k experts live on d distinct (stage, peer) pairs makes d rows, each carrying its experts' stage-local ids
+        and router weights beside it                                       -- `token_rows`
+    sort the rows by destination, all_gather the per-destination counts   -- one small collective per layer
     for each stage s (a group of local experts, or a chunk of tokens):
-        dispatch_s: rows for each peer's stage-s experts -> that peer     -- ragged_all_to_all | all_to_all
-        sort the received rows by local expert, expert FFN (group_offset = first expert of the stage)
+        dispatch_s: rows (and their ids/weights) for each peer's stage-s experts -> that peer
+                                                                           -- ragged_all_to_all | all_to_all
+        the peer runs each row's experts (sorted by expert for the grouped kernel, group_offset = first expert
+        of the stage) and sums their outputs with the router weights: one output row per received row
         return_s: the rows go back to their sources' sorted positions     -- the reverse collective
-    unsort, weight by the router, sum over k; psum over the expert-TP axes when the FFN dim is split
+    add each token's returned rows; psum over the expert-TP axes when the FFN dim is split
 
-Stage s's dispatch depends only on the sort, and its return only on its own GEMMs, so nothing orders stage s's
-collectives after stage s-1's GEMMs: XLA's scheduler is free to overlap them where collectives are asynchronous.
+So the dispatch and the return move one row per (token, device) pair, not one per (token, k) assignment: under
+DeepSeek-V2's device-limited routing (a token's top-6 experts in at most topk_group=3 groups, one group per
+device) at most half of them. Stage s's dispatch depends only on the sort, and its return only on its own GEMMs,
+so nothing orders stage s's collectives after stage s-1's GEMMs: XLA's scheduler is free to overlap them where
+collectives are asynchronous.
 
 Which mesh axes play which part comes from a rules table (sharding/rules.py): experts -> the EP group,
 expert_mlp -> tensor parallelism inside each expert, moe_tokens -> how the tokens are split. With no EP axes
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +38,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 from sharding import ragged_emulation, transports
-from sharding.expert_compute import MoEStats, combine
+from sharding.expert_compute import MoEStats
 from sharding.errors import PlanError
 from sharding.mesh import axis_size
 from sharding.plan import ExpertPlan
 from sharding.rules import Rules, check_mesh, get_rules
 
-TRANSPORTS = ("auto", "ragged", "padded", "ragged_reference")
+TRANSPORTS = ("auto", "ragged", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +67,11 @@ class EPExperts:
         if self.transport not in TRANSPORTS:
             raise PlanError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         platform = self.mesh.devices.flat[0].platform
-        if self.transport == "ragged" and platform not in ("gpu", "cuda") and self.rule_set.expert_axes:
+        if (self.transport == "ragged" and platform not in ("gpu", "cuda") and self.rule_set.expert_axes
+                and not (platform == "cpu" and ragged_emulation.installed())):
             raise PlanError(f"transport 'ragged' (jax.lax.ragged_all_to_all) needs GPU devices, and the mesh is "
-                            f"{platform}: XLA:{platform.upper()} has no ragged all-to-all; use 'padded' or 'auto'")
+                            f"{platform}: XLA:{platform.upper()} has no ragged all-to-all; use 'padded' or 'auto' "
+                            f"(tests can emulate it: sharding.ragged_emulation.emulated_on_cpu())")
 
     @property
     def resolved_transport(self) -> str:
@@ -127,52 +137,138 @@ class EPExperts:
                                                  dropped=jnp.zeros((), jnp.int32))
 
 
-def destination_keys(ep_size: int, local_experts: int, groups) -> np.ndarray:
-    """key [E + 1] of each expert (and of the sentinel E, for invalid assignments): sorting by key orders the
-    rows by stage, then destination peer, then expert, so each (stage, peer) block is contiguous."""
-    keys = np.empty(ep_size * local_experts + 1, np.int32)
+def device_reach(num_experts: int, ep_size: int, top_k: int, n_group: int = 1, topk_group: int = 1) -> tuple[
+        int, str]:
+    """The most devices one token's experts can be on (so the most rows it makes per stage without expert-group
+    stages), and a line saying why: device p owns experts [p * E / P, (p + 1) * E / P), and with DeepSeek's group
+    limits (a token's experts in its topk_group best of n_group contiguous groups) whether groups line up with
+    devices."""
+    E, P, K = num_experts, ep_size, top_k
+    if n_group <= 1 or topk_group >= n_group:
+        return min(K, P), f"top-{K} over {P} devices: up to {min(K, P)} rows per token"
+    if n_group % P == 0:
+        reach = min(topk_group, P, K)
+        return reach, (f"group-limited routing: {n_group // P} whole group(s) of {E // n_group} experts per device, "
+                       f"so a token reaches at most topk_group={topk_group} -> {reach} device(s)")
+    if P % n_group == 0:
+        reach = min(topk_group * (P // n_group), K, P)
+        return reach, (f"group-limited routing: each of the {n_group} groups spans {P // n_group} devices, so a "
+                       f"token reaches up to {reach} devices; groups do not line up with devices (an EP size "
+                       f"dividing n_group={n_group} gives at most {min(topk_group, K)})")
+    per_device, per_group = E / P, E / n_group
+    spans = math.ceil(per_group / per_device) + 1
+    reach = min(topk_group * spans, K, P)
+    return reach, (f"group-limited routing: {n_group} groups of {E // n_group} experts straddle the {P} devices' "
+                   f"blocks of {E // P}, so a token may reach up to {reach} devices; the groups do not line up "
+                   f"with the devices (an EP size dividing n_group={n_group} gives at most {min(topk_group, K)})")
+
+
+def destination_of_experts(ep_size: int, local_experts: int, groups) -> tuple[np.ndarray, np.ndarray]:
+    """For every expert (and the sentinel E, for invalid assignments): its destination [E + 1] = stage * P + peer
+    (sentinel: stages * P), and its index among its stage's experts on that peer [E + 1] (sentinel: -1). Sorting
+    rows by destination orders them by stage, then peer, so each (stage, peer) block is contiguous."""
+    S = len(groups)
+    destination = np.full(ep_size * local_experts + 1, S * ep_size, np.int32)
+    stage_index = np.full(ep_size * local_experts + 1, -1, np.int32)
     for p in range(ep_size):
-        for j0, j1 in groups:
+        for s, (j0, j1) in enumerate(groups):
             for j in range(j0, j1):
-                keys[p * local_experts + j] = ep_size * j0 + p * (j1 - j0) + (j - j0)
-    keys[-1] = ep_size * local_experts
-    return keys
+                destination[p * local_experts + j] = s * ep_size + p
+                stage_index[p * local_experts + j] = j - j0
+    return destination, stage_index
+
+
+def token_rows(ids_TK, weights_TK, valid_T, destination_E1, stage_index_E1, width: int):
+    """One row per (token, destination) its experts reach: row (t, k) stands for the destination of ids[t, k] if
+    k is the first of the token's choices to reach it; otherwise it is unused (its destination is the sentinel).
+
+    Returns each row's destination [T, K], and what travels with it: the stage-local ids of the token's experts at
+    that destination [T, K, width] (-1 where none; valid entries first) and their router weights [T, K, width]
+    (0 where none); and the expert of each (token, expert) entry [T, K] (E where k repeats an earlier choice or
+    the token is invalid), whose counts per expert are the receivers' group sizes. An expert a token chose twice
+    is one entry with the two weights summed (the same sum), so a row holds at most width = min(K, experts per stage) entries whatever the ids.
+    """
+    T, K = ids_TK.shape
+    sentinel = destination_E1[-1]
+    ids_TK = jnp.where(valid_T[:, None], ids_TK, destination_E1.shape[0] - 1)
+    dest_TK = destination_E1[ids_TK]
+    earlier_KK = jnp.arange(K)[None, :] < jnp.arange(K)[:, None]            # [k, k']: k' comes before k
+    same_dest_TKK = dest_TK[:, :, None] == dest_TK[:, None, :]
+    same_id_TKK = ids_TK[:, :, None] == ids_TK[:, None, :]
+    first_dest_TK = ~jnp.any(same_dest_TKK & earlier_KK[None], axis=2)
+    first_id_TK = ~jnp.any(same_id_TKK & earlier_KK[None], axis=2)
+    # a sum, not an einsum: a GPU matmul of float32 may round through TF32
+    weight_TK = jnp.sum(jnp.where(same_id_TKK, weights_TK.astype(jnp.float32)[:, None, :], 0.0), axis=2)
+    row_dest_TK = jnp.where(first_dest_TK & (dest_TK != sentinel), dest_TK, sentinel)
+    # Entry k' of row k: k' reaches the row's destination and is the first choice of its expert.
+    member_TKK = same_dest_TKK & (row_dest_TK != sentinel)[:, :, None] & first_id_TK[:, None, :]
+    order_TKW = jnp.argsort(~member_TKK, axis=2, stable=True)[:, :, :width]  # the row's entries first
+    member_TKW = jnp.take_along_axis(member_TKK, order_TKW, axis=2)
+
+    def entries(values_TK):
+        return jnp.take_along_axis(jnp.broadcast_to(values_TK[:, None, :], (T, K, K)), order_TKW, axis=2)
+
+    local_TKW = jnp.where(member_TKW, entries(stage_index_E1[ids_TK]), -1)
+    weight_TKW = jnp.where(member_TKW, entries(weight_TK), 0.0)
+    entry_ids_TK = jnp.where(first_id_TK & (dest_TK != sentinel), ids_TK, destination_E1.shape[0] - 1)
+    return row_dest_TK, local_TKW, weight_TKW, entry_ids_TK
 
 
 def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T, *, num_experts, ep_axes,
                   ep_size, tp_axes, token_axes, groups, chunks, plan: ExpertPlan, transport):
     """One device's part (see the module docstring). Shapes are local: T_l tokens, E_l experts, F_l FFN dim."""
-    T_l, K = ids_TK.shape
-    E, E_l, Pep = num_experts, w_gate_EDF.shape[0], ep_size
+    (T_l, K), D = ids_TK.shape, x_TD.shape[1]
+    E, E_l, Pep, S = num_experts, w_gate_EDF.shape[0], ep_size, len(groups)
     me = jax.lax.axis_index(ep_axes) if ep_axes else 0
     ids_flat = jnp.where(jnp.repeat(valid_T, K), ids_TK.reshape(-1), E)  # [T_l*K], invalid -> sentinel E
     routed_E = jnp.zeros((E,), jnp.int32).at[ids_flat].add(1, mode="drop")
     tokens_per_expert = jax.lax.psum(routed_E, token_axes) if token_axes else routed_E
 
-    # Sort each token chunk's assignments by destination key; one all_gather carries every chunk's counts.
+    destination, stage_index = (jnp.asarray(a) for a in destination_of_experts(Pep, E_l, groups))
+    width = min(K, max(j1 - j0 for j0, j1 in groups))
+    dest_TK, local_TKW, weight_TKW, entry_ids_TK = token_rows(ids_TK, weights_TK, valid_T, destination, stage_index,
+                                                              width)
+    # What travels with a row: its experts' stage-local ids + 1 (0: none) and router weights, as int32 words.
+    meta_TKC = jnp.concatenate([local_TKW + 1, jax.lax.bitcast_convert_type(weight_TKW, jnp.int32)], axis=2)
+
+    # Sort each token chunk's rows by destination; one all_gather carries every chunk's counts.
     T_u, M = T_l // chunks, T_l // chunks * K
-    keys_UM = jnp.asarray(destination_keys(Pep, E_l, groups))[ids_flat].reshape(chunks, M)
-    order_UM = jnp.argsort(keys_UM, axis=1, stable=True)
-    counts_UE = jax.vmap(lambda k: jnp.zeros((E + 1,), jnp.int32).at[k].add(1))(keys_UM)[:, :E]
+    dest_UM = dest_TK.reshape(chunks, M)
+    order_UM = jnp.argsort(dest_UM, axis=1, stable=True)
+    counts_UX = jax.vmap(lambda d: jnp.zeros((S * Pep + 1,), jnp.int32).at[d].add(1))(dest_UM)[:, :S * Pep]
+    # Entries per expert: each receiver's group sizes come from this exchange, not from the rows it receives, so a
+    # stage's GEMMs depend on its own dispatch only (XLA fuses sibling computations of different stages).
+    entries_UE = jax.vmap(lambda e: jnp.zeros((E + 1,), jnp.int32).at[e].add(1))(
+        entry_ids_TK.reshape(chunks, M))[:, :E]
     with jax.named_scope("ep_count_exchange"):
-        counts_PUE = jax.lax.all_gather(counts_UE, ep_axes) if ep_axes else counts_UE[None]
+        both_UC = jnp.concatenate([counts_UX, entries_UE], axis=1)
+        both_PUC = jax.lax.all_gather(both_UC, ep_axes) if ep_axes else both_UC[None]
+        counts_PUX, entries_PUE = both_PUC[..., :S * Pep], both_PUC[..., S * Pep:]
 
     y_parts = []
     for u in range(chunks):
-        x_sorted_MD = x_TD[u * T_u:(u + 1) * T_u][order_UM[u] // K]
-        y_sorted_MD = jnp.zeros_like(x_sorted_MD)
+        rows_M = order_UM[u] // K  # the chunk-local token of each sorted row
+        # One buffer of int32 words per row (the token's hidden state, then its metadata): one collective each way.
+        packed_MC = jnp.concatenate([to_words(x_TD[u * T_u:(u + 1) * T_u][rows_M]),
+                                     meta_TKC[u * T_u:(u + 1) * T_u].reshape(M, -1)[order_UM[u]]], axis=1)
+        y_sorted_MD = transports.varying(jnp.zeros((M, D), x_TD.dtype), ep_axes)
         for s, (j0, j1) in enumerate(groups):
-            stage = u * len(groups) + s
-            route, recv_counts_PJ = stage_route(counts_PUE[:, u], me, j0, j1)
-            rows = transports.rows_per_peer(T_u, K, j1 - j0)
+            stage = u * S + s
+            route = stage_route(counts_PUX[:, u], me, s)
+            rows = transports.rows_per_peer(T_u)
             with jax.named_scope(f"ep_dispatch_{stage}"):
                 if transport == "padded":
-                    recv_XD, recv_start_P = transports.padded_dispatch(x_sorted_MD, route, rows, ep_axes)
+                    recv_XC, _ = transports.padded_dispatch(packed_MC, route, rows, ep_axes)
                 else:
-                    recv_XD, recv_start_P = transports.ragged_dispatch(x_sorted_MD, route, Pep * rows, ep_axes,
-                                                                       collective=_collective(transport))
+                    recv_XC, _ = transports.ragged_dispatch(packed_MC, route, Pep * rows, ep_axes,
+                                                             collective=_collective(transport))
             with jax.named_scope(f"ep_experts_{stage}"):
-                y_recv_XD = _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_EDF[j0:j1],
+                # Rows not received are zero words: no experts (id 0 = none), a zero state.
+                recv_XD = from_words(recv_XC[:, :-2 * width], D, x_TD.dtype)
+                local_XW = recv_XC[:, -2 * width:-width] - 1
+                weight_XW = jax.lax.bitcast_convert_type(recv_XC[:, -width:], jnp.float32)
+                group_sizes_J = jax.lax.dynamic_slice_in_dim(entries_PUE[:, u].sum(0), me * E_l + j0, j1 - j0)
+                y_recv_XD = _local_experts(recv_XD, local_XW, weight_XW, group_sizes_J, w_gate_EDF[j0:j1],
                                            w_up_EDF[j0:j1], w_down_EFD[j0:j1], group_offset=me * E_l + j0,
                                            num_experts=E, backend=plan.backend(stage), tiling=plan.tiling(stage))
             with jax.named_scope(f"ep_return_{stage}"):
@@ -181,49 +277,68 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 else:
                     y_sorted_MD = transports.ragged_return(y_recv_XD, y_sorted_MD, route, ep_axes,
                                                            collective=_collective(transport))
-        y_parts.append(combine(y_sorted_MD, order_UM[u], weights_TK[u * T_u:(u + 1) * T_u]))
+        # Each row came back as the weighted sum of its token's experts at one destination: add them per token.
+        y_parts.append(jnp.zeros((T_u, x_TD.shape[1]), jnp.float32).at[rows_M].add(y_sorted_MD.astype(jnp.float32)))
     y_TD = jnp.concatenate(y_parts) if chunks > 1 else y_parts[0]
     if tp_axes:
         y_TD = jax.lax.psum(y_TD, tp_axes)  # each expert-TP rank holds a partial sum over its FFN slice
     return y_TD, tokens_per_expert
 
 
-def stage_route(counts_PE, me, j0: int, j1: int):
-    """The Route of the stage holding local experts [j0, j1) at device `me`, and the rows it receives per
-    (source, stage expert) [P, j1 - j0], from every source's per-key counts [P, E] (keys: `destination_keys`)."""
-    Pep, E_s = counts_PE.shape[0], j1 - j0
-    starts_PE = transports.exclusive_cumsum(counts_PE, axis=1)  # where each key's rows start, per source
-    block_PPJ = counts_PE[:, Pep * j0:Pep * j1].reshape(Pep, Pep, E_s)  # [source, destination, expert]
-    sent_PP = block_PPJ.sum(-1)
-    route = transports.Route(
-        send_offsets=starts_PE[me, Pep * j0 + jnp.arange(Pep) * E_s],
+def to_words(x_MD):
+    """x [M, D] (16- or 32-bit) as int32 words [M, ceil(D * itemsize / 4)], bit for bit."""
+    M, D = x_MD.shape
+    itemsize = jnp.dtype(x_MD.dtype).itemsize
+    if itemsize == 4:
+        return jax.lax.bitcast_convert_type(x_MD, jnp.int32)
+    if itemsize != 2:
+        raise PlanError(f"the expert-parallel dispatch moves 16- or 32-bit hidden states, got {x_MD.dtype}")
+    x_MD = jnp.pad(x_MD, ((0, 0), (0, D % 2)))
+    return jax.lax.bitcast_convert_type(x_MD.reshape(M, -1, 2), jnp.int32)
+
+
+def from_words(words_MW, D: int, dtype):
+    """The inverse of to_words: [M, D] of `dtype`."""
+    M = words_MW.shape[0]
+    if jnp.dtype(dtype).itemsize == 4:
+        return jax.lax.bitcast_convert_type(words_MW, dtype)
+    return jax.lax.bitcast_convert_type(words_MW, dtype).reshape(M, -1)[:, :D]
+
+
+def stage_route(counts_PX, me, stage: int):
+    """The Route of pipeline stage `stage` at device `me`, from every source's rows per destination [P, S * P]
+    (destination = stage * P + peer: `destination_of_experts`)."""
+    Pep = counts_PX.shape[0]
+    starts_PX = transports.exclusive_cumsum(counts_PX, axis=1)  # where each destination's rows start, per source
+    sent_PP = counts_PX[:, stage * Pep:(stage + 1) * Pep]  # [source, destination]
+    return transports.Route(
+        send_offsets=starts_PX[me, stage * Pep:(stage + 1) * Pep],
         send_sizes=sent_PP[me],
         recv_sizes=sent_PP[:, me],
         offsets_at_peer=transports.exclusive_cumsum(sent_PP, axis=0)[me],
         recv_offsets=transports.exclusive_cumsum(sent_PP[:, me]),
-        peer_send_offsets=starts_PE[:, Pep * j0 + me * E_s])
-    return route, block_PPJ[:, me, :]
+        peer_send_offsets=starts_PX[:, stage * Pep + me])
 
 
 def _collective(transport: str):
     return ragged_emulation.ragged_all_to_all if transport == "ragged_reference" else jax.lax.ragged_all_to_all
 
 
-def _local_experts(recv_XD, recv_start_P, recv_counts_PJ, w_gate_JDF, w_up_JDF, w_down_JFD, *, group_offset,
+def _local_experts(recv_XD, local_XW, weight_XW, group_sizes_J, w_gate_JDF, w_up_JDF, w_down_JFD, *, group_offset,
                    num_experts, backend, tiling):
-    """The stage's expert FFN on the received rows: source q's rows for expert j sit at recv_start[q] +
-    (rows of q's experts < j); they are sorted by expert for the grouped kernel and put back afterwards."""
-    X = recv_XD.shape[0]
-    Pep, J = recv_counts_PJ.shape
-    group_start = (recv_start_P[:, None] + transports.exclusive_cumsum(recv_counts_PJ, axis=1)).reshape(-1)
-    group_end = group_start + recv_counts_PJ.reshape(-1)
-    row_X = jnp.arange(X, dtype=jnp.int32)
-    group_X = jnp.clip(jnp.searchsorted(group_start, row_X, side="right") - 1, 0, Pep * J - 1)
-    received_X = (row_X >= group_start[group_X]) & (row_X < group_end[group_X])
-    expert_X = jnp.where(received_X, group_X % J, J)  # J = not a received row
-    perm_X = jnp.argsort(expert_X, stable=True)
-    group_sizes_E = jax.lax.dynamic_update_slice(jnp.zeros((num_experts,), jnp.int32),
-                                                 recv_counts_PJ.sum(0).astype(jnp.int32), (group_offset,))
-    y_XD = pallas_kernels.expert_ffn(recv_XD[perm_X], w_gate_JDF, w_up_JDF, w_down_JFD, group_sizes_E,
+    """The stage's expert FFN on the received rows: row x runs the stage's experts local_XW[x] (-1: none) and
+    returns their outputs summed with the router weights weight_XW[x]. The (row, expert) entries are sorted by
+    expert for the grouped kernel; group_sizes_J [J] counts them per expert (from the count exchange)."""
+    X, W = local_XW.shape
+    J = w_gate_JDF.shape[0]
+    expert_N = jnp.where(local_XW >= 0, local_XW, J).reshape(-1)  # N = X*W entries, J = none
+    perm_N = jnp.argsort(expert_N, stable=True)
+    group_sizes_E = jax.lax.dynamic_update_slice(jnp.zeros((num_experts,), jnp.int32), group_sizes_J,
+                                                 (group_offset,))
+    row_N = perm_N // W
+    y_ND = pallas_kernels.expert_ffn(recv_XD[row_N], w_gate_JDF, w_up_JDF, w_down_JFD, group_sizes_E,
                                      group_offset=group_offset, backend=backend, tiling=tiling)
-    return jnp.zeros_like(y_XD).at[perm_X].set(y_XD)
+    used_N = expert_N[perm_N] < J
+    # where, not a product: a row past the groups may hold anything, and NaN * 0 is NaN.
+    y_ND = jnp.where(used_N[:, None], y_ND.astype(jnp.float32) * weight_XW.reshape(-1)[perm_N][:, None], 0.0)
+    return jnp.zeros((X, recv_XD.shape[1]), jnp.float32).at[row_N].add(y_ND).astype(recv_XD.dtype)

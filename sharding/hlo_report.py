@@ -12,8 +12,9 @@ computation only. It answers the questions the expert pipeline raises:
 
 Scopes come from the jax.named_scope names of sharding/ep_moe.py: ep_dispatch_{s}, ep_experts_{s}, ep_return_{s}.
 XLA:GPU drops the metadata of the collectives it rewrites (ragged all-to-all among them); such a collective gets
-its scope from its data: one whose payload was computed in ep_experts_{s} is that stage's return, one whose
-result is read first in ep_experts_{s} is that stage's dispatch.
+its scope from its data: one whose payload was computed by the GEMM kernels of ep_experts_{s} (the nearest ones
+upstream) is that stage's return, one whose result is read first by the GEMM kernels of ep_experts_{s} (the nearest
+ones downstream) is that stage's dispatch.
 """
 
 from __future__ import annotations
@@ -96,40 +97,40 @@ def _infer_collective_scopes(instructions: list[Instruction]) -> list[Instructio
         for o in i.operands:
             users.setdefault(o, []).append(i)
 
-    def producer_scope(name: str) -> str:
-        seen = set()
-        while name in by_name and name not in seen:
-            seen.add(name)
-            inst = by_name[name]
-            if inst.scope or inst.op not in _PASS_THROUGH or not inst.operands:
-                return inst.scope
-            name = inst.operands[0]
-        return ""
-
-    def first_user_scope(name: str) -> str:
-        frontier, seen = [name], set()
-        for _ in range(4):
+    def nearest_gemm_scope(name: str, step) -> str:
+        """The ep_experts scope of the nearest GEMM kernel (breadth first) along `step` (operands or users):
+        GEMM kernels keep their metadata where XLA:GPU's collectives lose theirs."""
+        frontier, seen = [name], {name}
+        while frontier:
             nxt = []
             for n in frontier:
-                for u in sorted(users.get(n, ()), key=lambda u: u.index):
-                    if u.name in seen:
+                for m in step(n):
+                    if m in seen or m not in by_name:
                         continue
-                    seen.add(u.name)
-                    if u.scope.startswith("ep_experts"):
-                        return u.scope
-                    if not u.scope and (u.op in _PASS_THROUGH or u.op.endswith("-done")):
-                        nxt.append(u.name)
+                    seen.add(m)
+                    inst = by_name[m]
+                    if inst.gemm and inst.scope.startswith("ep_experts"):
+                        return inst.scope
+                    nxt.append(m)
             frontier = nxt
         return ""
+
+    def operands_of(n):
+        return by_name[n].operands
+
+    def users_of(n):
+        return [u.name for u in sorted(users.get(n, ()), key=lambda u: u.index)]
 
     out = []
     for inst in instructions:
         if inst.is_collective and not inst.scope and not inst.op.endswith("-done") and inst.operands:
-            payload = producer_scope(inst.operands[0])
-            if payload.startswith("ep_experts"):
-                inst = dataclasses.replace(inst, scope=payload.replace("experts", "return"))
+            # A payload computed by a stage's GEMMs is that stage's return; otherwise the collective is the
+            # dispatch of the stage whose GEMMs first read what it delivers.
+            computed_in = nearest_gemm_scope(inst.name, operands_of)
+            if computed_in:
+                inst = dataclasses.replace(inst, scope=computed_in.replace("experts", "return"))
             else:
-                read_in = first_user_scope(inst.name)
+                read_in = nearest_gemm_scope(inst.name, users_of)
                 if read_in:
                     inst = dataclasses.replace(inst, scope=read_in.replace("experts", "dispatch"))
         out.append(inst)

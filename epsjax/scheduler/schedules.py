@@ -20,8 +20,9 @@ the collectives run on the compute streams, one stage after the other (dispatch_
 PN = 1 that is the unpipelined TP/DP + EP layer.
 
 Loads: expert e receives mu_e = tokens * K * share_e assignments per step (shares from a measured routing
-histogram, or uniform). Every device routes its tokens with the same shares, so device p sends device q the
-1/P-th of the rows of q's experts. The rows of one GEMM carry multinomial noise around mu: the expert of rank i
+histogram, or uniform). Every device routes its tokens with the same shares. The all-to-alls move one row per
+(token, destination device) in each stage, as sharding/ep_moe.py does (`destination_hits`): a token's experts on
+one device travel as one row, with their ids and weights beside it. The rows of one GEMM carry multinomial noise around mu: the expert of rank i
 (by mu) among n gets mu + z_i * sqrt(mu (1 - share)), z_i the expected i-th order statistic of n standard
 normals (Blom) - what makes DenseGemm pad to the fullest expert even at a uniform routing distribution.
 """
@@ -199,10 +200,69 @@ def _symmetric(w: Workload, plan: Plan, dense: bool) -> bool:
 
 
 def ep_buffer_rows(w: Workload, plan: Plan, stage_experts: int) -> int:
-    """Rows of a stage's static receive buffer in sharding/ep_moe.py: every peer's chunk of tokens, each sending
-    at most min(K, stage experts) rows (transports.rows_per_peer)."""
+    """Rows of a stage's static expert-FFN buffer in sharding/ep_moe.py: every peer's chunk of tokens (one row per
+    token, transports.rows_per_peer), each row running at most min(K, stage experts) experts."""
     P = w.layout.devices
     return P * math.ceil(w.tokens / P / plan.token_chunks) * min(w.cfg.router.top_k, stage_experts)
+
+
+def _miss(pool: float, x: float, k: int) -> float:
+    """The chance that k distinct picks among `pool` equally likely experts avoid x of them: C(pool - x, k) /
+    C(pool, k), with x real (an expected count) for skewed shares."""
+    p = 1.0
+    for i in range(k):
+        if pool - i <= 0:
+            return 0.0
+        p *= max(0.0, (pool - x - i) / (pool - i))
+    return p
+
+
+def destination_hits(cfg: ModelConfig, shares: np.ndarray, destinations: list[np.ndarray]) -> np.ndarray:
+    """[destinations] the chance that a token's top-k reaches at least one expert of each destination (a set of
+    expert ids): the expected rows per token the dispatch sends it.
+
+    Without group limits: K distinct picks, expert e with weight share_e (x = E * the destination's share of
+    experts, exact for uniform shares). With DeepSeek's group limits (n_group groups, a token picks from its
+    topk_group best groups, and always uses the best expert of each): a destination holding m whole groups is hit
+    when one of them is chosen, 1 - C(G - m, TG) / C(G, TG); one holding x experts of a group is hit when the group
+    is chosen and its best expert or one of the K - TG other picks (uniform over the chosen groups' other experts)
+    lands in the x (groups taken as independent). Tested against simulated routing."""
+    E, K = cfg.num_experts, cfg.router.top_k
+    G, TG = cfg.router.n_group, cfg.router.topk_group
+    shares = np.asarray(shares, dtype=np.float64)
+    hits = []
+    for experts in destinations:
+        experts = np.asarray(experts)
+        if G > 1 and TG < G:
+            per_group = E // G
+            miss = 1.0
+            whole = 0
+            for g in np.unique(experts // per_group):
+                x = int(np.sum(experts // per_group == g))
+                if x == per_group:
+                    whole += 1
+                else:  # chosen with chance TG / G; then missed if its best expert is not among the x and
+                    # the K - TG other picks (taken as uniform over the rest of the chosen groups) avoid them
+                    pool = TG * per_group - TG
+                    missed_if_chosen = (1 - x / per_group) * _miss(pool, x, max(0, K - TG))
+                    miss *= 1 - TG / G * (1 - missed_if_chosen)
+            miss *= math.comb(G - whole, TG) / math.comb(G, TG)
+            hits.append(1 - miss)
+        else:
+            hits.append(1 - _miss(E, E * float(shares[experts].sum()), K))
+    return np.asarray(hits)
+
+
+def stage_rows(w: Workload, plan: Plan) -> list[np.ndarray]:
+    """[stage] -> [devices] expected rows each device receives in the stage, summed over its sources: one per
+    (token, destination device) pair (sharding/ep_moe.py)."""
+    P, E = w.layout.devices, w.cfg.num_experts
+    owned = np.arange(E).reshape(P, E // P)
+    if plan.split == "tokens":
+        hits = destination_hits(w.cfg, w.shares(), list(owned))
+        return [w.tokens / plan.pipeline_degree * hits] * plan.pipeline_degree
+    return [w.tokens * destination_hits(w.cfg, w.shares(), list(owned[:, j0:j1]))
+            for j0, j1 in plan.expert_groups(E // P)]
 
 
 def stage_loads(w: Workload, plan: Plan) -> list[np.ndarray]:
@@ -286,12 +346,15 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
     loads = stage_loads(w, plan)
     PN = len(loads)
     comm = M if p > 0 else C
-    row_bytes = D * item
-    dispatch_t, gemm_t = [], []
+    # a dispatched row: the token, and its experts' ids and weights there (int32 + float32 each); a returned row:
+    # the weighted sum of their outputs
+    meta_bytes = 8 * min(cfg.router.top_k, max(mu.shape[1] for mu in loads))
+    dispatch_t, combine_t, gemm_t = [], [], []
+    rows = stage_rows(w, plan)
     for s, mu in enumerate(loads):
-        rows_to = mu.sum(axis=1)                                    # rows each device receives this stage
-        send = np.tile(rows_to[None, :] / P, (P, 1)) * row_bytes    # [source, destination] bytes
-        dispatch_t.append((costs.all_to_all(send, sm_for_comm=p), float(send.sum())))
+        rows_PP = np.tile(rows[s][None, :] / P, (P, 1))             # [source, destination] rows this stage
+        for out, row_bytes in ((dispatch_t, D * item + meta_bytes), (combine_t, D * item)):
+            out.append((costs.all_to_all(rows_PP * row_bytes, sm_for_comm=p), float(rows_PP.sum() * row_bytes)))
         tiling = plan.tiling(s)
         stage_total = w.assignments / (PN if plan.split == "tokens" else 1)
         gemm_t.append(stage_gemm_times(costs, plan.backend(s), mu[:shown], stage_total, D, cfg.expert_ffn_dim,
@@ -309,7 +372,7 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
                       stage=s, backend=plan.backend(s), rows=float(loads[s][d].sum()))
 
     def combine(s):
-        seconds, nbytes = dispatch_t[s]  # the same rows travel back
+        seconds, nbytes = combine_t[s]  # the same rows travel back
         sched.add(f"combine_{s}", "combine", comm, seconds, [f"gpu{d}/expert_gemm_{s}" for d in range(shown)],
                   bytes=nbytes, stage=s)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from epsjax.scheduler import CostModel, Layout, Plan, Workload, build_layer, search_plan, simulate
 from epsjax.scheduler import layer_costs as lc
-from epsjax.scheduler.schedules import stage_gemm_times
+from epsjax.scheduler.schedules import destination_hits, stage_gemm_times
 from models.config import get_preset
 
 COSTS = CostModel.build("h800", use_profiles=False)
@@ -45,12 +45,16 @@ def closed_form_unpipelined(w: Workload, costs: CostModel, backend: str) -> floa
     if side:
         t += lc.dense_ffn_time(costs, int(round(t_group if tp > 1 else t_dev)), D, side, tp)
     mu = (w.tokens * cfg.router.top_k * w.shares()).reshape(P, -1)
-    send = np.repeat(mu.sum(1)[None, :] / P, P, axis=0) * D * costs.itemsize
-    a2a = costs.all_to_all(send)
-    buffer_rows = P * (w.tokens // P) * min(cfg.router.top_k, cfg.num_experts // P)  # ep_moe's receive buffer
+    # one row per (token, device): the token with its experts' ids and weights there, back without them
+    rows_to = w.tokens * destination_hits(cfg, w.shares(), list(np.arange(cfg.num_experts).reshape(P, -1)))
+    rows_PP = np.repeat(rows_to[None, :] / P, P, axis=0)
+    meta = 8 * min(cfg.router.top_k, cfg.num_experts // P)
+    dispatch = costs.all_to_all(rows_PP * (D * costs.itemsize + meta))
+    combine = costs.all_to_all(rows_PP * D * costs.itemsize)
+    buffer_rows = P * (w.tokens // P) * min(cfg.router.top_k, cfg.num_experts // P)  # ep_moe's FFN buffer
     gemm = stage_gemm_times(costs, backend, mu, w.tokens * cfg.router.top_k, D, cfg.expert_ffn_dim,
                             buffer_rows=buffer_rows).max()
-    t += a2a + gemm + a2a + lc.unpermute_time(costs, cfg, t_dev)
+    t += dispatch + gemm + combine + lc.unpermute_time(costs, cfg, t_dev)
     if tp > 1:
         t += (costs.reduce_scatter(hidden, tp) if side else 0.0) + costs.all_gather(hidden, tp)
     return t
@@ -66,10 +70,16 @@ def test_pn1_reproduces_unpipelined(w, backend):
 
 
 def test_pipeline_overlaps():
-    """A pipelined layer: dispatch_1 runs while GEMM_0 does, and the layer is shorter than unpipelined."""
+    """A pipelined layer: dispatch_1 runs while GPU 0 computes (the shared experts or GEMM_0), combine_0 while it
+    runs a later stage's GEMM, and the layer is shorter than unpipelined."""
     w = Workload(get_preset("deepseek-v2"), Layout.dp_ep(8), 8 * 8192, 1024)
     t = simulate(build_layer(w, COSTS, Plan(4, backends=("mosaic_gpu",), sm_for_comm=24)))
-    assert t.start["dispatch_1"] < t.end["gpu0/expert_gemm_0"] and t.end["dispatch_1"] > t.start["gpu0/expert_gemm_0"]
+
+    def overlaps(a, b):
+        return t.start[a] < t.end[b] and t.end[a] > t.start[b]
+
+    assert any(overlaps("dispatch_1", task) for task in ("gpu0/side_ffn", "gpu0/expert_gemm_0"))
+    assert any(overlaps("combine_0", f"gpu0/expert_gemm_{s}") for s in (1, 2, 3))
     assert t.start["gpu0/expert_gemm_1"] >= t.end["dispatch_1"] and t.start["combine_0"] >= t.end["gpu7/expert_gemm_0"]
     assert t.makespan < simulate(build_layer(w, COSTS, Plan(1, backends=("mosaic_gpu",)))).makespan
     assert w.cfg.num_experts // 8 == 20 and len({x.name for x in t.schedule.tasks if x.kind == "dispatch"}) == 4
@@ -149,3 +159,36 @@ def test_hot_device_costs_time(w, heat):
     hot = w.replace(expert_load=tuple(shares / shares.sum()))
     assert (search_plan(hot, COSTS, max_pipeline=6, tight_tilings=False).predicted_s
             >= search_plan(w, COSTS, max_pipeline=6, tight_tilings=False).predicted_s * (1 - 1e-3))
+
+
+def _routed_destinations(cfg, owned, tokens, seed):
+    """Monte-Carlo: the mean number of destinations (expert sets) a token's top-k reaches, routing like the model
+    (softmax scores; DeepSeek's group-limited greedy choice where the config has groups)."""
+    rng = np.random.default_rng(seed)
+    E, K, G, TG = cfg.num_experts, cfg.router.top_k, cfg.router.n_group, cfg.router.topk_group
+    scores = rng.normal(size=(tokens, E))
+    if G > 1:
+        best_group = scores.reshape(tokens, G, E // G).max(axis=2)
+        chosen = np.argsort(-best_group, axis=1)[:, :TG]
+        allowed = np.zeros((tokens, G), bool)
+        np.put_along_axis(allowed, chosen, True, axis=1)
+        scores = np.where(np.repeat(allowed, E // G, axis=1), scores, -np.inf)
+    top = np.argsort(-scores, axis=1)[:, :K]
+    where = np.zeros(E, int)
+    for i, experts in enumerate(owned):
+        where[experts] = i
+    return np.mean([len(set(where[row])) for row in top])
+
+
+@pytest.mark.parametrize("name, P, stages", [("deepseek-v2", 8, 1), ("deepseek-v2", 8, 2), ("deepseek-v2", 16, 1),
+                                             ("deepseek-v2", 4, 1), ("mixtral-8x7b", 8, 1), ("mixtral-8x7b", 4, 2),
+                                             ("qwen3-30b-a3b", 8, 1), ("dbrx", 8, 1)])
+def test_destination_hits_match_routing(name, P, stages):
+    """The expected rows per token of the dispatch's cost model against routing simulated like the model."""
+    cfg = get_preset(name)
+    owned = np.arange(cfg.num_experts).reshape(P, stages, -1).transpose(1, 0, 2).reshape(P * stages, -1)
+    expected = destination_hits(cfg, np.full(cfg.num_experts, 1 / cfg.num_experts), list(owned)).sum()
+    simulated = _routed_destinations(cfg, owned, 4000, seed=0)
+    assert expected == pytest.approx(simulated, rel=0.05), (expected, simulated)
+    if name == "deepseek-v2" and P == 8 and stages == 1:
+        assert expected == pytest.approx(cfg.router.topk_group)  # one group per device: exactly 3 devices

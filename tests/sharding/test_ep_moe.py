@@ -1,6 +1,8 @@
 """The EP MoE layer (EPExperts) against the single-device expert compute, over EP sizes, pipeline plans, transports
-and routings (random, skewed onto one expert, onto one device, with padding tokens); the transports against
-each other; worked examples of the routing arithmetic."""
+and routings (random, skewed onto one expert, onto one device, with padding tokens, repeated ids); the transports
+against each other (the ragged one through the real jax.lax.ragged_all_to_all, lowered on CPU to an emulation
+that poisons its result on a violated precondition); worked examples of the routing arithmetic; what the dispatch
+moves."""
 
 import functools
 
@@ -13,7 +15,13 @@ from hypothesis import given, settings, strategies as st
 import sharding
 from models import LocalExperts
 from sharding import ragged_emulation, transports
-from sharding.ep_moe import destination_keys, stage_route
+from sharding.ep_moe import destination_of_experts, from_words, stage_route, to_words, token_rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _emulated_ragged_all_to_all():
+    with ragged_emulation.emulated_on_cpu():
+        yield
 
 E, D, F, K, T = 16, 32, 24, 2, 64
 ATOL = {"float32": 1e-5, "bfloat16": 5e-2}
@@ -29,7 +37,8 @@ def _weights(num_experts=E, dtype="float32"):
 
 
 def _routing(kind: str, seed: int = 0, tokens=T, num_experts=E, dtype="float32"):
-    """x [T, D], ids [T, K] (distinct experts per token, as top-k gives), weights [T, K], valid [T]."""
+    """x [T, D], ids [T, K] (distinct experts per token, as top-k gives, except for "repeated"), weights [T, K],
+    valid [T]."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(tokens, D)).astype(np.float32)
     ids = np.stack([rng.choice(num_experts, K, replace=False) for _ in range(tokens)]).astype(np.int32)
@@ -38,12 +47,14 @@ def _routing(kind: str, seed: int = 0, tokens=T, num_experts=E, dtype="float32")
         ids[:, 1] = rng.integers(0, num_experts - 1, tokens)
     elif kind == "first_experts":  # every token to experts 0 and 1: everything goes to device 0
         ids[:] = [0, 1]
+    elif kind == "repeated":  # a token may choose one expert twice (no top-k does, but a caller may)
+        ids[::2, 1] = ids[::2, 0]
     weights = rng.uniform(size=(tokens, K)).astype(np.float32)
     valid = rng.uniform(size=tokens) > 0.3 if kind == "padding" else np.ones(tokens, bool)
     return jnp.asarray(x, dtype), jnp.asarray(ids), jnp.asarray(weights), jnp.asarray(valid)
 
 
-ROUTINGS = ("random", "one_expert", "first_experts", "padding")
+ROUTINGS = ("random", "one_expert", "first_experts", "padding", "repeated")
 
 
 # Less LLVM optimisation: compiles about 2.5x faster on CPU, which is what these tests spend their time on.
@@ -63,13 +74,13 @@ def _compiled(rule_set, mesh_shape, plan, transport):
 
 
 def _check(rule_set, mesh_shape, plan, routings=ROUTINGS, num_experts=E, tokens=T, dtype="float32"):
-    """Both CPU-runnable transports match the reference and each other, for every routing."""
+    """Both transports match the reference and each other, for every routing."""
     weights = _weights(num_experts, dtype)
     for kind in routings:
         x, ids, w, valid = _routing(kind, tokens=tokens, num_experts=num_experts, dtype=dtype)
         y_ref, stats_ref = _reference()(x, ids, w, *weights, valid)
         outputs = {}
-        for transport in ("padded", "ragged_reference"):
+        for transport in ("padded", "ragged"):
             y, stats = _compiled(rule_set, tuple(mesh_shape.items()), plan, transport)(x, ids, w, *weights, valid)
             np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), atol=ATOL[dtype],
                                        rtol=RTOL[dtype], err_msg=f"{rule_set} {mesh_shape} {plan} {transport} {kind}")
@@ -77,7 +88,7 @@ def _check(rule_set, mesh_shape, plan, routings=ROUTINGS, num_experts=E, tokens=
             assert int(stats.dropped) == 0
             outputs[transport] = np.asarray(y)
         # Same rows reach the same kernel in the same order: the transports agree exactly.
-        np.testing.assert_array_equal(outputs["padded"], outputs["ragged_reference"], err_msg=kind)
+        np.testing.assert_array_equal(outputs["padded"], outputs["ragged"], err_msg=kind)
 
 
 PLANS = [sharding.ExpertPlan(1), sharding.ExpertPlan(2, "experts"), sharding.ExpertPlan(2, "tokens"),
@@ -149,7 +160,7 @@ def test_random_routings(seed, hot, hot_fraction, invalid_fraction):
     valid = jnp.asarray(rng.uniform(size=T) >= invalid_fraction)
     weights = _weights()
     y_ref, stats_ref = _reference()(x, ids, w, *weights, valid)
-    for transport in ("padded", "ragged_reference"):
+    for transport in ("padded", "ragged"):
         y, stats = _compiled("dp_ep", (("data", 2), ("expert", 4)), sharding.ExpertPlan(2), transport)(
             x, jnp.asarray(ids), w, *weights, valid)
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
@@ -177,74 +188,143 @@ def test_plan_and_transport_errors():
 # Worked examples ------------------------------------------------------------------------------------------------
 
 
-def test_destination_keys_worked_example():
+def test_destination_of_experts_worked_example():
     # EP=2, 4 local experts each (experts 0-3 on device 0, 4-7 on device 1), PN=2 stages of 2 experts.
-    # Keys order rows by stage, then peer, then expert: stage 0 = experts 0,1 (dev 0), 4,5 (dev 1); stage 1 =
-    # experts 2,3 (dev 0), 6,7 (dev 1). The sentinel (invalid assignments) sorts last.
-    keys = destination_keys(2, 4, ((0, 2), (2, 4)))
-    #                    expert: 0  1  2  3  4  5  6  7  sentinel
-    np.testing.assert_array_equal(keys, [0, 1, 4, 5, 2, 3, 6, 7, 8])
+    # Destination = stage * P + peer: stage 0 = experts 0,1 (dev 0) -> 0 and 4,5 (dev 1) -> 1; stage 1 = experts
+    # 2,3 (dev 0) -> 2 and 6,7 (dev 1) -> 3. The sentinel (invalid assignments) sorts last.
+    destination, stage_index = destination_of_experts(2, 4, ((0, 2), (2, 4)))
+    #                           expert: 0  1  2  3  4  5  6  7  sentinel
+    np.testing.assert_array_equal(destination, [0, 0, 2, 2, 1, 1, 3, 3, 4])
+    np.testing.assert_array_equal(stage_index, [0, 1, 0, 1, 0, 1, 0, 1, -1])
+
+
+def test_token_rows_worked_example():
+    # EP=2, 2 experts per device (E=4), one stage, K=3, so width = min(3, 2) = 2.
+    destination, stage_index = (jnp.asarray(a) for a in destination_of_experts(2, 2, ((0, 2),)))
+    ids = jnp.array([[0, 1, 3],    # experts 0, 1 on device 0, expert 3 on device 1: two rows
+                     [2, 2, 0],    # expert 2 chosen twice: one entry with both weights
+                     [1, 0, 2]])   # an invalid (padding) token: no row
+    weights = jnp.array([[.5, .3, .2], [.4, .3, .2], [.6, .3, .1]])
+    valid = jnp.array([True, True, False])
+    dest, local, w, entry_ids = token_rows(ids, weights, valid, destination, stage_index, 2)
+    np.testing.assert_array_equal(dest, [[0, 2, 1], [1, 2, 0], [2, 2, 2]])  # 2 = sentinel (unused row)
+    np.testing.assert_array_equal(local, [[[0, 1], [-1, -1], [1, -1]],
+                                          [[0, -1], [-1, -1], [0, -1]],
+                                          [[-1, -1], [-1, -1], [-1, -1]]])
+    np.testing.assert_allclose(w, [[[.5, .3], [0, 0], [.2, 0]],
+                                   [[.7, 0], [0, 0], [.2, 0]],
+                                   [[0, 0], [0, 0], [0, 0]]], rtol=1e-6)
+    np.testing.assert_array_equal(entry_ids, [[0, 1, 3], [2, 4, 0], [4, 4, 4]])  # 4 = no entry
 
 
 def test_dispatch_worked_example():
-    # 2 devices with 2 experts each (E=4), K=1, 3 tokens per device; token t on device d has the value 10*d + t.
-    # Device 0 routes its tokens to experts [3, 0, 2], device 1 to [1, 1, 3]. Sorted by expert:
-    #   device 0: t1 (e0) | t2 (e2), t0 (e3)      -> sends 1 row to device 0, 2 rows to device 1
-    #   device 1: t0, t1 (e1) | t2 (e3)           -> sends 2 rows to device 0, 1 row to device 1
-    # Device 0 receives [0.1 | 10.0, 10.1] (source 0's rows first), device 1 receives [0.2, 0.0 | 10.2].
-    # Padded slots hold rows_per_peer = 3 tokens * min(K=1, 2 experts) = 3 rows per source, zero-filled.
+    # 2 devices with 2 experts each (E=4), K=2, 2 tokens per device; token t on device d has the value 10*d + t/10.
+    #   device 0: t0 -> experts 0, 1 (both on device 0): one row; t1 -> experts 1, 3: a row for each device
+    #   device 1: t0 -> experts 2, 3 (both on device 1): one row; t1 -> experts 0, 2: a row for each device
+    # Sorted by destination (ties in token order): device 0 sends [0.0, 0.1] to device 0 and [0.1] to device 1;
+    # device 1 sends [10.1] to device 0 and [10.0, 10.1] to device 1. Six rows, where one per (token, k) is eight.
     mesh = sharding.make_mesh(expert=2)
-    ids = jnp.array([3, 0, 2, 1, 1, 3], jnp.int32)
-    x = jnp.array([0.0, 0.1, 0.2, 10.0, 10.1, 10.2])[:, None]
+    ids = jnp.array([[0, 1], [1, 3], [2, 3], [0, 2]], jnp.int32)
+    x = jnp.array([0.0, 0.1, 10.0, 10.1])[:, None]
 
     def dispatch(x, ids, transport):
-        keys = jnp.asarray(destination_keys(2, 2, ((0, 2),)))[ids]
-        order = jnp.argsort(keys, stable=True)
-        counts_PE = jax.lax.all_gather(jnp.zeros(4, jnp.int32).at[keys].add(1), "expert")
-        me = jax.lax.axis_index("expert")
-        route, recv_counts = stage_route(counts_PE, me, 0, 2)
+        destination, stage_index = (jnp.asarray(a) for a in destination_of_experts(2, 2, ((0, 2),)))
+        dest, _, _, _ = token_rows(ids, jnp.ones(ids.shape), jnp.ones(2, bool), destination, stage_index, 2)
+        order = jnp.argsort(dest.reshape(-1), stable=True)
+        counts_PX = jax.lax.all_gather(jnp.zeros(3, jnp.int32).at[dest.reshape(-1)].add(1)[:2], "expert")
+        route = stage_route(counts_PX, jax.lax.axis_index("expert"), 0)
+        sent = jnp.where((dest.reshape(-1)[order] < 2)[:, None], x[order // 2], -1.0)
         if transport == "padded":
-            recv, _ = transports.padded_dispatch(x[order], route, 3, "expert")
+            recv, _ = transports.padded_dispatch(sent, route, 2, "expert")
+            back = transports.padded_return(recv, jnp.full_like(sent, -1.0), route, 2, "expert")
         else:
-            recv, _ = transports.ragged_dispatch(x[order], route, 6, "expert",
-                                                 collective=ragged_emulation.ragged_all_to_all)
-        back = jnp.zeros_like(x)
-        if transport == "padded":
-            back = transports.padded_return(recv, back, route, 3, "expert")
-        else:
-            back = transports.ragged_return(recv, back, route, "expert",
-                                            collective=ragged_emulation.ragged_all_to_all)
-        return recv, recv_counts.reshape(-1), back, x[order]
+            recv, _ = transports.ragged_dispatch(sent, route, 4, "expert")
+            back = transports.ragged_return(recv, jnp.full_like(sent, -1.0), route, "expert")
+        return recv, back, sent
 
     def run(transport):
         f = jax.shard_map(functools.partial(dispatch, transport=transport), mesh=mesh,
                           in_specs=jax.sharding.PartitionSpec("expert"), out_specs=jax.sharding.PartitionSpec("expert"),
                           check_vma=False)
-        return [np.asarray(a) for a in jax.jit(f)(x, ids)]
+        return [np.asarray(a)[:, 0] for a in jax.jit(f)(x, ids)]
 
-    recv, recv_counts, back, sent = run("padded")
-    np.testing.assert_allclose(recv[:, 0], [0.1, 0, 0, 10.0, 10.1, 0,      # device 0: slot of source 0, of source 1
-                                            0.2, 0.0, 0, 10.2, 0, 0])     # device 1
-    # Rows per (source, local expert): device 0 gets e0: 1 from source 0, e1: 2 from source 1; device 1 gets
-    # e2: 1 and e3: 1 from source 0, e3: 1 from source 1.
-    np.testing.assert_array_equal(recv_counts, [1, 0, 0, 2, 1, 1, 0, 1])
-    np.testing.assert_array_equal(back, sent)  # the return trip puts every row back where it was sent from
-    recv, _, back, sent = run("ragged")
-    np.testing.assert_allclose(recv[:, 0], [0.1, 10.0, 10.1, 0, 0, 0, 0.2, 0.0, 10.2, 0, 0, 0])
+    recv, back, sent = run("padded")  # slots of rows_per_peer = 2 tokens per source, zero-filled
+    np.testing.assert_allclose(recv, [0.0, 0.1, 10.1, 0,       # device 0: slot of source 0, of source 1
+                                      0.1, 0, 10.0, 10.1])     # device 1
+    np.testing.assert_array_equal(back, sent)  # every sent row comes back where it was sent from; -1: not sent
+    recv, back, sent = run("ragged")  # packed: source 0's rows, then source 1's
+    np.testing.assert_allclose(recv, [0.0, 0.1, 10.1, 0, 0.1, 10.0, 10.1, 0])
     np.testing.assert_array_equal(back, sent)
 
 
-def test_ragged_reference_reproduces_the_jax_docstring_example_with_integers():
-    mesh = sharding.make_mesh(expert=2)
-    operand = jnp.array([1, 2, 2, 3, 4, 0])
-    output = jnp.zeros(8, operand.dtype)
-    input_offsets, send_sizes = jnp.array([0, 1, 0, 1]), jnp.array([1, 2, 1, 1])
-    output_offsets, recv_sizes = jnp.array([0, 0, 1, 2]), jnp.array([1, 1, 2, 1])
-    f = jax.shard_map(functools.partial(ragged_emulation.ragged_all_to_all, axis_name="expert"), mesh=mesh,
-                      in_specs=jax.sharding.PartitionSpec("expert"), out_specs=jax.sharding.PartitionSpec("expert"),
-                      check_vma=False)
-    result = jax.jit(f)(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
-    np.testing.assert_array_equal(result, [1, 3, 0, 0, 2, 2, 4, 0])
+@pytest.mark.parametrize("dtype, d", [("float32", 5), ("bfloat16", 6), ("bfloat16", 5), ("float16", 3)])
+def test_rows_travel_as_int32_words_bit_for_bit(dtype, d):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, d)), dtype).at[0, 0].set(jnp.nan).at[1, 1].set(-0.0)
+    words = to_words(x)
+    assert words.dtype == jnp.int32 and words.shape == (4, -(-d * jnp.dtype(dtype).itemsize // 4))
+    back = from_words(words, d, dtype)
+    assert back.dtype == x.dtype
+    np.testing.assert_array_equal(jax.lax.bitcast_convert_type(back, jnp.uint16 if x.dtype.itemsize == 2 else
+                                                               jnp.uint32),
+                                  jax.lax.bitcast_convert_type(x, jnp.uint16 if x.dtype.itemsize == 2 else jnp.uint32))
+
+
+def _group_limited_ids(tokens, num_experts, k, groups, topk_group, seed):
+    """DeepSeek-V2's device-limited routing: each token's k experts among those of topk_group of the groups."""
+    rng = np.random.default_rng(seed)
+    per_group = num_experts // groups
+    ids = []
+    for _ in range(tokens):
+        chosen = rng.choice(groups, topk_group, replace=False)
+        ids.append(rng.choice((chosen[:, None] * per_group + np.arange(per_group)).reshape(-1), k, replace=False))
+    return np.asarray(ids, np.int32)
+
+
+def test_dispatch_moves_one_row_per_token_and_device():
+    """DeepSeek-V2-style routing (32 experts, top-6 within 3 of 8 groups; EP=8 puts one group on each device):
+    through the ragged transport, receivers get one row per (token, device) pair, at most half the (token, k)
+    assignments, and the return moves as many rows back."""
+    num_experts, k, tokens, d = 32, 6, 64, 16
+    ids = _group_limited_ids(tokens, num_experts, k, groups=8, topk_group=3, seed=0)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(tokens, d)), jnp.float32)
+    weights = jnp.asarray(rng.dirichlet(np.ones(k), tokens), jnp.float32)
+    valid = jnp.ones(tokens, bool)
+    w = [jnp.asarray(rng.normal(size=shape) / 4, jnp.float32)
+         for shape in ((num_experts, d, 8), (num_experts, d, 8), (num_experts, 8, d))]
+    record = []
+    with ragged_emulation.emulated_on_cpu(record):
+        experts = sharding.EPExperts(mesh=sharding.make_mesh(expert=8), rule_set="dp_ep", transport="ragged")
+        y, _ = jax.jit(experts, compiler_options=FAST_COMPILE)(x, jnp.asarray(ids), weights, *w, valid)
+        jax.effects_barrier()
+    y_ref, _ = _reference()(x, jnp.asarray(ids), weights, *w, valid)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5, rtol=1e-5)
+    # The dispatch moves int32 words (the state, its experts' ids and weights), the return float32 states.
+    rows = {"ep_dispatch": sum(r for dtype, _, r in record if dtype == "int32"),
+            "ep_return": sum(r for dtype, shape, r in record if dtype == "float32" and shape == (d,))}
+    pairs = len({(t, e // (num_experts // 8)) for t, row in enumerate(ids) for e in row})
+    assert rows["ep_dispatch"] == pairs == rows["ep_return"], (rows, pairs)
+    assert pairs / (tokens * k) <= 0.5
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _eqns(inner)
+
+
+def test_ragged_output_buffers_vary_over_the_expert_axis():
+    x, ids, w, valid = _routing("random")
+    experts = sharding.EPExperts(mesh=sharding.make_mesh(data=2, expert=4), rule_set="dp_ep", transport="ragged",
+                                 plan=sharding.ExpertPlan(2))
+    jaxpr = jax.make_jaxpr(experts)(x, ids, w, *_weights(), valid).jaxpr
+    collectives = [e for e in _eqns(jaxpr) if e.primitive.name == "ragged_all_to_all"]
+    assert len(collectives) == 2 * 2  # per stage: the rows (with their experts' ids and weights), the return
+    for eqn in collectives:
+        assert "expert" in eqn.invars[1].aval.mat.varying, eqn
 
 
 # GPU ------------------------------------------------------------------------------------------------------------
