@@ -208,11 +208,14 @@ def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
+                    layout: Callable[[tuple, np.ndarray], np.ndarray] | None = None,
                     progress: bool = True, allow_nonfinite: bool = False) -> MoETransformer:
     """Builds the model described by `path`'s config.json and fills it from its safetensors files.
 
     dtype: parameter dtype (default: config.json's torch_dtype). shardings: parameter path -> where to place it
     (default: the default device); sharding/ passes one so that each parameter lands directly in its shards.
+    layout: (parameter path, value as stored) -> value as placed (epsjax.placement.param_layout: routed experts in
+    slot order when they do not divide the expert-parallel size).
     allow_nonfinite: load tensors holding NaN or Inf with a warning instead of refusing them.
     """
     cfg = read_config(path, dtype=dtype)
@@ -259,8 +262,10 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     raise CheckpointError(f"{info.file}: tensor {name} cannot be read: {e}") from None
             for p, array in zip(rule.paths, rule.load(arrays)):
                 target = abstract[p]
+                if layout is not None:
+                    array = np.asarray(layout(p, np.asarray(array).astype(target.dtype)))
                 value = jnp.asarray(array, dtype=target.dtype) if shardings is None else jax.device_put(
-                    np.asarray(array).astype(target.dtype), shardings(p))
+                    np.asarray(array).astype(target.dtype, copy=False), shardings(p))
                 # One fused reduction on the placed value, read back only after the next tensor is placed, so
                 # it runs while the host reads that tensor.
                 pending.append((rule, _count_nonfinite(value)))
@@ -289,6 +294,11 @@ def save_checkpoint(model: MoETransformer, path: str | os.PathLike, *, max_shard
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    placed = [p for p, v in flat.items() if p[-1] == "w_gate_EDF" and v.shape[0] != cfg.num_experts]
+    if placed:
+        raise CheckpointError(f"{'/'.join(map(str, placed[0]))} holds {flat[placed[0]].shape[0]} expert slots, not "
+                              f"the model's {cfg.num_experts} experts: a model placed for expert parallelism with "
+                              f"uneven or replicated experts is saved from its unplaced copy")
     tensors = {}
     for rule in family.tensor_rules(cfg):
         ours = [np.asarray(jax.device_get(flat[p][...])) for p in rule.paths]

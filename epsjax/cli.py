@@ -132,9 +132,10 @@ def _load_model(args, mesh=None, rule_set=None):
     from models import MoETransformer, get_preset
 
     if args.model:
-        shardings = None if mesh is None else placement.param_shardings(
-            read_config(args.model, dtype=args.dtype), mesh, rule_set)
-        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings,
+        cfg = read_config(args.model, dtype=args.dtype)
+        shardings = None if mesh is None else placement.param_shardings(cfg, mesh, rule_set)
+        layout = None if mesh is None else placement.param_layout(cfg, mesh, rule_set)
+        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings, layout=layout,
                                allow_nonfinite=args.allow_nonfinite)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = get_preset(args.preset, **overrides)
@@ -253,6 +254,10 @@ def _generate(args) -> int:
             r = cfg.router
             plan += "\ndispatch   " + sharding.device_reach(cfg.num_experts, experts.expert_parallel_size, r.top_k,
                                                               r.n_group, r.topk_group)[1]
+        if experts.placement is not None:
+            slots = experts.placement
+            plan += (f"\nexperts    {cfg.num_experts} over {slots.devices} devices in {slots.slots} slots each: "
+                     f"{','.join(map(str, slots.experts_per_device()))} per device (empty slots hold zeros)")
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"

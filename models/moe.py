@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.layers import GatedMLP, param
 from models.router import Router
 from sharding import axes
+from sharding.errors import PlanError
 from sharding.expert_compute import ExpertCompute, MoEStats, combine, sort_by_expert
 
 
@@ -69,6 +70,19 @@ class LocalExperts:
         return y_TD, MoEStats(tokens_per_expert=routed_E, dropped=dropped)
 
 
+def _check_expert_layout(rows: int, num_experts: int, experts) -> None:
+    """Expert weights stored in a placement's slot order (epsjax.placement, for expert counts that do not divide the
+    EP size, or replicas) only make sense to an expert compute that knows that placement."""
+    if rows == num_experts:
+        return
+    placement = getattr(experts, "placement", None)
+    if placement is None or (placement.num_experts, placement.num_slots) != (num_experts, rows):
+        raise PlanError(f"the routed-expert weights hold {rows} slots for {num_experts} experts (placed for expert "
+                        f"parallelism), but the expert compute {type(experts).__name__} has "
+                        f"{'no' if placement is None else 'a different'} placement of them; pass the one the model "
+                        f"was placed with (EPExperts(placement=...), epsjax.placement.ep_experts)")
+
+
 class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         E, D, F, dt = cfg.num_experts, cfg.d_model, cfg.expert_ffn_dim, cfg.jnp_dtype
@@ -82,6 +96,7 @@ class MoEBlock(nnx.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         ids_TK, weights_TK = self.route(x_BTD)
+        _check_expert_layout(self.w_gate_EDF.shape[0], self.router.kernel_DE.shape[1], experts)
         y_TD, stats = experts(x_TD, ids_TK, weights_TK, self.w_gate_EDF[...], self.w_up_EDF[...],
                               self.w_down_EFD[...], valid_BT.reshape(B * T))
         return self.add_shared(x_BTD, y_TD.reshape(B, T, D)), stats

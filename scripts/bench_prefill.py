@@ -121,13 +121,14 @@ def main(argv=None) -> list[dict]:
             if args.checkpoint:
                 models[strategy.rule_set] = load_checkpoint(
                     args.checkpoint, dtype=args.dtype,
-                    shardings=placement.param_shardings(cfg, mesh, strategy.rule_set), progress=False)
+                    shardings=placement.param_shardings(cfg, mesh, strategy.rule_set),
+                    layout=placement.param_layout(cfg, mesh, strategy.rule_set), progress=False)
             else:
                 models[strategy.rule_set] = placement.create_sharded_model(cfg, mesh, strategy.rule_set, 0)
         ep = math.prod(mesh.shape[a] for a in sharding.get_rules(strategy.rule_set).expert_axes)
         forced = None
         if strategy.pipeline_degree is not None:
-            local_experts = cfg.num_experts // ep
+            local_experts = -(-cfg.num_experts // ep)
             split = args.split if args.split != "auto" else (
                 "experts" if strategy.pipeline_degree <= local_experts else "tokens")
             forced = sharding.ExpertPlan(strategy.pipeline_degree, split, backends=(args.backend,))
@@ -192,7 +193,8 @@ def measure_traffic(cfg, mesh, rule_set, plan, engine, tokens, seq) -> dict:
     record = []
     jax.clear_caches()  # a program lowered for an earlier measurement would append to that measurement's record
     with ragged_emulation.emulated_on_cpu(record):
-        experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport="ragged")
+        experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport="ragged",
+                                     placement=engine.experts.placement)
         _with_experts(engine, experts).prefill(tokens, cache_len=seq)[0].block_until_ready()
         jax.effects_barrier()
     D, item = cfg.d_model, np.dtype(cfg.jnp_dtype).itemsize

@@ -18,7 +18,8 @@ So the dispatch and the return move one row per (token, device) pair, not one pe
 DeepSeek-V2's device-limited routing (a token's top-6 experts in at most topk_group=3 groups, one group per
 device) at most half of them. Stage s's dispatch depends only on the sort, and its return only on its own GEMMs,
 so nothing orders stage s's collectives after stage s-1's GEMMs: XLA's scheduler is free to overlap them where
-collectives are asynchronous.
+collectives are asynchronous. Stage s's expert work is ordered after stage s-1's (an optimization_barrier): left
+free, XLA:GPU ran stage 1's sort of its received rows before stage 0's GEMMs, which made dispatch_1 finish first.
 
 Which mesh axes play which part comes from a rules table (sharding/rules.py): experts -> the EP group,
 expert_mlp -> tensor parallelism inside each expert, moe_tokens -> how the tokens are split. With no EP axes
@@ -39,18 +40,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import pallas_kernels
 from sharding import ragged_emulation, transports
 from sharding.expert_compute import MoEStats
+from sharding.expert_placement import ExpertPlacement
 from sharding.errors import PlanError
 from sharding.mesh import axis_size
 from sharding.plan import ExpertPlan
 from sharding.rules import Rules, check_mesh, get_rules
 
-TRANSPORTS = ("auto", "ragged", "padded")
+TRANSPORTS = ("auto", "ragged", "padded", "ragged_reference")
 
 
 @dataclasses.dataclass(frozen=True)
 class EPExperts:
     """ExpertCompute over `mesh` following a rule set's expert, expert_mlp and moe_tokens axes.
 
+    placement: where the experts live (sharding.expert_placement: any expert count, hot-expert replicas); default
+        the contiguous layout of the weights' experts over the EP devices.
     transport: "ragged" (jax.lax.ragged_all_to_all; GPU), "padded" (jax.lax.all_to_all of dropless fixed-size
         slots; every platform), "ragged_reference" (the ragged arithmetic over sharding.ragged_emulation; for tests),
         or "auto": ragged on GPU, padded elsewhere.
@@ -60,6 +64,7 @@ class EPExperts:
     rule_set: str | Rules = "dp_ep"
     plan: ExpertPlan = ExpertPlan()
     transport: str = "auto"
+    placement: ExpertPlacement | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rule_set", get_rules(self.rule_set))
@@ -101,14 +106,28 @@ class EPExperts:
     def expert_parallel_size(self) -> int:
         return axis_size(self.mesh, self.rule_set.expert_axes)
 
+    def expert_placement(self, rows: int) -> ExpertPlacement:
+        """Where the experts live, given expert weights with `rows` rows: `placement` if set (the weights are
+        either in its slot order or the canonical [E, ...] stacking, copied into slot order on every call), else the
+        contiguous layout of `rows` experts (floor or ceil of E / P per device)."""
+        placement = self.placement or ExpertPlacement(rows, self.expert_parallel_size)
+        if placement.devices != self.expert_parallel_size:
+            raise PlanError(f"the expert placement spreads experts over {placement.devices} devices, but the "
+                            f"expert-parallel size is {self.expert_parallel_size}")
+        if rows not in (placement.num_experts, placement.num_slots):
+            raise PlanError(f"expert weights have {rows} rows; the expert placement expects {placement.num_experts} "
+                            f"experts or {placement.num_slots} slots")
+        return placement
+
     def __call__(self, x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T):
         rules, plan = self.rule_set, self.plan
         ep_axes, tp_axes, token_axes = rules.expert_axes, rules.expert_tensor_axes, rules.moe_token_axes
-        E = w_gate_EDF.shape[0]
         ep = self.expert_parallel_size
-        if E % ep:
-            raise PlanError(f"{E} experts do not divide over the expert-parallel size {ep} (mesh axes {ep_axes})")
-        groups = plan.expert_groups(E // ep)
+        placement = self.expert_placement(w_gate_EDF.shape[0])
+        if w_gate_EDF.shape[0] != placement.num_slots:  # canonical [E, ...] weights, not in slot order: copy them
+            w_gate_EDF, w_up_EDF, w_down_EFD = (placement.to_slots(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+        slots = placement.num_slots
+        groups = plan.expert_groups(placement.slots)
         # The model around the MoE keeps its tokens split as its batch is, in and out (without this, a split over
         # an axis only the MoE uses, e.g. tp_ep's "tensor", propagates into attention and the KV cache, and the
         # decode step's cache scatters then abort XLA's SPMD partitioner on mismatched device groups).
@@ -123,15 +142,18 @@ class EPExperts:
             ids_TK = jnp.pad(ids_TK, ((0, pad), (0, 0)))
             weights_TK = jnp.pad(weights_TK, ((0, pad), (0, 0)))
             valid_T = jnp.pad(valid_T, (0, pad))
+        if not placement.identity:
+            ids_TK = jax.lax.with_sharding_constraint(placement.slot_ids(ids_TK), batch)
         local = functools.partial(
-            _ep_moe_shard, num_experts=E, ep_axes=ep_axes, ep_size=ep, tp_axes=tp_axes, token_axes=token_axes,
+            _ep_moe_shard, num_experts=slots, ep_axes=ep_axes, ep_size=ep, tp_axes=tp_axes, token_axes=token_axes,
             groups=groups, chunks=plan.token_chunks, plan=plan, transport=self.resolved_transport)
         tokens = P(token_axes or None)
         experts_DF, experts_FD = P(ep_axes or None, None, tp_axes or None), P(ep_axes or None, tp_axes or None)
         moe = jax.shard_map(
             local, mesh=self.mesh, in_specs=(tokens, tokens, tokens, experts_DF, experts_DF, experts_FD, tokens),
             out_specs=(tokens, P()))
-        y_TD, tokens_per_expert = moe(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
+        y_TD, tokens_per_slot = moe(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T)
+        tokens_per_expert = tokens_per_slot if placement.identity else placement.per_expert(tokens_per_slot)
         y_TD = jax.lax.with_sharding_constraint(y_TD[:T], batch)
         return y_TD.astype(x_TD.dtype), MoEStats(tokens_per_expert=tokens_per_expert,
                                                  dropped=jnp.zeros((), jnp.int32))
@@ -186,7 +208,8 @@ def token_rows(ids_TK, weights_TK, valid_T, destination_E1, stage_index_E1, widt
     that destination [T, K, width] (-1 where none; valid entries first) and their router weights [T, K, width]
     (0 where none); and the expert of each (token, expert) entry [T, K] (E where k repeats an earlier choice or
     the token is invalid), whose counts per expert are the receivers' group sizes. An expert a token chose twice
-    is one entry with the two weights summed (the same sum), so a row holds at most width = min(K, experts per stage) entries whatever the ids.
+    is one entry with the two weights summed (the same sum), so a row holds at most width = min(K, experts per
+    stage) entries whatever the ids.
     """
     T, K = ids_TK.shape
     sentinel = destination_E1[-1]
@@ -245,7 +268,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
         both_PUC = jax.lax.all_gather(both_UC, ep_axes) if ep_axes else both_UC[None]
         counts_PUX, entries_PUE = both_PUC[..., :S * Pep], both_PUC[..., S * Pep:]
 
-    y_parts = []
+    y_parts, y_previous = [], None
     for u in range(chunks):
         rows_M = order_UM[u] // K  # the chunk-local token of each sorted row
         # One buffer of int32 words per row (the token's hidden state, then its metadata): one collective each way.
@@ -262,6 +285,11 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 else:
                     recv_XC, _ = transports.ragged_dispatch(packed_MC, route, Pep * rows, ep_axes,
                                                              collective=_collective(transport))
+            if y_previous is not None:
+                # The pipeline's order: stage s's experts run after stage s-1's, so that on a GPU stage s's dispatch
+                # stays in flight behind stage s-1's GEMMs. Without this, XLA:GPU's scheduler may run the (cheap)
+                # work between stage s's dispatch and its GEMMs first, which needs that dispatch done.
+                recv_XC, _ = jax.lax.optimization_barrier((recv_XC, y_previous))
             with jax.named_scope(f"ep_experts_{stage}"):
                 # Rows not received are zero words: no experts (id 0 = none), a zero state.
                 recv_XD = from_words(recv_XC[:, :-2 * width], D, x_TD.dtype)
@@ -271,6 +299,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 y_recv_XD = _local_experts(recv_XD, local_XW, weight_XW, group_sizes_J, w_gate_EDF[j0:j1],
                                            w_up_EDF[j0:j1], w_down_EFD[j0:j1], group_offset=me * E_l + j0,
                                            num_experts=E, backend=plan.backend(stage), tiling=plan.tiling(stage))
+                y_previous = y_recv_XD
             with jax.named_scope(f"ep_return_{stage}"):
                 if transport == "padded":
                     y_sorted_MD = transports.padded_return(y_recv_XD, y_sorted_MD, route, rows, ep_axes)

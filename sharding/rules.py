@@ -169,18 +169,18 @@ def check_mesh(rules: Rules, mesh: Mesh) -> None:
 def rules_for_model(cfg, mesh: Mesh, rule_set: str | Rules) -> Rules:
     """The table for one model on one mesh, after the checks that name the model's numbers.
 
-    Errors: experts not divisible by the expert-parallel size, heads not divisible by the tensor size, a mesh
-    axis the table names but the mesh lacks. KV heads that do not divide by the tensor size are replicated
-    (GQA models with fewer KV heads than TP ranks). Divisibility of every other parameter is checked by
-    epsjax.placement when the shardings are made.
+    Errors: fewer experts than the expert-parallel size (any other count is placed: sharding.expert_placement),
+    heads not divisible by the tensor size, a mesh axis the table names but the mesh lacks. KV heads that do not
+    divide by the tensor size are replicated (GQA models with fewer KV heads than TP ranks). Divisibility of every
+    other parameter is checked by epsjax.placement when the shardings are made.
     """
     rules = get_rules(rule_set)
     check_mesh(rules, mesh)
     ep_axes = rules.expert_axes
     ep = _size(mesh, ep_axes)
-    if cfg.num_experts % ep:
-        raise PlanError(f"{cfg.name}: num_experts={cfg.num_experts} is not divisible by the expert-parallel size "
-                         f"{ep} ({rules.name}: experts -> {_describe(mesh, ep_axes)})")
+    if cfg.num_experts < ep:
+        raise PlanError(f"{cfg.name}: num_experts={cfg.num_experts} is fewer than the expert-parallel size {ep} "
+                         f"({rules.name}: experts -> {_describe(mesh, ep_axes)}); every device needs an expert")
     heads_axes = rules.mesh_axes(axes.HEADS)
     tp = _size(mesh, heads_axes)
     if cfg.num_heads % tp:

@@ -172,3 +172,18 @@ def test_demo_on_eight_virtual_devices():
                       "tokens", "--max-new-tokens", "4")
     assert "pipeline degree 2 split by tokens" in forced and "(forced)" in forced
     assert _outputs(forced) == _outputs(demo)
+
+
+def test_generate_with_experts_that_do_not_divide_the_ep_size(tmp_path):
+    """A checkpoint with 6 experts on 4 expert-parallel devices (2, 1, 2, 1 experts each, in 2 slots) generates
+    what one device generates."""
+    from flax import nnx
+
+    from epsjax.checkpoint import save_checkpoint
+    from models import MoETransformer, get_preset
+
+    save_checkpoint(MoETransformer(get_preset("tiny-mixtral", num_experts=6), rngs=nnx.Rngs(3)), tmp_path / "m")
+    common = ("generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--batch", "4", "--prompt-len", "8")
+    placed = _run_cli(*common, "--devices", "4", "--strategy", "dp_ep", "--mesh", "1,1,4")
+    assert "experts    6 over 4 devices in 2 slots each: 1,2,1,2 per device" in placed
+    assert _outputs(placed) == _outputs(_run_cli(*common, "--strategy", "local"))

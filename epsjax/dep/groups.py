@@ -4,24 +4,23 @@
     groups.attention_mesh   # sharding.make_mesh(data=3) over the first 3 devices: attention is data parallel
     groups.expert_mesh      # sharding.make_mesh(expert=5) over the next 5: the routed experts, expert parallel
 
-Expert placement: expert device e owns the contiguous experts [bounds[e], bounds[e + 1]) with
-bounds[e] = e * E // eg, so blocks differ in size by at most one and any eg <= E works (16 experts over 5
-devices: 3, 3, 3, 3, 4). Each device stores `slots = ceil(E / eg)` expert slots, its own experts first and zero
-weights in the rest (never routed to), so the stacked weights [eg * slots, D, F] shard evenly over the expert
-mesh's "expert" axis whether E divides eg or not.
+Expert placement (sharding.ExpertPlacement, the EP layer's too): expert device e owns the contiguous experts
+[bounds[e], bounds[e + 1]) with bounds[e] = e * E // eg, so blocks differ in size by at most one and any eg <= E
+works (16 experts over 5 devices: 3, 3, 3, 3, 4). Each device stores `slots = ceil(E / eg)` expert slots, its own
+experts first and zero weights in the rest (never routed to), so the stacked weights [eg * slots, D, F] shard
+evenly over the expert mesh's "expert" axis whether E divides eg or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 import sharding
+from sharding.expert_placement import ExpertPlacement
 
 
 def expert_bounds(num_experts: int, devices: int) -> tuple[int, ...]:
@@ -29,38 +28,6 @@ def expert_bounds(num_experts: int, devices: int) -> tuple[int, ...]:
     if devices < 1 or num_experts < devices:
         raise ValueError(f"{num_experts} experts cannot be spread over {devices} expert devices (need E >= eg >= 1)")
     return tuple(e * num_experts // devices for e in range(devices + 1))
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertPlacement:
-    num_experts: int
-    devices: int
-
-    @property
-    def bounds(self) -> tuple[int, ...]:
-        return expert_bounds(self.num_experts, self.devices)
-
-    @property
-    def slots(self) -> int:
-        return math.ceil(self.num_experts / self.devices)
-
-    def owner(self) -> np.ndarray:
-        """[E] the expert device of each expert."""
-        b = self.bounds
-        return np.concatenate([np.full(b[e + 1] - b[e], e) for e in range(self.devices)]).astype(np.int32)
-
-    def slot(self) -> np.ndarray:
-        """[E] each expert's slot on its device."""
-        b = self.bounds
-        return np.concatenate([np.arange(b[e + 1] - b[e]) for e in range(self.devices)]).astype(np.int32)
-
-    def expert_of_slot(self) -> np.ndarray:
-        """[eg * slots] the expert stored in each global slot, -1 for an empty slot."""
-        b = self.bounds
-        table = np.full(self.devices * self.slots, -1, np.int32)
-        for e in range(self.devices):
-            table[e * self.slots:e * self.slots + b[e + 1] - b[e]] = np.arange(b[e], b[e + 1])
-        return table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +74,6 @@ class DEPGroups:
         return len(self.expert_devices)
 
     def describe(self) -> str:
-        b = self.placement.bounds
-        owned = ", ".join(f"{b[e + 1] - b[e]}" for e in range(self.eg))
+        owned = ", ".join(map(str, self.placement.experts_per_device()))
         return (f"attention group {[d.id for d in self.attention_devices]} (data parallel), expert group "
                 f"{[d.id for d in self.expert_devices]} (experts per device: {owned}; {self.placement.slots} slots)")

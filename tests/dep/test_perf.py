@@ -16,7 +16,7 @@ A6000 = Testbed("8xA6000", "a6000", 8, nvlink_bridges=True)
 def test_uneven_expert_placement_worked_example():
     """16 experts over 5 devices: 3, 3, 3, 3, 4 experts in 4 slots each; the empty slots hold -1."""
     p = ExpertPlacement(16, 5)
-    assert p.bounds == (0, 3, 6, 9, 12, 16) and p.slots == 4
+    assert p.experts_per_device().tolist() == [3, 3, 3, 3, 4] and p.slots == 4
     assert p.owner().tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4]
     assert p.slot().tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 3]
     assert p.expert_of_slot().tolist() == [0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 12, 13, 14, 15]

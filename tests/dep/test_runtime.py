@@ -72,9 +72,9 @@ def _check_rows(runtime, out, tokens_per_expert):
     """A2E moved, per MoE layer and expert device, exactly the (token, k) rows routed to that device's experts;
     E2A moved the same rows back; each row is D float32 values."""
     groups, cfg = runtime.groups, runtime.cfg
-    bounds = groups.placement.bounds
+    owner = groups.placement.owner()
     for i, layer in enumerate(cfg.moe_layers):
-        want = [int(tokens_per_expert[i, bounds[e]:bounds[e + 1]].sum()) for e in range(groups.eg)]
+        want = [int(tokens_per_expert[i, owner == e].sum()) for e in range(groups.eg)]
         for kind, dest in (("a2e", lambda r: r.dest), ("e2a", lambda r: r.source)):
             got = [0] * groups.eg
             for r in out.transfers.records:

@@ -56,12 +56,15 @@ def test_rules_reject_bad_tables():
 
 def test_invalid_model_mesh_combinations_are_clear_errors():
     mixtral = get_preset("tiny-mixtral")  # 8 experts, 4 heads, 2 KV heads
-    with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by the expert-parallel size 16"):
+    with pytest.raises(ValueError, match=r"num_experts=8 is fewer than the expert-parallel size 16"):
         sharding.rules_for_model(mixtral.replace(num_experts=8), _fake_mesh(expert=16), "dp_ep")
     with pytest.raises(ValueError, match=r"num_heads=4 is not divisible by the tensor-parallel size 8"):
         sharding.rules_for_model(mixtral, sharding.make_mesh(tensor=8), "tp_ep")
-    with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the expert-parallel size 4"):
-        placement.param_shardings(mixtral.replace(num_experts=6), sharding.make_mesh(expert=4), "dp_ep")
+    # Experts that do not divide the EP size are placed in slots: 6 experts on 4 devices hold 2, 1, 2, 1 of them in
+    # 2 slots each, so the stacked expert weights shard evenly.
+    slots = placement.expert_placement(mixtral.replace(num_experts=6), sharding.make_mesh(expert=4), "dp_ep")
+    assert slots.expert_of_slot().tolist() == [0, -1, 1, 2, 3, -1, 4, 5]
+    assert slots.experts_per_device().tolist() == [1, 2, 1, 2]
     expert_tp = sharding.RULE_SETS["dp"].replace(expert_mlp=("tensor",), moe_tokens=("data",), batch=("data",))
     with pytest.raises(ValueError, match=r"\(expert_mlp=96\) does not divide over mesh axes \('tensor',\) \(64 dev"):
         placement.param_shardings(mixtral, _fake_mesh(tensor=64), expert_tp)

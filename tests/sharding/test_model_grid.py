@@ -18,6 +18,7 @@ from flax import nnx
 
 import sharding
 from epsjax import placement
+from sharding import ragged_emulation
 from epsjax.engine import Engine
 from models import LocalExperts, MoETransformer, get_preset
 from models.transformer import prefill_mask
@@ -50,10 +51,10 @@ def _prefill_logits(graphdef, params, tokens_BT, mask_BT, experts):
     return out.logits, out.moe_stats.tokens_per_expert
 
 
-def _config(family):
+def _config(family, num_experts=None):
     # Two layers where the family's first layer is dense (DeepSeek-V2, Qwen3 presets), else one MoE layer.
     cfg = get_preset(family)
-    return cfg.replace(num_layers=2 if cfg.dense_layers else 1)
+    return cfg.replace(num_layers=2 if cfg.dense_layers else 1, num_experts=num_experts or cfg.num_experts)
 
 
 def _inputs():
@@ -71,9 +72,9 @@ def _skewed(state):
 
 
 @functools.cache
-def _reference(family):
+def _reference(family, num_experts=None):
     """Single-device model and its (logits, tokens per expert) with the initialised and the skewed router."""
-    cfg = _config(family)
+    cfg = _config(family, num_experts)
     model = MoETransformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     tokens, mask = _inputs()
@@ -85,32 +86,36 @@ def _reference(family):
 
 
 @functools.cache
-def _sharded_params(family, rule_set, ep):
-    model, _ = _reference(family)
+def _sharded_params(family, rule_set, ep, num_experts=None):
+    """The model on the mesh, its routed experts in slot order where they do not divide the EP size."""
+    model, _ = _reference(family, num_experts)
     mesh = sharding.make_mesh(**MESHES[rule_set, ep])
     sharded = placement.shard_model(model, mesh, rule_set)
     graphdef, params = nnx.split(sharded)
     return mesh, sharded, {"initialised": params, "skewed": _skewed(params)}
 
 
-def _plan(family, ep, pipeline_degree):
-    local_experts = _config(family).num_experts // ep
+def _plan(family, ep, pipeline_degree, num_experts=None):
+    local_experts = _config(family, num_experts).num_experts // ep
     return sharding.ExpertPlan(pipeline_degree, "experts" if pipeline_degree <= local_experts else "tokens")
 
 
-def _check(family, rule_set, ep, pipeline_degree):
-    mesh, model, params = _sharded_params(family, rule_set, ep)
-    plan = _plan(family, ep, pipeline_degree)
-    experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan)
+def _check(family, rule_set, ep, pipeline_degree, num_experts=None, transport="auto"):
+    mesh, model, params = _sharded_params(family, rule_set, ep, num_experts)
+    plan = _plan(family, ep, pipeline_degree, num_experts)
+    cfg = _config(family, num_experts)
+    experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport=transport,
+                                 placement=placement.expert_placement(cfg, mesh, rule_set))
     batch = sharding.batch_sharding(mesh, rule_set)
-    _, expected = _reference(family)
+    _, expected = _reference(family, num_experts)
     tokens, mask = (jax.device_put(a, batch) for a in _inputs())
+    what = f"{family} E={cfg.num_experts} {rule_set} EP={ep} {plan} {transport}"
     for skew in ("initialised", "skewed"):
         logits, counts = _prefill_logits(nnx.graphdef(model), params[skew], tokens, mask, experts)
         want_logits, want_counts = expected[skew]
         err = np.abs(np.asarray(logits) - want_logits)[np.asarray(mask)].max()
-        assert err < LOGIT_TOL["float32"], f"{family} {rule_set} EP={ep} {plan} {skew}: max |logits diff| = {err}"
-        np.testing.assert_array_equal(np.asarray(counts), want_counts)
+        assert err < LOGIT_TOL["float32"], f"{what} {skew}: max |logits diff| = {err}"
+        np.testing.assert_array_equal(np.asarray(counts), want_counts, err_msg=what)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -138,6 +143,33 @@ def test_mesh_matches_single_device(family, rule_set, ep, pipeline_degree):
 @pytest.mark.parametrize("family,rule_set,ep,pipeline_degree", [g for g in GRID if g not in DEFAULT])
 def test_mesh_matches_single_device_full_grid(family, rule_set, ep, pipeline_degree):
     _check(family, rule_set, ep, pipeline_degree)
+
+
+# Expert counts that do not divide the EP size (devices hold floor or ceil of E / P experts, in slot order), through
+# the GPU transport: the real jax.lax.ragged_all_to_all, lowered on CPU to sharding.ragged_emulation's emulation.
+UNEVEN = [("tiny-mixtral", 6, "dp_ep", 4, 2), ("tiny-deepseek-v2", 12, "tp_ep", 8, 2),
+          ("tiny-qwen3-moe", 12, "dp_ep", 8, 4), ("tiny-dbrx", 6, "tp_ep", 4, 2), ("tiny-arctic", 10, "dp_ep", 4, 4)]
+
+
+@pytest.mark.parametrize("family,num_experts,rule_set,ep,pipeline_degree", UNEVEN)
+def test_uneven_experts_through_the_ragged_transport_match_single_device(family, num_experts, rule_set, ep,
+                                                                         pipeline_degree):
+    with ragged_emulation.emulated_on_cpu():
+        _check(family, rule_set, ep, pipeline_degree, num_experts, transport="ragged")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,num_experts,rule_set,ep,pipeline_degree", UNEVEN)
+def test_uneven_experts_through_the_padded_transport_match_single_device(family, num_experts, rule_set, ep,
+                                                                         pipeline_degree):
+    _check(family, rule_set, ep, pipeline_degree, num_experts, transport="padded")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ragged_transport_matches_single_device(family):
+    with ragged_emulation.emulated_on_cpu():
+        _check(family, "dp_ep", 8, 4, transport="ragged")
 
 
 def test_decode_on_a_mesh_matches_single_device():
