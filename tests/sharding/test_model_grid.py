@@ -182,3 +182,25 @@ def test_decode_on_a_mesh_matches_single_device():
                                                         plan=sharding.ExpertPlan(2, "tokens")),
                     batch_sharding=sharding.batch_sharding(mesh, "tp_ep"))
     assert engine.generate(prompts, max_new_tokens=4, stop_at_eos=False).tokens == want
+
+
+def test_replicated_hot_experts_in_a_model_match_single_device():
+    """A model placed with replicas of its hottest experts (from the skewed router's counts: everything on the
+    first experts) gives the single-device logits and per-expert counts."""
+    family, rule_set, ep = "tiny-mixtral", "dp_ep", 4
+    model, expected = _reference(family)
+    mesh = sharding.make_mesh(**MESHES[rule_set, ep])
+    for skew in ("initialised", "skewed"):
+        histogram = expected[skew][1].sum(axis=0) + 1  # every expert seen once more: no zero loads
+        slots = sharding.replicate_hot_experts(histogram, ep, spare_slots=1)
+        assert slots.copies()[1].max() > 1
+        placed = placement.shard_model(model, mesh, rule_set, placement=slots)
+        graphdef, params = nnx.split(placed)
+        params = params if skew == "initialised" else _skewed(params)
+        experts = sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=sharding.ExpertPlan(2, "experts"),
+                                     placement=slots)
+        tokens, mask = (jax.device_put(a, sharding.batch_sharding(mesh, rule_set)) for a in _inputs())
+        logits, counts = _prefill_logits(graphdef, params, tokens, mask, experts)
+        err = np.abs(np.asarray(logits) - expected[skew][0])[np.asarray(mask)].max()
+        assert err < LOGIT_TOL["float32"], (skew, err)
+        np.testing.assert_array_equal(np.asarray(counts), expected[skew][1])
