@@ -29,20 +29,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import sharding
 from epsjax import placement
 from models import ModelConfig, get_preset
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets
+from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets, tokamax_gemm
 from sharding import hlo_report
 
 KERNEL_MODELS = ("mixtral-8x7b", "deepseek-v2", "deepseek-v2-lite")
-GPU_BACKENDS = ("mosaic_gpu", "pallas_triton", "jax_triton")
+GPU_BACKENDS = ("mosaic_gpu", "pallas_triton", "jax_triton", "tokamax")
 # XLA:GPU (jax 0.11.2) runs collectives synchronously unless its latency-hiding scheduler is on; EP programs
 # built for a GPU turn it on (sharding.EPExperts.compiler_options), which is what makes a stage's all-to-all
 # overlap another stage's GEMMs.
 _KERNEL_MODULES = {"mosaic_gpu": group_gemm_mgpu, "pallas_triton": group_gemm_triton,
-                   "jax_triton": group_gemm_jax_triton}
+                   "jax_triton": group_gemm_jax_triton, "tokamax": tokamax_gemm}
 _KERNEL_NAMES = {("mosaic_gpu", "gate_up"): "gate_up_mosaic_gpu_kernel",
                  ("mosaic_gpu", "down"): "group_gemm_mosaic_gpu_kernel",
                  ("pallas_triton", "gate_up"): "gate_up_triton", ("pallas_triton", "down"): "group_gemm_triton",
-                 ("jax_triton", "gate_up"): "_kernel", ("jax_triton", "down"): "_kernel"}
+                 ("jax_triton", "gate_up"): "_kernel", ("jax_triton", "down"): "_kernel",
+                 # openxla/tokamax's Hopper ragged_dot (a peer): the gate/up build is its two unfused calls
+                 ("tokamax", "gate_up"): "ragged_dot_sm90_mosaic_gpu_kernel",
+                 ("tokamax", "down"): "ragged_dot_sm90_mosaic_gpu_kernel"}
 
 
 def native_logs_enabled() -> bool:
@@ -129,7 +132,9 @@ def _kernel_build(mesh, backend, op, model, m, k, n, e, dtype, tiling) -> Kernel
         build.accumulator_registers, build.smem_bytes = model_resources.accumulator_registers, model_resources.smem_bytes
     start = time.perf_counter()
     try:
-        with targets.capture_native_output() as captured, jax.set_mesh(mesh):
+        # tokamax reads the GPU architecture from the default device: the compile-only one here.
+        with targets.capture_native_output() as captured, jax.set_mesh(mesh), jax.default_device(
+                mesh.devices.flat[0]):
             jax.jit(fn).lower(*args).compile()
     except Exception as e:  # noqa: BLE001 - a failed build is a result, reported with its message
         build.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from models import MoETransformer, ModelConfig
 from models.config import ConfigError
 from models.families import family_module
+from models.quantize import EXPERT_WEIGHTS, check_scheme, quantize_weight
 from pallas_kernels.errors import EpsjaxError
 
 # Tensors some checkpoints carry that hold no parameters (recomputed buffers).
@@ -209,7 +210,8 @@ def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
                     layout: Callable[[tuple, np.ndarray], np.ndarray] | None = None,
-                    progress: bool = True, allow_nonfinite: bool = False) -> MoETransformer:
+                    progress: bool = True, allow_nonfinite: bool = False,
+                    quantize: str | None = None) -> MoETransformer:
     """Builds the model described by `path`'s config.json and fills it from its safetensors files.
 
     dtype: parameter dtype (default: config.json's torch_dtype). shardings: parameter path -> where to place it
@@ -217,7 +219,13 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
     layout: (parameter path, value as stored) -> value as placed (epsjax.placement.param_layout: routed experts in
     slot order when they do not divide the expert-parallel size).
     allow_nonfinite: load tensors holding NaN or Inf with a warning instead of refusing them.
+    quantize: "fp8" stores the routed experts as FP8 W8A8 weights (models.quantize), each stacked expert tensor
+    quantized as soon as it is loaded, so the whole model never exists in the checkpoint's dtype at once.
     """
+    check_scheme(quantize)
+    if quantize is not None and (shardings is not None or layout is not None):
+        raise CheckpointError(f"{path}: quantize={quantize!r} loads onto one device; quantized experts on a mesh "
+                              "are not supported yet")
     cfg = read_config(path, dtype=dtype)
     files = tensor_files(path)
     model = nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0)))
@@ -267,9 +275,10 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                 value = jnp.asarray(array, dtype=target.dtype) if shardings is None else jax.device_put(
                     np.asarray(array).astype(target.dtype, copy=False), shardings(p))
                 # One fused reduction on the placed value, read back only after the next tensor is placed, so
-                # it runs while the host reads that tensor.
+                # it runs while the host reads that tensor (before quantizing, which would hide a NaN's origin).
                 pending.append((rule, _count_nonfinite(value)))
-                values[p] = value
+                quantized = quantize is not None and p[-1] in EXPERT_WEIGHTS
+                values[p] = quantize_weight(value, quantize) if quantized else value
             bar.update(sum(int(np.prod(s)) for s in rule.hf_shapes))
             del arrays
             while len(pending) > 1:

@@ -52,6 +52,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="parameter dtype (default: the checkpoint's, or the preset's)")
     p.add_argument("--devices", type=_positive_int, default=None,
                    help="on CPU, the number of virtual devices to create (XLA_FLAGS host device count)")
+    p.add_argument("--quantize", default=None, choices=("fp8",),
+                   help="store the routed experts as FP8 W8A8 (e4m3 weights, per-token activation scales); one "
+                        "device only for now")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load checkpoint tensors holding NaN or Inf (with a warning) instead of refusing them")
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
@@ -131,17 +134,23 @@ def _load_model(args, mesh=None, rule_set=None):
     from epsjax.checkpoint import load_checkpoint, read_config
     from models import MoETransformer, get_preset
 
+    from models.quantize import quantize_experts
+
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None and mesh is not None:
+        raise UsageError(f"--quantize {quantize} runs on one device for now; add --strategy local")
     if args.model:
         cfg = read_config(args.model, dtype=args.dtype)
         shardings = None if mesh is None else placement.param_shardings(cfg, mesh, rule_set)
         layout = None if mesh is None else placement.param_layout(cfg, mesh, rule_set)
         return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings, layout=layout,
-                               allow_nonfinite=args.allow_nonfinite)
+                               allow_nonfinite=args.allow_nonfinite, quantize=quantize)
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = get_preset(args.preset, **overrides)
     _check_host_memory(cfg)
     if mesh is None:
-        return MoETransformer(cfg, rngs=nnx.Rngs(0))
+        model = MoETransformer(cfg, rngs=nnx.Rngs(0))
+        return model if quantize is None else quantize_experts(model, quantize)
     return placement.create_sharded_model(cfg, mesh, rule_set, 0)
 
 
@@ -261,7 +270,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
-          f"{cfg.router.top_k}, {cfg.dtype})")
+          f"{cfg.router.top_k}, {cfg.dtype}{', routed experts FP8 W8A8' if args.quantize == 'fp8' else ''})")
     print(f"devices    {len(devices)} x {devices[0].device_kind}")
     print(f"plan       {plan}")
 

@@ -14,6 +14,7 @@ chunked         GroupGemm as an XLA loop over row chunks (the CPU path)
 pallas_triton   Pallas kernel through the Triton lowering (GPU; interpret on CPU)
 mosaic_gpu      Pallas Mosaic GPU kernel for Hopper (GPU; interpret on CPU)
 jax_triton      Triton kernel through jax-triton (GPU only, needs jax_triton)
+tokamax         openxla/tokamax's ragged_dot (its Mosaic GPU kernels on Hopper; needs tokamax)
 ==============  ===============================================================
 """
 
@@ -28,7 +29,7 @@ _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
 def _module(name: str):
     """The implementation module of a backend (imported lazily)."""
     from pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
-                                group_gemm_triton, ragged_dot)
+                                group_gemm_triton, ragged_dot, tokamax_gemm)
 
     return {
         "reference": semantics,
@@ -38,6 +39,7 @@ def _module(name: str):
         "pallas_triton": group_gemm_triton,
         "mosaic_gpu": group_gemm_mgpu,
         "jax_triton": group_gemm_jax_triton,
+        "tokamax": tokamax_gemm,
     }[name]
 
 
@@ -70,7 +72,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
     kwargs = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
     if name == "reference":
         return semantics.group_gemm_reference(lhs, rhs, group_sizes, **kwargs)
-    if name == "ragged_dot":
+    if name in ("ragged_dot", "tokamax"):
         return _module(name).group_gemm(lhs, rhs, group_sizes, **kwargs)
     if name == "dense":
         kwargs["fallback_fn"] = _dense_fallback(tiling, lhs.shape[0], rhs.shape[0], group_sizes.shape[0],
@@ -88,6 +90,10 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
       group_sizes, group_offset, slot_of_expert, backend, tiling, interpret: as
         in :func:`group_gemm` (e = the group's slot; slotless rows -> 0).
 
+    FP8 W8A8: with weights quantized by :func:`pallas_kernels.fp8.quantize_weights` (qwix.QArray), the rows are
+    quantized per token before each GEMM (:mod:`pallas_kernels.fp8`); ``backend`` then names the float backend
+    that runs the dequantized products off GPU ("reference": the FP8 oracle).
+
     Returns:
       [M, D] in x.dtype.  Accumulation is float32; the hidden [M, F] is
       rounded to x.dtype between the fused gate/up GEMM and the down GEMM.
@@ -95,6 +101,14 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
       jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
       at a time).
     """
+    from pallas_kernels import fp8
+
+    if fp8.is_quantized(w_gate):  # FP8 W8A8 experts: quantized rows, e4m3 products, float32 accumulation
+        if backend == "reference":
+            return fp8.expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
+                                            slot_of_expert=slot_of_expert)
+        return fp8.expert_ffn(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
+                              slot_of_expert=slot_of_expert, backend=backend, tiling=tiling, interpret=interpret)
     semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
     name, tiling = _resolve(backend, tiling, interpret, x.shape[0], w_gate.shape[0],
                             group_sizes.shape[0], w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
@@ -102,7 +116,7 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
     args = (x, w_gate, w_up, w_down, group_sizes)
     if name == "reference":
         return semantics.expert_ffn_reference(*args, **kwargs)
-    if name == "ragged_dot":
+    if name in ("ragged_dot", "tokamax"):
         return _module(name).expert_ffn(*args, **kwargs)
     if name == "dense":
         kwargs["fallback_fn"] = _dense_fallback(tiling, x.shape[0], w_gate.shape[0], group_sizes.shape[0],
@@ -118,7 +132,7 @@ def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, 
         return choice.backend, tiling if tiling is not None else choice.tiling
     if backend not in selector.BACKENDS:
         raise KernelError(f"unknown backend {backend=}; expected 'auto' or one of {selector.BACKENDS}")
-    if tiling is not None and backend in ("reference", "ragged_dot"):
+    if tiling is not None and backend in ("reference", "ragged_dot", "tokamax"):
         raise KernelError(f"backend {backend!r} takes no tiling; got {tiling=}")
     if tiling is not None and not isinstance(tiling, selector.tiling_class(backend)):
         raise KernelError(f"backend {backend!r} takes a {selector.tiling_class(backend).__name__}; got {tiling=}")

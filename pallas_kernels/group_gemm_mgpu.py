@@ -25,6 +25,11 @@ row mask), the usual price of aligned tiles; TMA zero-fills rows past M.
 The fused gate/up mode runs two accumulators over the same lhs stages and
 writes ``silu(gate) * up``; the expert FFN then runs the down projection.
 
+Tile order: ``grid_band = 0`` walks the tiles N-fastest (a wave of blocks shares one row tile and reads as many
+weight blocks as there are blocks); ``grid_band = b`` walks a planar snake (``plgpu.planar_snake``, as jax's
+ragged_dot_mgpu does) over bands of ``b`` N-blocks, M-minor, so a wave reads ``b`` weight blocks per expert and
+L2 serves the rest. Which is faster is for the GPU sweep to say (the selector reads it from the table).
+
 Tiling: ``block_m`` (multiple of 64, one warpgroup wgmma M), ``block_n``
 (multiple of 64, <= 256), ``block_k`` (``block_k * itemsize`` = 128 bytes: 64
 for 16-bit types), ``max_concurrent_steps`` (pipeline depth), ``num_sms``
@@ -80,6 +85,7 @@ class MosaicTiling:
     block_k: int = 64
     max_concurrent_steps: int = 4
     num_sms: int | None = None
+    grid_band: int = 0  # 0: walk the tiles N-fastest; b > 0: a planar snake over bands of b N-blocks (M-minor)
 
     def __post_init__(self):
         if not isinstance(self.block_m, int) or self.block_m % 64 or self.block_m & (self.block_m - 1):
@@ -92,6 +98,8 @@ class MosaicTiling:
             raise ValueError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
         if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms < 1):
             raise ValueError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
+        if not isinstance(self.grid_band, int) or self.grid_band < 0:
+            raise ValueError(f"MosaicTiling.grid_band must be an int >= 0; got {self.grid_band=}")
 
 
 def _kernel(tile_gmem, lo_gmem, hi_gmem, slot_gmem, lhs_gmem, *refs,
@@ -112,8 +120,13 @@ def _kernel(tile_gmem, lo_gmem, hi_gmem, slot_gmem, lhs_gmem, *refs,
     @plgpu.nd_loop((num_items * grid_n,), collective_axes="sm")
     def _tile_loop(info: plgpu.NDLoopInfo):
         (linear,) = info.index
-        item = linear // grid_n
-        n_block = linear % grid_n
+        if tiling.grid_band:
+            # L2 reuse: consecutive tiles (the blocks of one wave) take the same few weight blocks (a band of
+            # grid_band N-blocks) over successive row tiles, which mostly belong to the same expert.
+            item, n_block = plgpu.planar_snake(linear, (num_items, grid_n), 1, tiling.grid_band)
+        else:
+            item = linear // grid_n
+            n_block = linear % grid_n
         tile = tile_gmem[item]
         lo = lo_gmem[item]
         hi = hi_gmem[item]

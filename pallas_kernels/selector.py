@@ -25,6 +25,8 @@ them):
   DenseGemm above ~4K).
 * Other GPUs: ``"pallas_triton"`` below 4096 tokens per expert, ``"dense"``
   above.  float32 operands on GPU: ``"ragged_dot"`` below 4096, ``"dense"`` above.
+* ``"tokamax"`` (openxla/tokamax's ragged_dot) is never a rule's choice: only a table that measured it fastest
+  picks it, on a GPU where it imports.
 
 ``"auto"`` in :func:`pallas_kernels.group_gemm` calls this with the static
 shape ``M / G`` as tokens per expert and the default (balanced) load.
@@ -47,7 +49,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import targets
 
-BACKENDS = ("reference", "ragged_dot", "dense", "chunked", "pallas_triton", "mosaic_gpu", "jax_triton")
+BACKENDS = ("reference", "ragged_dot", "dense", "chunked", "pallas_triton", "mosaic_gpu", "jax_triton", "tokamax")
 GPU_ONLY = ("pallas_triton", "mosaic_gpu", "jax_triton")  # compiled kernels; the first two also interpret
 PROFILE_DIR = pathlib.Path(__file__).parent / "profiles"
 DENSE_CROSSOVER_TOKENS = 4096  # EPS-MoE: DenseGemm wins above ~4K tokens per expert
@@ -98,6 +100,10 @@ def available(backend: str, plat: str) -> bool:
     """Whether ``backend`` runs natively (compiled, not interpreted) on ``plat``."""
     if backend == "reference":
         return False  # a test oracle, never a choice
+    if backend == "tokamax":  # chosen only where a table measured it (on GPU: off GPU it runs the reference)
+        from pallas_kernels import tokamax_gemm
+
+        return plat in ("gpu", "cuda") and tokamax_gemm.importable()
     if backend in GPU_ONLY:
         if plat not in ("gpu", "cuda"):
             return False
@@ -197,7 +203,9 @@ def candidate_tilings(backend: str) -> tuple:
     mosaic, triton = group_gemm_mgpu.MosaicTiling, group_gemm_triton.TritonTiling
     candidates = {
         "mosaic_gpu": (None, mosaic(128, 128, 64, 4), mosaic(128, 64, 64, 4), mosaic(64, 128, 64, 4),
-                       mosaic(128, 192, 64, 3), mosaic(256, 64, 64, 3)),
+                       mosaic(128, 192, 64, 3), mosaic(256, 64, 64, 3),
+                       # the planar-snake tile order (L2 reuse of weight blocks across a wave)
+                       mosaic(128, 64, 64, 4, grid_band=4), mosaic(128, 128, 64, 4, grid_band=8)),
         "pallas_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "jax_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "dense": (None,),

@@ -110,8 +110,9 @@ def short(tiling: str) -> str:
     """MosaicTiling(block_m=128, block_n=64, block_k=64, max_concurrent_steps=4, num_sms=None) -> 128x64x64 s4."""
     values = re.findall(r"=(\w+)", tiling)
     if tiling.startswith("MosaicTiling"):
+        band = "" if len(values) < 6 or values[5] == "0" else f" band {values[5]}"
         return f"{'x'.join(values[:3])} s{values[3]}" + ("" if values[4] == "None" else f" {values[4]} SMs") + \
-            tiling[tiling.index(")") + 1:]
+            band + tiling[tiling.index(")") + 1:]
     if tiling.startswith("TritonTiling"):
         return f"{'x'.join(values[:3])} w{values[3]} s{values[4]}"
     return tiling

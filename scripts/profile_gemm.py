@@ -2,7 +2,7 @@
 
 Sweeps tokens per expert (decode sizes to 16K) x balanced / skewed loads at
 the MoE shapes of DeepSeek-V2, Mixtral, DBRX, Arctic and Qwen3-30B-A3B, over
-every backend that runs natively on this device plus lax.ragged_dot (and
+every backend that runs natively on this device plus lax.ragged_dot, tokamax (and
 torch._grouped_mm as a peer when torch with CUDA imports).  Reports TFLOP/s
 and the fraction of the measured dense-matmul peak, writes
 ``scripts/results/gemm_<device>.json`` and a PNG plot (TFLOP/s vs tokens per
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import pallas_kernels as pk  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector  # noqa: E402
+from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector, tokamax_gemm  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +150,8 @@ def backends_here(plat: str, kind: str) -> list[str]:
         names.append("mosaic_gpu")
     if group_gemm_jax_triton.importable():
         names.append("jax_triton")
+    if tokamax_gemm.importable():
+        names.append("tokamax")  # openxla/tokamax's ragged_dot: a peer, and a backend the table can select
     return names
 
 

@@ -123,6 +123,9 @@ class EPExperts:
         rules, plan = self.rule_set, self.plan
         ep_axes, tp_axes, token_axes = rules.expert_axes, rules.expert_tensor_axes, rules.moe_token_axes
         ep = self.expert_parallel_size
+        if not isinstance(w_gate_EDF, jax.Array):
+            raise PlanError(f"the expert-parallel MoE takes float expert weights; got {type(w_gate_EDF).__name__} "
+                            f"(quantized experts run on one device for now)")
         placement = self.expert_placement(w_gate_EDF.shape[0])
         if w_gate_EDF.shape[0] != placement.num_slots:  # canonical [E, ...] weights, not in slot order: copy them
             w_gate_EDF, w_up_EDF, w_down_EFD = (placement.to_slots(w) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))

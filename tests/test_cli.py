@@ -126,6 +126,7 @@ def test_bad_flags_exit_2(capsys, argv, message):
     (["--preset", "mixtral-8x8b"], "unknown preset 'mixtral-8x8b'"),
     (["--strategy", "dp_ep", "--mesh", "1,1,16"], "needs 16 devices, but only 8 cpu device(s)"),
     (["--strategy", "dp_ep", "--mesh", "1,x,1"], "--mesh takes three positive data,tensor,expert sizes"),
+    (["--strategy", "dp_ep", "--mesh", "1,1,8", "--quantize", "fp8"], "--quantize fp8 runs on one device for now"),
 ])
 def test_bad_requests_exit_2(capsys, argv, message):
     assert message in _error(capsys, "generate", "--max-new-tokens", "2", *argv)
@@ -187,3 +188,10 @@ def test_generate_with_experts_that_do_not_divide_the_ep_size(tmp_path):
     placed = _run_cli(*common, "--devices", "4", "--strategy", "dp_ep", "--mesh", "1,1,4")
     assert "experts    6 over 4 devices in 2 slots each: 1,2,1,2 per device" in placed
     assert _outputs(placed) == _outputs(_run_cli(*common, "--strategy", "local"))
+
+
+def test_generate_with_fp8_experts(capsys):
+    assert main(["generate", "--preset", "tiny-mixtral", "--strategy", "local", "--quantize", "fp8",
+                 "--max-new-tokens", "3", "--batch", "2", "--prompt-len", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts FP8 W8A8" in out and len(_outputs(out)) == 2

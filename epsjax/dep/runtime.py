@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from epsjax.dep import steps, transfer
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
+from models.quantize import is_quantized
 from models import MoETransformer
 from sharding import DATA, EXPERT
 
@@ -132,6 +133,9 @@ class DEPRuntime:
 
     def __init__(self, model: MoETransformer, groups: DEPGroups, *, backend: str = "auto"):
         cfg = model.cfg
+        if is_quantized(model):
+            raise ValueError(f"{cfg.name}: the DEP runtime takes float experts; quantized (FP8) experts run on one "
+                             "device for now")
         if groups.placement.num_experts != cfg.num_experts:
             raise ValueError(f"groups place {groups.placement.num_experts} experts, {cfg.name} has {cfg.num_experts}")
         self.cfg, self.groups = cfg, groups

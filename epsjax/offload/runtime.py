@@ -40,6 +40,7 @@ from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
 from epsjax.offload.store import ExpertStore, device_memory_kind
 from epsjax.offload.transfers import DeviceTransfers
+from models.quantize import is_quantized
 from models import MoEStats, MoETransformer
 from models.attention import AttentionContext
 from models.transformer import decode_mask, prefill_mask
@@ -194,6 +195,9 @@ class OffloadEngine(Engine):
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
                  predictor=None, device: jax.Device | None = None, record_routing: bool = False):
         self.cfg = model.cfg
+        if is_quantized(model):
+            raise ValueError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
+                             "device without offloading for now")
         self.config = config
         self.batch_sharding = None
         self.device = device or jax.devices()[0]

@@ -154,7 +154,9 @@ def test_gpu_kernels_build_inside_shard_map(h100, backend):
         return pk.group_gemm(lhs_MK, rhs_EKN, sizes_G, group_offset=offset, backend=backend)[None]
 
     fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("expert"), P()), out_specs=P("expert"))
-    jax.jit(fn).lower(lhs, rhs, sizes).compile()
+    # tokamax reads the GPU architecture from the default device (on a GPU machine, the GPU).
+    with jax.default_device(h100[0]):
+        jax.jit(fn).lower(lhs, rhs, sizes).compile()
 
 
 def test_ep_experts_ask_for_the_latency_hiding_scheduler_on_gpu(h100):
@@ -163,3 +165,36 @@ def test_ep_experts_ask_for_the_latency_hiding_scheduler_on_gpu(h100):
     assert gpu.resolved_transport == "ragged" and cpu.resolved_transport == "padded"
     assert gpu.compiler_options["xla_gpu_enable_latency_hiding_scheduler"] is True
     assert cpu.compiler_options == {}
+
+
+def test_fp8_expert_ffn_builds_with_the_hopper_kernels(h100):
+    """FP8 W8A8 experts on an H100: e4m3 weights in the program, the products through the Mosaic GroupGemm."""
+    from pallas_kernels import fp8
+
+    mesh = Mesh(np.array(h100[:1]), ("x",))
+    rep = NamedSharding(mesh, P())
+
+    def placed(shape):
+        q = jax.eval_shape(fp8.quantize_weights, jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), q)
+
+    x = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16, sharding=rep)
+    sizes = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rep)
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda *a: pk.expert_ffn(*a)).lower(
+            x, placed((8, 1024, 1792)), placed((8, 1024, 1792)), placed((8, 1792, 1024)), sizes).compile().as_text()
+    assert "f8e4m3fn" in text and "mosaic_gpu" in text
+
+
+def test_tokamax_builds_its_hopper_kernel_for_a_compile_only_device(h100):
+    from pallas_kernels import tokamax_gemm
+
+    mesh = Mesh(np.array(h100[:1]), ("x",))
+    rep = NamedSharding(mesh, P())
+    x = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16, sharding=rep)
+    w = jax.ShapeDtypeStruct((8, 1024, 1792), jnp.bfloat16, sharding=rep)
+    sizes = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rep)
+    with jax.set_mesh(mesh), jax.default_device(h100[0]):  # tokamax reads the architecture from the default device
+        text = jax.jit(lambda *a: pk.group_gemm(*a, backend="tokamax")).lower(x, w, sizes).compile().as_text()
+    assert tokamax_gemm.implementation_here() is None  # outside the mesh: tokamax's own choice
+    assert "mosaic_gpu" in text

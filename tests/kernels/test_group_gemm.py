@@ -30,6 +30,8 @@ CASES = [
     ("pallas_triton", TritonTiling(32, 32, 16), True, ("bfloat16",), 48, 40),
     ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=3), True, ("bfloat16", "float16"), 128, 64),
     ("mosaic_gpu", MosaicTiling(64, 128, 64, 1, num_sms=2), True, ("bfloat16",), 64, 128),
+    # The planar-snake tile order, three N-blocks in bands of two (the last band partial).
+    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=3, grid_band=2), True, ("bfloat16",), 128, 192),
 ]
 PARAMS = [pytest.param(b, t, i, d, k, n, id=f"{b}-{t}-{d}") for b, t, i, ds, k, n in CASES for d in ds]
 M = 100  # not a multiple of any tile

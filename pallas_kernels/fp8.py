@@ -1,0 +1,106 @@
+"""FP8 W8A8 expert FFN: e4m3 weights with per-(expert, output channel) scales, activations quantized per token at
+run time (dynamic absmax), float32 accumulation, scales applied after the product.
+
+Quantization is qwix's (``qwix.quantize``; a weight is a ``qwix.QArray``: an e4m3 ``qvalue [E, K, N]`` and a
+float32 ``scale [E, 1, N]``). The expert FFN quantizes its input rows, runs gate and up, quantizes the hidden
+``silu(gate) * up`` rows again, and runs down: every GEMM is e4m3 x e4m3.
+
+Where it runs: there is no FP8 tensor-core GroupGemm here yet. The e4m3 operands are dequantized and the products
+run through a float backend (``backend``, default the selector's): in float32 off GPU (no FP8 arithmetic on CPU; a
+product of two e4m3 values is exact in float32, so this computes what an FP8 GEMM computes up to summation
+order), in the activations' 16-bit dtype on GPU (so the Hopper kernels apply; the dequantized values round to it).
+The weights live in one byte each; the FLOPs are the float backend's. Two candidates were compiled for H100
+(compile-only, jax 0.11.2) and rejected: ``qwix.ragged_dot`` on e4m3 operands lowers in XLA:GPU to one dense dot
+over E * K (every expert's weights for every row: E times the work), and tokamax 0.0.17's sm90 quantized
+ragged_dot refuses the e4m3 -> bf16 conversion with this ptxas.
+
+FP8 error against the float model (tests/kernels/test_fp8.py): relative to the largest output of the layer,
+about 3-6% per GEMM at O(1) activations; see :data:`FP8_TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels import semantics, targets
+from pallas_kernels.errors import KernelError
+
+FP8 = jnp.float8_e4m3fn
+# |fp8 layer output - float output| <= FP8_TOLERANCE * max |float output|, for the expert FFN (three GEMMs).
+FP8_TOLERANCE = 0.12
+
+
+def _qwix():
+    try:
+        import qwix
+    except ImportError as e:
+        raise KernelError("FP8 needs the qwix package, an epsjax dependency: pip install -e .") from e
+    return qwix
+
+
+def is_quantized(w) -> bool:
+    """Whether ``w`` is a quantized (qwix.QArray) weight."""
+    try:
+        import qwix
+    except ImportError:
+        return False
+    return isinstance(w, qwix.QArray)
+
+
+def quantize_weights(w_EKN):
+    """Stacked expert weights [E, K, N] -> e4m3 with one float32 scale per (expert, output channel)."""
+    if w_EKN.ndim != 3:
+        raise ValueError(f"FP8 weights are stacked experts [E, K, N]; got shape {w_EKN.shape}")
+    return _qwix().quantize(jnp.asarray(w_EKN, jnp.float32), FP8, channelwise_axes=(0, 2), scale_dtype=jnp.float32)
+
+
+def quantize_rows(x_MK):
+    """Activations [M, K] -> e4m3 with one float32 scale per row (dynamic absmax)."""
+    return _qwix().quantize(x_MK.astype(jnp.float32), FP8, channelwise_axes=(0,), scale_dtype=jnp.float32)
+
+
+def dequantize(q):
+    return _qwix().dequantize(q)
+
+
+def check_fp8_args(x, w_gate, w_up, w_down) -> None:
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if not is_quantized(w) or w.qvalue.dtype != FP8:
+            raise KernelError(f"the FP8 expert FFN needs all three weights quantized to {jnp.dtype(FP8).name} "
+                              f"(pallas_kernels.fp8.quantize_weights); {name} is {getattr(w, 'dtype', type(w))}")
+    e, d, f = w_gate.qvalue.shape
+    if x.ndim != 2 or x.shape[1] != d or w_up.qvalue.shape != (e, d, f) or w_down.qvalue.shape != (e, f, d):
+        raise ValueError(f"FP8 expert FFN shapes: x [M, D], gate/up [E, D, F], down [E, F, D]; got {x.shape=} "
+                         f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
+
+
+def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None, backend="auto",
+               tiling=None, interpret=False):
+    """W8A8 expert FFN (module docstring); arguments as :func:`pallas_kernels.expert_ffn` with quantized weights.
+    ``backend`` (and ``tiling``, ``interpret``) name the float backend that runs the dequantized products."""
+    check_fp8_args(x, w_gate, w_up, w_down)
+    from pallas_kernels import api
+
+    on_gpu = targets.current().is_gpu and jnp.dtype(x.dtype).itemsize == 2
+    compute_dtype = x.dtype if on_gpu else jnp.float32
+
+    def gemm(rows_MK, w):  # e4m3 rows x e4m3 weights
+        return api.group_gemm(dequantize(quantize_rows(rows_MK)).astype(compute_dtype),
+                              dequantize(w).astype(compute_dtype), group_sizes, group_offset=group_offset,
+                              slot_of_expert=slot_of_expert, backend=backend, tiling=tiling, interpret=interpret)
+
+    hidden = semantics.silu(gemm(x, w_gate).astype(jnp.float32)) * gemm(x, w_up).astype(jnp.float32)  # [M, F]
+    return gemm(hidden, w_down).astype(x.dtype)
+
+
+def expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None):
+    """The plain-jnp oracle of :func:`expert_ffn`: the reference FFN loop on dequantized operands, the rows
+    quantized before each GEMM as the FP8 path does."""
+    check_fp8_args(x, w_gate, w_up, w_down)
+
+    def gemm(rows, w):
+        return semantics.group_gemm_reference(dequantize(quantize_rows(rows)), dequantize(w), group_sizes,
+                                              group_offset=group_offset, slot_of_expert=slot_of_expert)
+
+    hidden = semantics.silu(gemm(x, w_gate)) * gemm(x, w_up)
+    return gemm(hidden, w_down).astype(x.dtype)
