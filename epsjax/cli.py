@@ -216,6 +216,7 @@ def _generate(args) -> int:
     prompt_len = max(len(p) for p in prompts)
 
     devices = jax.devices()
+    predicted = None  # (seconds, cost model) of the prefill, where the scheduler planned it
     strategy, note = args.strategy, ""
     if strategy == "auto":
         # Expert parallelism with data-parallel attention when the batch splits over every device.
@@ -263,6 +264,12 @@ def _generate(args) -> int:
             r = cfg.router
             plan += "\ndispatch   " + sharding.device_reach(cfg.num_experts, experts.expert_parallel_size, r.top_k,
                                                               r.n_group, r.topk_group)[1]
+        if source.startswith("scheduler: predicted"):
+            from epsjax import scheduler
+
+            plan_choice = scheduler.search_for(cfg, dict(mesh.shape), len(prompts), prompt_len, rule_set=strategy)
+            predicted = scheduler.predict_prefill(cfg, dict(mesh.shape), len(prompts), prompt_len,
+                                                  plan_choice.plan, rule_set=strategy)
         if experts.placement is not None:
             slots = experts.placement
             plan += (f"\nexperts    {cfg.num_experts} over {slots.devices} devices in {slots.slots} slots each: "
@@ -278,6 +285,12 @@ def _generate(args) -> int:
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)
     print(f"prefill    {result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms: "
           f"{result.prefill_tokens_per_s:,.0f} tokens/s")
+    if predicted is not None:
+        seconds, costs = predicted
+        calibrated = any(v.startswith("calibrated") for v in dict(costs.hw.sources).values())
+        print(f"predicted  prefill {seconds * 1e3:.1f} ms by the cost model ({costs.hw.name}, "
+              f"{'calibrated' if calibrated else 'preset constants'}): {seconds / result.prefill_seconds:.2f}x "
+              f"the measured")
     print(f"decode     {result.generated_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms: "
           f"{result.decode_tokens_per_s:,.0f} tokens/s")
     if result.dropped:

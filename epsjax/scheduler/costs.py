@@ -227,7 +227,7 @@ def fit_gemm_model(entries: list[dict], backend: str, source: str) -> tuple[Gemm
 
 
 def find_profile(hw: Hardware, profile_dir: pathlib.Path | str | None = None) -> pathlib.Path | None:
-    """The measured profile table of this hardware's device kind in profile_dir (GPU tables only)."""
+    """The measured profile table of this hardware's device kind in profile_dir (a CPU table only for the CPU)."""
     import re
 
     directory = pathlib.Path(profile_dir) if profile_dir is not None else PROFILE_DIR
@@ -238,8 +238,8 @@ def find_profile(hw: Hardware, profile_dir: pathlib.Path | str | None = None) ->
             table = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if table.get("is_cpu") or table.get("platform") == "cpu":
-            continue
+        if (table.get("is_cpu") or table.get("platform") == "cpu") != (hw.name == "cpu"):
+            continue  # CPU tables for the (calibrated) CPU only
         if re.search(hw.device_kind_pattern, str(table.get("device_kind", "")), flags=re.IGNORECASE):
             return path
     return None
@@ -299,6 +299,11 @@ class CostModel:
                             f"direction ({'NVLink' if hw.nvlink_gbs else 'PCIe'}) x {hw.link_efficiency}, network "
                             f"{hw.network_gbs:.4g} GB/s, saturating at {hw.comm_saturation_sms} SMs")
         sources["memory"] = f"preset: HBM {hw.hbm_gbs:.4g} GB/s x {hw.hbm_efficiency}"
+        measured = {k: v for k, v in hw.sources if str(v).startswith("calibrated")}  # epsjax/scheduler/calibration
+        for part, key in (("attention", "attention_efficiency"), ("links", "links"), ("memory", "memory"),
+                          ("compute", "compute"), ("latencies", "latencies")):
+            if key in measured:
+                sources[part] = measured[key]
         if activation_dtype not in (None, dtype):
             sources["dtypes"] = f"GEMMs in {dtype}; activations, attention and communication in {activation_dtype}"
         return cls(hw, dtype, tuple(sorted(models.items())), tuple(sources.items()), activation_dtype)

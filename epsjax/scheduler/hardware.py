@@ -57,6 +57,7 @@ class Hardware:
     grouped_backend: str = "mosaic_gpu"    # pallas_kernels backend that implements GroupGemm here
     fallback_backend: str | None = "pallas_triton"  # the GroupGemm for shapes the main one does not take
     fallback_efficiency: float = 0.60      # ... its fraction of peak at large M (block_m 64)
+    async_collectives: bool = True         # collectives run beside compute (GPU); False: on the compute stream
     sources: tuple[tuple[str, str], ...] = ()
 
     def peak_flops(self, dtype: str) -> float:
@@ -219,10 +220,13 @@ def get_hardware(name: "str | Hardware") -> Hardware:
     return PRESETS[key]
 
 
-def hardware_for_device_kind(kind: str) -> Hardware | None:
-    """The preset whose pattern matches a jax device_kind (e.g. "NVIDIA H100 80GB HBM3"), or None (CPU, ...)."""
+def hardware_for_device_kind(kind: str, calibration_dir=None) -> Hardware | None:
+    """The preset whose pattern matches a jax device_kind (e.g. "NVIDIA H100 80GB HBM3") with the measured
+    constants of the kind's calibration file in place (epsjax/scheduler/calibration.py) where one exists; a kind
+    without a preset (the CPU) has a cost model only once calibrated; None otherwise."""
+    from epsjax.scheduler.calibration import calibrated
+
     # H200 before H20 and A100 before A10 are kept apart by the word boundaries in the patterns.
-    for hw in PRESETS.values():
-        if re.search(hw.device_kind_pattern, kind, flags=re.IGNORECASE):
-            return hw
-    return None
+    preset = next((hw for hw in PRESETS.values() if re.search(hw.device_kind_pattern, kind, flags=re.IGNORECASE)),
+                  None)
+    return calibrated(preset, kind, calibration_dir)

@@ -92,14 +92,30 @@ def search_for(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, tokens_pe
     return search_plan(w, CostModel.build(hw, cfg.dtype, profile_dir=profile_dir), layer_loads=layers)
 
 
+def predict_prefill(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, plan: Plan = Plan(), hardware=None, *,
+                    rule_set: str | None = None) -> tuple[float, CostModel] | None:
+    """(seconds, cost model) of a whole prefill of batch x seq_len tokens under `plan` (simulate_step: every
+    layer's simulated time plus the logits), or None where the device has no cost model."""
+    from epsjax.scheduler.step import simulate_step
+
+    hw = resolve_hardware(hardware)
+    if hw is None:
+        return None
+    layout, replicas = layout_for(cfg, mesh_shape, rule_set)
+    tokens = max(layout.devices, math.ceil(batch * seq_len / replicas))
+    costs = CostModel.build(hw, cfg.dtype)
+    return simulate_step(Workload(cfg, layout, tokens, seq_len), costs, plan).step_s, costs
+
+
 def plan_for(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, tokens_per_expert=None, hardware=None, *,
              rule_set: str | None = None, context: int = 0, profile_dir=None):
     """The sharding.plan.ExpertPlan the scheduler picks for a prefill step of `batch` sequences of `seq_len`
     tokens (over the whole mesh) after `context` cached tokens.
 
     tokens_per_expert: measured routing counts ([E], [L_moe, E], MoEStats or a RoutingHistogram) or None
-    (uniform routing). hardware: a preset name / Hardware, or None for the default jax device's kind. On a device
-    without a preset (CPU) it returns the unpipelined default ExpertPlan().
+    (uniform routing). hardware: a preset name / Hardware, or None for the default jax device's kind (with its
+    calibration, epsjax/scheduler/calibration.py). On a device with neither a preset nor a calibration it returns
+    the unpipelined default ExpertPlan().
     """
     choice = search_for(cfg, mesh_shape, batch, seq_len, tokens_per_expert, hardware, rule_set=rule_set,
                         context=context, profile_dir=profile_dir)

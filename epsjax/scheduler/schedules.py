@@ -22,9 +22,10 @@ PN = 1 that is the unpipelined TP/DP + EP layer.
 Loads: expert e receives mu_e = tokens * K * share_e assignments per step (shares from a measured routing
 histogram, or uniform). Every device routes its tokens with the same shares. The all-to-alls move one row per
 (token, destination device) in each stage, as sharding/ep_moe.py does (`destination_hits`): a token's experts on
-one device travel as one row, with their ids and weights beside it. The rows of one GEMM carry multinomial noise around mu: the expert of rank i
-(by mu) among n gets mu + z_i * sqrt(mu (1 - share)), z_i the expected i-th order statistic of n standard
-normals (Blom) - what makes DenseGemm pad to the fullest expert even at a uniform routing distribution.
+one device travel as one row, with their ids and weights beside it. The rows of one GEMM carry multinomial noise
+around mu: the expert of rank i (by mu) among n gets mu + z_i * sqrt(mu (1 - share)), z_i the expected i-th order
+statistic of n standard normals (Blom) - what makes DenseGemm pad to the fullest expert even at a uniform routing
+distribution.
 """
 
 from __future__ import annotations
@@ -287,7 +288,9 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
     t_dev = w.tokens / P                         # tokens one device owns inside an EP MoE
     shown = 1 if collapse and _symmetric(w, plan, dense) else P
     C = [f"gpu{d}/compute" for d in range(shown)]
-    M = [f"gpu{d}/comm" for d in range(shown)]
+    # Where collectives cannot run beside compute (XLA:CPU: synchronous, no start/done pairs), they take the
+    # compute stream, so the simulated pipeline overlaps nothing there either.
+    M = [f"gpu{d}/comm" for d in range(shown)] if costs.hw.async_collectives else C
     groups = [range(g * tp, min((g + 1) * tp, shown)) for g in range(-(-shown // tp))]
     kind = "dense" if dense else lay.moe
     sched = Schedule(name=f"{cfg.name} {lay.name} {'dense layer' if dense else plan.describe()}", tokens=w.tokens,

@@ -27,10 +27,12 @@ def test_presets_and_sources():
 
 @pytest.mark.parametrize("kind, name", [
     ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H800", "h800"), ("NVIDIA H200", "h200"), ("NVIDIA H20", "h20"),
-    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA RTX A6000", "a6000"), ("NVIDIA A10", "a10"), ("cpu", None)])
+    ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA RTX A6000", "a6000"), ("NVIDIA A10", "a10"), ("TPU v5", None)])
 def test_device_kinds(kind, name):
     hw = hardware_for_device_kind(kind)
     assert (hw.name if hw else None) == name
+    # The CPU has no preset: its cost model exists through its calibration (tests/scheduler/test_calibration.py).
+    assert hardware_for_device_kind("cpu").name == "cpu"
 
 
 def test_padding():

@@ -19,8 +19,8 @@ def test_plan_for_returns_expert_plan():
     assert isinstance(plan, ExpertPlan)
     assert plan.pipeline_degree > 1 and plan.split in ("experts", "tokens")
     plan.expert_groups(cfg.num_experts // 8)  # valid for the EP layer's local experts
-    # No preset for the CPU the tests run on: the unpipelined default.
-    assert plan_for(get_preset("tiny-mixtral"), 8, batch=2, seq_len=16) == ExpertPlan()
+    # The CPU the tests run on plans from its calibration: no pipeline (its collectives are synchronous).
+    assert plan_for(get_preset("tiny-mixtral"), 8, batch=2, seq_len=16).pipeline_degree == 1
 
 
 def test_layout_for():

@@ -1,0 +1,105 @@
+"""Measured constants for the cost models: one calibration file per device kind, written by scripts/gpu_check.py.
+
+    python scripts/gpu_check.py            # on a lent GPU: writes calibrations/<device kind>.json
+    python scripts/gpu_check.py --cpu      # this machine: calibrations/cpu.json (8 virtual devices)
+
+A calibration holds what was measured (dense matmul TFLOP/s per dtype, memory bandwidth, attention efficiency,
+all-to-all bandwidth and latency between the devices, dispatch latency of one small program, the GEMM profile table
+to fit) with the host, jax version and commit. `calibrated(hw, kind)` returns the hardware with those numbers in
+place of the preset's and its sources saying so; `hardware_for_device_kind` applies it, so every plan and
+simulation on a calibrated device kind rests on measured constants, and a device kind without a preset (the CPU)
+gets a cost model at all once calibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+from epsjax.scheduler.hardware import Hardware
+
+CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibrations"
+FIELDS = ("device_kind", "dense_tflops", "memory_gbs", "attention_efficiency", "link_gbs", "link_latency_s",
+          "dispatch_latency_s", "devices", "cores", "memory_gb")
+
+
+def file_name(kind: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_") + ".json"
+
+
+def calibration_path(kind: str, directory: pathlib.Path | str | None = None) -> pathlib.Path:
+    return pathlib.Path(directory if directory is not None else CALIBRATION_DIR) / file_name(kind)
+
+
+def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> dict | None:
+    """The calibration of a device kind, or None. A file missing a field is an error naming it."""
+    path = calibration_path(kind, directory)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    missing = [f for f in FIELDS if f not in data]
+    if missing:
+        raise ValueError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
+    data["path"] = str(path)
+    return data
+
+
+def _cpu_base(cal: dict) -> Hardware:
+    """The CPU as the cost models see it: every rate below comes from the calibration (`calibrated`)."""
+    return Hardware(
+        name="cpu", device_kind_pattern=r"^cpu$", sms=int(cal["cores"]), tflops=(("float32", 1.0),),
+        hbm_gb=float(cal["memory_gb"]), hbm_gbs=1.0, nvlink_gbs=0, pcie_gbs=1.0, network_gbs=1.0,
+        gpus_per_node=max(int(cal["devices"]), 1), grouped_backend="chunked", grouped_block_m=8,
+        fallback_backend=None, dense_gemm_efficiency=1.0, grouped_gemm_efficiency=1.0,
+        comm_saturation_sms=1, async_collectives=False,
+        sources=(("async_collectives", "XLA:CPU runs collectives synchronously (no start/done pairs in the HLO: "
+                                       "bench_prefill.py --hlo), so they take the compute stream"),))
+
+
+def calibrated(hw: Hardware | None, kind: str, directory: pathlib.Path | str | None = None) -> Hardware | None:
+    """`hw` (a preset, or None for a device kind without one) with the measured constants of `kind`'s
+    calibration in place of the assumed ones; unchanged when there is no calibration."""
+    cal = load_calibration(kind, directory)
+    if cal is None:
+        return hw
+    base = hw if hw is not None else _cpu_base(cal)
+    tflops = dict(base.tflops)
+    tflops.update({dtype: float(rate) for dtype, rate in cal["dense_tflops"].items()})
+    where = f"calibrated: {pathlib.Path(cal['path']).name} ({cal.get('created', '?')}, {cal.get('host', '?')})"
+    sources = dict(base.sources)
+    sources.update({
+        "compute": f"{where}: dense matmul {', '.join(f'{k} {v:.4g}' for k, v in cal['dense_tflops'].items())} "
+                   "TFLOP/s measured, used as the peak at efficiency 1",
+        "memory": f"{where}: {cal['memory_gbs']:.4g} GB/s measured streaming copy",
+        "attention_efficiency": f"{where}: {cal['attention_efficiency']:.3g} of the measured matmul rate",
+        "links": f"{where}: all-to-all {cal['link_gbs']:.4g} GB/s per device, {cal['link_latency_s'] * 1e6:.3g} us "
+                 f"fixed cost, over {cal['devices']} devices",
+        "latencies": f"{where}: {cal['dispatch_latency_s'] * 1e6:.3g} us per dispatched program",
+    })
+    # The measured matmul rate becomes the peak, so the grouped kernels' assumed efficiencies are taken relative to
+    # the dense one they were assumed beside (GEMM profile tables, fitted by CostModel.build, replace both).
+    relative = 1.0 / base.dense_gemm_efficiency
+    hw = base.replace(
+        tflops=tuple(sorted(tflops.items())), hbm_gbs=float(cal["memory_gbs"]), hbm_efficiency=1.0,
+        dense_gemm_efficiency=1.0, grouped_gemm_efficiency=min(1.0, base.grouped_gemm_efficiency * relative),
+        fallback_efficiency=min(1.0, base.fallback_efficiency * relative),
+        attention_efficiency=float(cal["attention_efficiency"]),
+        kernel_latency_s=float(cal["dispatch_latency_s"]), sources=tuple(sorted(sources.items())))
+    link_gbs = float(cal["link_gbs"])
+    if link_gbs <= 0:  # one device: nothing measured between devices, the preset's links stay
+        sources["links"] = f"{base.name} preset (calibrated on one device: no links measured)"
+        return hw.replace(sources=tuple(sorted(sources.items())))
+    return hw.replace(nvlink_gbs=2 * link_gbs if base.nvlink_gbs else 0.0,
+                      pcie_gbs=base.pcie_gbs if base.nvlink_gbs else 2 * link_gbs, link_efficiency=1.0,
+                      nvlink_latency_s=float(cal["link_latency_s"]), pcie_latency_s=float(cal["link_latency_s"]))
+
+
+def describe(cal: dict) -> str:
+    return (f"dense {', '.join(f'{k} {v:.3g}' for k, v in cal['dense_tflops'].items())} TFLOP/s, memory "
+            f"{cal['memory_gbs']:.3g} GB/s, attention {cal['attention_efficiency']:.2f} of matmul, all-to-all "
+            f"{cal['link_gbs']:.3g} GB/s + {cal['link_latency_s'] * 1e6:.0f} us, dispatch "
+            f"{cal['dispatch_latency_s'] * 1e6:.0f} us")
+
+
+__all__ = ["CALIBRATION_DIR", "FIELDS", "calibrated", "calibration_path", "describe", "load_calibration"]
