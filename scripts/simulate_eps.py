@@ -23,6 +23,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -136,7 +138,59 @@ def run_setting(s: Setting, args) -> dict:
         "ep_layer_ms": layer_shares(ep),
         "why_it_differs": WHY.get(s.model, ""),
         "cost_sources": dict(costs.sources), "files": files,
+        "bands": bands(s, args, w, dtype) if args.bands else None,
     }
+
+
+# Constants the presets assume (hardware.py's _ASSUMED): each is moved by +/-20% for the bands, unless a calibration
+# measured it. Latencies move together.
+UNCALIBRATED = ("dense_gemm_efficiency", "grouped_gemm_efficiency", "fallback_efficiency", "attention_efficiency",
+                "hbm_efficiency", "link_efficiency", "comm_saturation_sms", "latencies")
+BAND = 0.2
+SKEW_ZIPF = 1.2  # the skewed routing: expert shares ~ rank^-1.2 (experts in a random order, fixed seed)
+
+
+def _perturbed(hw, name: str, factor: float):
+    if name == "latencies":
+        return hw.replace(kernel_latency_s=hw.kernel_latency_s * factor, nvlink_latency_s=hw.nvlink_latency_s * factor,
+                          pcie_latency_s=hw.pcie_latency_s * factor, network_latency_s=hw.network_latency_s * factor)
+    value = getattr(hw, name) * factor
+    if name == "comm_saturation_sms":
+        value = max(1, round(value))
+    elif name.endswith("efficiency"):
+        value = min(1.0, value)
+    return hw.replace(**{name: value})
+
+
+def bands(s: Setting, args, w, dtype) -> dict:
+    """EPS tokens/s and its gain over EP, re-planned, at +/-20% of every constant no calibration measured; and at
+    Zipf-skewed routing beside uniform."""
+    from epsjax.scheduler import get_hardware
+
+    base = get_hardware(args.hardware)
+    measured = {k for k, v in base.sources if str(v).startswith("calibrated")}
+
+    def run(hw, workload):
+        costs = CostModel.build(hw, dtype, profile_dir=args.profile_dir, activation_dtype=s.activation_dtype)
+        choice = search_plan(workload, costs)
+        ep = simulate_step(workload, costs, choice.unpipelined_plan).throughput
+        eps = simulate_step(workload, costs, choice.plan).throughput
+        return eps, eps / ep
+
+    points = {}
+    for name in UNCALIBRATED:
+        if name in measured:
+            continue
+        for factor in (1 - BAND, 1 + BAND):
+            points[f"{name} x{factor:g}"] = run(_perturbed(base, name, factor), w)
+    rng = np.random.default_rng(0)
+    shares = np.arange(1, w.cfg.num_experts + 1, dtype=np.float64) ** -SKEW_ZIPF
+    skewed = run(base, w.replace(expert_load=tuple(shares[rng.permutation(w.cfg.num_experts)])))
+    eps, gain = zip(*points.values())
+    return {"eps_tokens_per_s": [min(eps), max(eps)], "gain_eps_vs_ep": [min(gain), max(gain)],
+            "perturbed": {k: {"eps_tokens_per_s": v[0], "gain_eps_vs_ep": v[1]} for k, v in points.items()},
+            "skewed_zipf": {"eps_tokens_per_s": skewed[0], "gain_eps_vs_ep": skewed[1], "zipf": SKEW_ZIPF},
+            "band": BAND, "calibrated": sorted(measured)}
 
 
 def fmt_k(x):
@@ -153,6 +207,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--profile-dir", default=None, help="GEMM profile tables (default pallas_kernels/profiles)")
     parser.add_argument("--out-dir", default=str(ROOT / "scripts" / "results"))
     parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--no-bands", dest="bands", action="store_false",
+                        help="skip the +/-20%% bands over uncalibrated constants and the skewed-routing column")
     args = parser.parse_args(argv)
     args.out_dir = pathlib.Path(args.out_dir).resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +238,17 @@ def main(argv=None) -> dict:
               f"({1e3 * r['search']['seconds']:.0f})")
     print("vs TP / vs EP: simulated EPS over simulated TP+TP / TP-DP+EP; gain: the paper's EPS over its baseline "
           "(vLLM TP for Mixtral and DBRX, DeepSeek's own stack for DeepSeek-V2). W GB/GPU: weights per GPU under EP.")
+    if rows and rows[0]["bands"]:
+        print(f"\nBands: EPS tokens/s and its gain over EP, re-planned at +/-{100 * BAND:.0f}% of every uncalibrated "
+              f"constant ({', '.join(UNCALIBRATED)}); skewed: Zipf({SKEW_ZIPF}) routing shares")
+        for r in rows:
+            b = r["bands"]
+            lo, hi = b["eps_tokens_per_s"]
+            glo, ghi = b["gain_eps_vs_ep"]
+            sk = b["skewed_zipf"]
+            print(f"  {r['label']:24s} EPS {fmt_k(lo)} .. {fmt_k(hi)}  gain {100 * (glo - 1):+5.1f}% .. "
+                  f"{100 * (ghi - 1):+5.1f}%   skewed: EPS {fmt_k(sk['eps_tokens_per_s'])} gain "
+                  f"{100 * (sk['gain_eps_vs_ep'] - 1):+5.1f}%")
     print("\nOne unpipelined TP/DP+EP MoE layer (ms per GPU): what the pipeline can hide (all-to-all) and not")
     for r in rows:
         x = r["ep_layer_ms"]

@@ -33,8 +33,14 @@ def test_simulate_eps(tmp_path, capsys):
         assert (tmp_path / r["files"]["gantt"]).read_bytes()[:4] == b"\x89PNG"
         assert json.loads((tmp_path / r["files"]["trace"]).read_text())["traceEvents"]
         assert r["cost_sources"]["gemm:dense"]
+        band = r["bands"]  # +/-20% of every uncalibrated constant, re-planned: the headline lies inside its band
+        lo, hi = band["eps_tokens_per_s"]
+        assert lo <= r["simulated_tokens_per_s"]["eps"] * (1 + 1e-9) and hi >= r["simulated_tokens_per_s"]["eps"] * (
+            1 - 1e-9) and lo < hi
+        assert len(band["perturbed"]) == 16 and band["skewed_zipf"]["eps_tokens_per_s"] > 0
     ds = data["results"][0]
-    assert ds["paper_tokens_per_s"] == {"baseline": 100.0e3, "eps": 121.8e3, "baseline_is": ds["paper_tokens_per_s"]["baseline_is"]}
+    assert ds["paper_tokens_per_s"] == {"baseline": 100.0e3, "eps": 121.8e3,
+                                        "baseline_is": ds["paper_tokens_per_s"]["baseline_is"]}
 
 
 def test_validate_cost_model_plumbing(tmp_path):
