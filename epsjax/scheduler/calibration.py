@@ -45,6 +45,20 @@ def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> 
     return data
 
 
+def calibration_matching(hw: Hardware, directory: pathlib.Path | str | None = None) -> str | None:
+    """The device kind of a calibration file that a preset's pattern matches (e.g. "NVIDIA H800" for h800), so a
+    preset named directly (simulate_eps --hardware h800, FinDEP's testbeds) reads it too; None if there is none."""
+    folder = pathlib.Path(directory if directory is not None else CALIBRATION_DIR)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            kind = json.loads(path.read_text()).get("device_kind", "")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if kind and re.search(hw.device_kind_pattern, kind, flags=re.IGNORECASE):
+            return kind
+    return None
+
+
 def _cpu_base(cal: dict) -> Hardware:
     """The CPU as the cost models see it: every rate below comes from the calibration (`calibrated`)."""
     return Hardware(

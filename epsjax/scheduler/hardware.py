@@ -207,17 +207,21 @@ def list_hardware() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_hardware(name: "str | Hardware") -> Hardware:
-    """A preset by name (case-insensitive), or the Hardware itself."""
+def get_hardware(name: "str | Hardware", calibration_dir=None) -> Hardware:
+    """A preset by name (case-insensitive; with the measured constants of a calibration file its pattern matches,
+    epsjax/scheduler/calibration.py), a device kind, or the Hardware itself."""
+    from epsjax.scheduler.calibration import calibrated, calibration_matching
+
     if isinstance(name, Hardware):
         return name
     key = str(name).lower()
     if key not in PRESETS:
-        found = hardware_for_device_kind(name)
+        found = hardware_for_device_kind(name, calibration_dir)
         if found is None:
             raise ValueError(f"unknown hardware {name!r}; presets: {', '.join(list_hardware())}")
         return found
-    return PRESETS[key]
+    kind = calibration_matching(PRESETS[key], calibration_dir)
+    return PRESETS[key] if kind is None else calibrated(PRESETS[key], kind, calibration_dir)
 
 
 def hardware_for_device_kind(kind: str, calibration_dir=None) -> Hardware | None:

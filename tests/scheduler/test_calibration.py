@@ -77,3 +77,15 @@ def test_a_calibration_missing_a_field_is_an_error(tmp_path):
     calibration_path("cpu", tmp_path).write_text(json.dumps({"device_kind": "cpu"}))
     with pytest.raises(ValueError, match=r"calibration lacks \['dense_tflops'"):
         calibrated(None, "cpu", tmp_path)
+
+
+def test_presets_named_directly_read_a_matching_calibration(tmp_path):
+    """simulate_eps --hardware h800 and FinDEP's testbeds name presets: a calibration whose device kind the preset's
+    pattern matches applies to them too."""
+    from epsjax.scheduler.hardware import get_hardware
+
+    assert get_hardware("h100", tmp_path).peak_flops("bfloat16") == 989.4e12  # no calibration: the datasheet
+    _h100_calibration(tmp_path, 100.0)
+    hw = get_hardware("h100", tmp_path)
+    assert hw.peak_flops("bfloat16") == 700e12 and hw.intra_node_per_direction == 100e9
+    assert get_hardware("h800", tmp_path).peak_flops("bfloat16") == 989.4e12  # another kind: untouched
