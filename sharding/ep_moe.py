@@ -46,7 +46,7 @@ from sharding.mesh import axis_size
 from sharding.plan import ExpertPlan
 from sharding.rules import Rules, check_mesh, get_rules
 
-TRANSPORTS = ("auto", "ragged", "padded", "ragged_reference")
+TRANSPORTS = ("auto", "ragged", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +55,9 @@ class EPExperts:
 
     placement: where the experts live (sharding.expert_placement: any expert count, hot-expert replicas); default
         the contiguous layout of the weights' experts over the EP devices.
-    transport: "ragged" (jax.lax.ragged_all_to_all; GPU), "padded" (jax.lax.all_to_all of dropless fixed-size
-        slots; every platform), "ragged_reference" (the ragged arithmetic over sharding.ragged_emulation; for tests),
-        or "auto": ragged on GPU, padded elsewhere.
+    transport: "ragged" (jax.lax.ragged_all_to_all; GPU; on CPU inside sharding.ragged_emulation.emulated_on_cpu(),
+        for tests), "padded" (jax.lax.all_to_all of dropless fixed-size slots; every platform), or "auto": ragged on
+        GPU, padded elsewhere.
     """
 
     mesh: Mesh
@@ -286,8 +286,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 if transport == "padded":
                     recv_XC, _ = transports.padded_dispatch(packed_MC, route, rows, ep_axes)
                 else:
-                    recv_XC, _ = transports.ragged_dispatch(packed_MC, route, Pep * rows, ep_axes,
-                                                             collective=_collective(transport))
+                    recv_XC, _ = transports.ragged_dispatch(packed_MC, route, Pep * rows, ep_axes)
             if y_previous is not None:
                 # The pipeline's order: stage s's experts run after stage s-1's, so that on a GPU stage s's dispatch
                 # stays in flight behind stage s-1's GEMMs. Without this, XLA:GPU's scheduler may run the (cheap)
@@ -307,8 +306,7 @@ def _ep_moe_shard(x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, va
                 if transport == "padded":
                     y_sorted_MD = transports.padded_return(y_recv_XD, y_sorted_MD, route, rows, ep_axes)
                 else:
-                    y_sorted_MD = transports.ragged_return(y_recv_XD, y_sorted_MD, route, ep_axes,
-                                                           collective=_collective(transport))
+                    y_sorted_MD = transports.ragged_return(y_recv_XD, y_sorted_MD, route, ep_axes)
         # Each row came back as the weighted sum of its token's experts at one destination: add them per token.
         y_parts.append(jnp.zeros((T_u, x_TD.shape[1]), jnp.float32).at[rows_M].add(y_sorted_MD.astype(jnp.float32)))
     y_TD = jnp.concatenate(y_parts) if chunks > 1 else y_parts[0]
@@ -350,10 +348,6 @@ def stage_route(counts_PX, me, stage: int):
         offsets_at_peer=transports.exclusive_cumsum(sent_PP, axis=0)[me],
         recv_offsets=transports.exclusive_cumsum(sent_PP[:, me]),
         peer_send_offsets=starts_PX[:, stage * Pep + me])
-
-
-def _collective(transport: str):
-    return ragged_emulation.ragged_all_to_all if transport == "ragged_reference" else jax.lax.ragged_all_to_all
 
 
 def _local_experts(recv_XD, local_XW, weight_XW, group_sizes_J, w_gate_JDF, w_up_JDF, w_down_JFD, *, group_offset,

@@ -74,8 +74,8 @@ def _lowering(operand, output, input_offsets, send_sizes, output_offsets, recv_s
 
 def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """jax.lax.ragged_all_to_all's documented result from the emulation, poisoned where a precondition is violated:
-    a drop-in for the collective inside shard_map on any platform (the lowering above, and sharding's
-    "ragged_reference" transport, use it)."""
+    a drop-in for the collective inside shard_map on any platform (the lowering above uses it; so can a test, through
+    the transports' `collective=` argument)."""
     result, ok = emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                             axis_name=axis_name)
     return poison_unless(ok, result)

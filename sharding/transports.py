@@ -19,9 +19,9 @@ padded (CPU, any platform): `jax.lax.all_to_all` of a [P * rows_per_peer, D] buf
 Worst case (every token of a chunk routed to every device in a stage): both move T_u * P rows per device and
 stage, where the per-(token, k) dispatch this replaced moved T_u * K.
 
-On CPU, where XLA has no ragged_all_to_all, the ragged transport's offset arithmetic runs through
-`sharding.ragged_emulation.ragged_all_to_all`: the collective's documented semantics from an all_gather (P times
-the memory), poisoned (NaN) on any violated precondition.
+On CPU, where XLA has no ragged_all_to_all, tests run the ragged transport inside
+`sharding.ragged_emulation.emulated_on_cpu()`, which lowers the real primitive to its documented semantics from an
+all_gather (P times the memory), poisoned (NaN) on any violated precondition.
 """
 
 from __future__ import annotations
