@@ -84,13 +84,14 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
     on_gpu = targets.current().is_gpu and jnp.dtype(x.dtype).itemsize == 2
     compute_dtype = x.dtype if on_gpu else jnp.float32
 
-    def gemm(rows_MK, w):  # e4m3 rows x e4m3 weights
-        return api.group_gemm(dequantize(quantize_rows(rows_MK)).astype(compute_dtype),
-                              dequantize(w).astype(compute_dtype), group_sizes, group_offset=group_offset,
-                              slot_of_expert=slot_of_expert, backend=backend, tiling=tiling, interpret=interpret)
+    def gemm(rows_MK, w):  # rows already through e4m3 x e4m3 weights
+        return api.group_gemm(rows_MK.astype(compute_dtype), dequantize(w).astype(compute_dtype), group_sizes,
+                              group_offset=group_offset, slot_of_expert=slot_of_expert, backend=backend,
+                              tiling=tiling, interpret=interpret).astype(jnp.float32)
 
-    hidden = semantics.silu(gemm(x, w_gate).astype(jnp.float32)) * gemm(x, w_up).astype(jnp.float32)  # [M, F]
-    return gemm(hidden, w_down).astype(x.dtype)
+    x_q = dequantize(quantize_rows(x))  # once for the gate and the up GEMM
+    hidden = semantics.silu(gemm(x_q, w_gate)) * gemm(x_q, w_up)  # [M, F]
+    return gemm(dequantize(quantize_rows(hidden)), w_down).astype(x.dtype)
 
 
 def expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None):
@@ -98,9 +99,10 @@ def expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0
     quantized before each GEMM as the FP8 path does."""
     check_fp8_args(x, w_gate, w_up, w_down)
 
-    def gemm(rows, w):
-        return semantics.group_gemm_reference(dequantize(quantize_rows(rows)), dequantize(w), group_sizes,
-                                              group_offset=group_offset, slot_of_expert=slot_of_expert)
+    def gemm(rows, w):  # rows already through e4m3
+        return semantics.group_gemm_reference(rows, dequantize(w), group_sizes, group_offset=group_offset,
+                                              slot_of_expert=slot_of_expert)
 
-    hidden = semantics.silu(gemm(x, w_gate)) * gemm(x, w_up)
-    return gemm(hidden, w_down).astype(x.dtype)
+    x_q = dequantize(quantize_rows(x))
+    hidden = semantics.silu(gemm(x_q, w_gate)) * gemm(x_q, w_up)
+    return gemm(dequantize(quantize_rows(hidden)), w_down).astype(x.dtype)

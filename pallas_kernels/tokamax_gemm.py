@@ -52,13 +52,16 @@ def _group_gemm(lhs, rhs, group_sizes, slots, implementation=None):
     return jnp.where(keep[:, None], out[inv_perm], 0.0).astype(lhs.dtype)
 
 
+def _gate_up_sorted(xp, w_gate, w_up, sizes, implementation):
+    """silu(x @ w_gate[s]) * (x @ w_up[s]) in float32 on slot-ordered rows (two tokamax calls)."""
+    return semantics.silu(_ragged_dot(xp, w_gate, sizes, implementation)) * _ragged_dot(xp, w_up, sizes,
+                                                                                         implementation)
+
+
 @functools.partial(jax.jit, static_argnames=("implementation",))
 def _expert_ffn(x, w_gate, w_up, w_down, group_sizes, slots, implementation=None):
     perm, inv_perm, sizes, keep = permute_to_slots(group_sizes, slots, x.shape[0], w_gate.shape[0])
-    xp = x[perm]  # [M, D]
-    gate = _ragged_dot(xp, w_gate, sizes, implementation)  # [M, F]
-    up = _ragged_dot(xp, w_up, sizes, implementation)  # [M, F]
-    hidden = (semantics.silu(gate) * up).astype(x.dtype)  # [M, F]
+    hidden = _gate_up_sorted(x[perm], w_gate, w_up, sizes, implementation).astype(x.dtype)  # [M, F]
     out = _ragged_dot(hidden, w_down, sizes, implementation)  # [M, D]
     return jnp.where(keep[:, None], out[inv_perm], 0.0).astype(x.dtype)
 
@@ -101,8 +104,7 @@ def gate_up(x, w_gate, w_up, group_sizes, *, tiling=None):
     gate/up on GPU); for scripts/aot_check.py's per-kernel builds."""
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0])
     perm, inv_perm, sizes, keep = permute_to_slots(group_sizes, slots, x.shape[0], w_gate.shape[0])
-    xp, impl = x[perm], implementation_here()
-    hidden = semantics.silu(_ragged_dot(xp, w_gate, sizes, impl)) * _ragged_dot(xp, w_up, sizes, impl)
+    hidden = _gate_up_sorted(x[perm], w_gate, w_up, sizes, implementation_here())
     return jnp.where(keep[:, None], hidden[inv_perm], 0.0).astype(x.dtype)
 
 

@@ -24,23 +24,15 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def best_seconds(fn, *args, repeats: int = 5) -> float:
-    import jax
+    from pallas_kernels.timing import best_seconds as best  # after main() set the platform flags
 
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best(fn, *args, repeats=repeats)
 
 
 def measure_matmul(dtype: str, n: int) -> float:
@@ -114,15 +106,6 @@ def measure_all_to_all(sizes_kib) -> tuple[float, float, list]:
     return 1 / per_byte / 1e9, max(float(latency), 0.0), [dict(bytes_per_device=s, seconds=t) for s, t in points]
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except OSError:
-        return "?"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="calibrate this machine's CPU (8 virtual devices)")
@@ -136,6 +119,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
+    from epsjax.provenance import git_commit
     from epsjax.scheduler import calibration
     from epsjax.scheduler.hardware import hardware_for_device_kind
 
@@ -148,7 +132,7 @@ def main(argv=None) -> int:
                cores=os.cpu_count() if args.cpu else (getattr(jax.devices()[0], "core_count", None) or 1),
                memory_gb=(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30 if args.cpu
                           else (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2 ** 30),
-               host=platform.node(), jax_version=jax.__version__, commit=_commit(),
+               host=platform.node(), jax_version=jax.__version__, commit=git_commit(),
                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                command="scripts/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                quick=args.quick, dense_tflops={})

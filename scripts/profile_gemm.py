@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import pallas_kernels as pk  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
 from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector, tokamax_gemm  # noqa: E402
+from pallas_kernels.timing import best_seconds  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,21 +92,6 @@ def group_sizes(load: str, tokens_per_expert: float, experts: int, seed: int = 0
     return sizes
 
 
-def time_fn(fn, *args, repeats: int) -> float:
-    """Best-of-``repeats`` seconds of ``fn(*args)`` after one warm-up call (compile).
-
-    The minimum, not the median: the CPU this runs on in CI is shared, and
-    interference only ever adds time.
-    """
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def dense_peak(m: int, k: int, n: int, dtype, repeats: int) -> float:
     """TFLOP/s of one plain [M, K] x [K, N] matmul through XLA: the device's dense path.
 
@@ -114,8 +100,8 @@ def dense_peak(m: int, k: int, n: int, dtype, repeats: int) -> float:
     """
     a = jnp.ones((m, k), dtype)
     b = jnp.ones((k, n), dtype)
-    seconds = time_fn(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype)),
-                      a, b, repeats=repeats)
+    seconds = best_seconds(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype)),
+                          a, b, repeats=repeats)
     return 2 * m * k * n / seconds / 1e12
 
 
@@ -165,7 +151,7 @@ def run_point(op, backend, tilings, operands, sizes, repeats):
         fn = getattr(pk, op)
         jitted = jax.jit(lambda *args, t=tiling: fn(*args, backend=backend, tiling=t))
         try:
-            seconds = time_fn(jitted, *operands, jnp.asarray(sizes), repeats=repeats)
+            seconds = best_seconds(jitted, *operands, jnp.asarray(sizes), repeats=repeats)
         except Exception as err:  # a tiling that does not compile for this shape is skipped, with a note
             tqdm.write(f"  {backend} {tiling}: {type(err).__name__}: {str(err)[:120]}")
             continue

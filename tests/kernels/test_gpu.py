@@ -20,6 +20,7 @@ import pallas_kernels as pk
 from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets
 from pallas_kernels.group_gemm_mgpu import MosaicTiling
 from pallas_kernels.group_gemm_triton import TritonTiling
+from pallas_kernels.timing import best_seconds
 
 from . import kernel_cases as kc
 
@@ -92,18 +93,6 @@ def test_auto_on_gpu_picks_a_compiled_backend():
     assert choice.backend in ("mosaic_gpu", "pallas_triton", "jax_triton", "ragged_dot", "dense")
 
 
-def _best_seconds(fn, *args, repeats=10):
-    import time
-
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @pytest.mark.gpu
 @requires_gpu
 def test_group_gemm_reaches_half_the_dense_rate_at_a_large_balanced_load():
@@ -118,9 +107,9 @@ def test_group_gemm_reaches_half_the_dense_rate_at_a_large_balanced_load():
     rhs = jax.random.normal(key[1], (e, k, n), jnp.bfloat16) / 64
     dense_rhs = rhs[0]
     sizes = jnp.full((e,), m // e, jnp.int32)
-    grouped = _best_seconds(jax.jit(lambda a, b, g: pk.group_gemm(a, b, g)), lhs, rhs, sizes)
-    dense = _best_seconds(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)),
-                          lhs, dense_rhs)
+    grouped = best_seconds(jax.jit(lambda a, b, g: pk.group_gemm(a, b, g)), lhs, rhs, sizes, repeats=10)
+    dense = best_seconds(jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)),
+                         lhs, dense_rhs, repeats=10)
     ratio = dense / grouped
     print(f"grouped {2 * m * k * n / grouped / 1e12:.0f} TFLOP/s, dense {2 * m * k * n / dense / 1e12:.0f} TFLOP/s, "
           f"ratio {ratio:.2f}")
