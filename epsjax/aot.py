@@ -34,13 +34,17 @@ from sharding import hlo_report
 
 KERNEL_MODELS = ("mixtral-8x7b", "deepseek-v2", "deepseek-v2-lite")
 GPU_BACKENDS = ("mosaic_gpu", "pallas_triton", "jax_triton", "tokamax")
+# What kernel_builds compiles: every GPU backend, and the Mosaic GroupGemm's FP8 (8-bit wgmma) kernels.
+KERNEL_BUILD_BACKENDS = GPU_BACKENDS + ("mosaic_gpu_fp8",)
 # XLA:GPU (jax 0.11.2) runs collectives synchronously unless its latency-hiding scheduler is on; EP programs
 # built for a GPU turn it on (sharding.EPExperts.compiler_options), which is what makes a stage's all-to-all
 # overlap another stage's GEMMs.
-_KERNEL_MODULES = {"mosaic_gpu": group_gemm_mgpu, "pallas_triton": group_gemm_triton,
+_KERNEL_MODULES = {"mosaic_gpu": group_gemm_mgpu, "mosaic_gpu_fp8": group_gemm_mgpu, "pallas_triton": group_gemm_triton,
                    "jax_triton": group_gemm_jax_triton, "tokamax": tokamax_gemm}
 _KERNEL_NAMES = {("mosaic_gpu", "gate_up"): "gate_up_mosaic_gpu_kernel",
                  ("mosaic_gpu", "down"): "group_gemm_mosaic_gpu_kernel",
+                 ("mosaic_gpu_fp8", "gate_up"): "gate_up_fp8_mosaic_gpu_kernel",
+                 ("mosaic_gpu_fp8", "down"): "group_gemm_fp8_mosaic_gpu_kernel",
                  ("pallas_triton", "gate_up"): "gate_up_triton", ("pallas_triton", "down"): "group_gemm_triton",
                  ("jax_triton", "gate_up"): "_kernel", ("jax_triton", "down"): "_kernel",
                  # openxla/tokamax's Hopper ragged_dot (a peer): the gate/up build is its two unfused calls
@@ -73,7 +77,8 @@ class KernelBuild:
     spill_store_bytes: int | None = None
     spill_load_bytes: int | None = None
     serialized_wgmma: bool | None = None
-    accumulator_registers: int | None = None  # Mosaic GPU resource model
+    accumulator_registers: int | None = None  # Mosaic GPU resource model: per consumer thread
+    accumulator_budget: int | None = None     # Mosaic GPU resource model: what a consumer thread may hold
     smem_bytes: int | None = None             # Mosaic GPU resource model
     compile_s: float = 0.0
     error: str = ""
@@ -90,11 +95,13 @@ def kernel_tilings(backend: str, op: str, k: int, n: int, dtype) -> list:
     ``op`` with contracting dim ``k`` and output dim ``n`` (gate_up: D, F; down: F, D). A gate/up tiling must
     also fit the down kernel: the expert FFN runs both with one tiling."""
     mosaic_op = "expert_ffn" if op == "gate_up" else "group_gemm"
+    if backend == "mosaic_gpu_fp8":
+        dtype = group_gemm_mgpu.FP8
     return [t for t in selector.candidate_tilings(backend)
-            if backend != "mosaic_gpu" or group_gemm_mgpu.supports(dtype, k, n, t, op=mosaic_op)]
+            if not backend.startswith("mosaic_gpu") or group_gemm_mgpu.supports(dtype, k, n, t, op=mosaic_op)]
 
 
-def kernel_builds(device, model: str, *, backends=GPU_BACKENDS, tokens: int = 4096, dtype=jnp.bfloat16,
+def kernel_builds(device, model: str, *, backends=KERNEL_BUILD_BACKENDS, tokens: int = 4096, dtype=jnp.bfloat16,
                   tilings: str = "all", progress=None) -> list[KernelBuild]:
     """Compiles the fused gate/up and the down kernel of every backend at ``model``'s expert shapes for the
     compile-only ``device``, for every selectable tiling ("all") or the default one ("default")."""
@@ -121,15 +128,25 @@ def _kernel_build(mesh, backend, op, model, m, k, n, e, dtype, tiling) -> Kernel
     x = jax.ShapeDtypeStruct((m, k), dtype, sharding=replicated)
     w = jax.ShapeDtypeStruct((e, k, n), dtype, sharding=replicated)
     sizes = jax.ShapeDtypeStruct((e,), jnp.int32, sharding=replicated)
-    if op == "gate_up":
+    if backend == "mosaic_gpu_fp8":  # e4m3 rows with per-row scales, K-major e4m3 weights with channel scales
+        dtype = group_gemm_mgpu.FP8
+        x = jax.ShapeDtypeStruct((m, k), dtype, sharding=replicated)
+        scaled_w = (jax.ShapeDtypeStruct((e, n, k), dtype, sharding=replicated),
+                    jax.ShapeDtypeStruct((e, n), jnp.float32, sharding=replicated))
+        row_scale = jax.ShapeDtypeStruct((m,), jnp.float32, sharding=replicated)
+        kernel_fn = group_gemm_mgpu.gate_up_fp8 if op == "gate_up" else group_gemm_mgpu.group_gemm_fp8
+        fn = lambda *a: kernel_fn(*a, tiling=tiling)  # noqa: E731
+        args = (x, row_scale, *scaled_w * (2 if op == "gate_up" else 1), sizes)
+    elif op == "gate_up":
         fn, args = (lambda a, b, c, g: module.gate_up(a, b, c, g, tiling=tiling)), (x, w, w, sizes)
     else:
         fn, args = (lambda a, b, g: module.group_gemm(a, b, g, tiling=tiling)), (x, w, sizes)
-    if backend == "mosaic_gpu":
+    if backend.startswith("mosaic_gpu"):
         num_weights = 2 if op == "gate_up" else 1
         fitted = group_gemm_mgpu.check_tiling(tiling, dtype, k, n, num_weights)
         model_resources = group_gemm_mgpu.resources(fitted, jnp.dtype(dtype).itemsize, num_weights)
-        build.accumulator_registers, build.smem_bytes = model_resources.accumulator_registers, model_resources.smem_bytes
+        build.accumulator_registers = model_resources.accumulator_registers
+        build.accumulator_budget, build.smem_bytes = model_resources.accumulator_budget, model_resources.smem_bytes
     start = time.perf_counter()
     try:
         # tokamax reads the GPU architecture from the default device: the compile-only one here.
@@ -150,7 +167,7 @@ def _kernel_build(mesh, backend, op, model, m, k, n, e, dtype, tiling) -> Kernel
     kernel = report.get(_KERNEL_NAMES[(backend, op)])
     if kernel is None:
         build.error = (f"no ptxas report for {_KERNEL_NAMES[(backend, op)]!r}"
-                       + ("" if native_logs_enabled() or backend == "mosaic_gpu" else
+                       + ("" if native_logs_enabled() or backend.startswith("mosaic_gpu") else
                           " (set TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=subprocess_compilation=2 before importing jax)"))
         return build
     build.registers, build.serialized_wgmma = kernel.registers, kernel.serialized_wgmma

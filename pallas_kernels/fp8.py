@@ -5,11 +5,16 @@ Quantization is qwix's (``qwix.quantize``; a weight is a ``qwix.QArray``: an e4m
 float32 ``scale [E, 1, N]``). The expert FFN quantizes its input rows, runs gate and up, quantizes the hidden
 ``silu(gate) * up`` rows again, and runs down: every GEMM is e4m3 x e4m3.
 
-Where it runs: there is no FP8 tensor-core GroupGemm here yet. The e4m3 operands are dequantized and the products
-run through a float backend (``backend``, default the selector's): in float32 off GPU (no FP8 arithmetic on CPU; a
-product of two e4m3 values is exact in float32, so this computes what an FP8 GEMM computes up to summation
-order), in the activations' 16-bit dtype on GPU (so the Hopper kernels apply; the dequantized values round to it).
-The weights live in one byte each; the FLOPs are the float backend's. Two candidates were compiled for H100
+Where it runs: on Hopper (``backend="auto"`` where the kernel takes the shapes, or ``"mosaic_gpu"``), on the
+Mosaic GroupGemm's FP8 path (:func:`pallas_kernels.group_gemm_mgpu.gate_up_fp8` / ``group_gemm_fp8``): e4m3 x e4m3
+8-bit wgmma into float32, per-row and per-channel scales applied in the epilogue, the hidden rows written in
+16 bits and quantized again for down; ``interpret=True`` runs it in Mosaic GPU interpret mode on CPU. The
+weights are handed to it K-major ([E, N, K], the layout 8-bit wgmma reads), transposed inside the program
+from qwix's [E, K, N] on every call: a copy of the expert weights per call, to be removed by storing them
+K-major at load. Elsewhere the e4m3 operands are dequantized and the products run through a float backend
+(``backend``, default the selector's): in float32 off GPU (no FP8 arithmetic on CPU; a product of two e4m3
+values is exact in float32, so this computes what an FP8 GEMM computes up to summation order), in the
+activations' 16-bit dtype on other GPUs. Two candidates were compiled for H100
 (compile-only, jax 0.11.2) and rejected: ``qwix.ragged_dot`` on e4m3 operands lowers in XLA:GPU to one dense dot
 over E * K (every expert's weights for every row: E times the work), and tokamax 0.0.17's sm90 quantized
 ragged_dot refuses the e4m3 -> bf16 conversion with this ptxas.
@@ -74,12 +79,47 @@ def check_fp8_args(x, w_gate, w_up, w_down) -> None:
                          f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
 
 
+def _k_major(w):
+    """A qwix weight [E, K, N] as the FP8 GroupGemm takes it: e4m3 [E, N, K] and float32 scales [E, N]."""
+    return jnp.swapaxes(w.qvalue, 1, 2), w.scale[:, 0, :]
+
+
+def uses_fp8_kernel(backend: str, d: int, f: int) -> bool:
+    """Whether the expert FFN runs on the FP8 Mosaic GroupGemm: ``backend="mosaic_gpu"``, or ``"auto"`` on a
+    Hopper GPU where the kernel takes the shapes."""
+    from pallas_kernels import group_gemm_mgpu
+
+    if backend == "mosaic_gpu":
+        return True
+    return backend == "auto" and targets.current().is_hopper and group_gemm_mgpu.supports(FP8, d, f, op="expert_ffn")
+
+
+def _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, *, tiling, interpret, **groups):
+    """The W8A8 FFN on the Mosaic GroupGemm's 8-bit wgmma: the fused gate/up kernel, then down."""
+    from pallas_kernels import group_gemm_mgpu
+
+    out_dtype = x.dtype if jnp.dtype(x.dtype).itemsize == 2 else jnp.bfloat16
+    x_q = quantize_rows(x)
+    hidden = group_gemm_mgpu.gate_up_fp8(x_q.qvalue, x_q.scale[:, 0], *_k_major(w_gate), *_k_major(w_up),
+                                         group_sizes, out_dtype=out_dtype, tiling=tiling, interpret=interpret,
+                                         **groups)
+    h_q = quantize_rows(hidden)
+    return group_gemm_mgpu.group_gemm_fp8(h_q.qvalue, h_q.scale[:, 0], *_k_major(w_down), group_sizes,
+                                          out_dtype=out_dtype, tiling=tiling, interpret=interpret,
+                                          **groups).astype(x.dtype)
+
+
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None, backend="auto",
                tiling=None, interpret=False):
     """W8A8 expert FFN (module docstring); arguments as :func:`pallas_kernels.expert_ffn` with quantized weights.
-    ``backend`` (and ``tiling``, ``interpret``) name the float backend that runs the dequantized products."""
+    ``backend="mosaic_gpu"`` (or ``"auto"`` on Hopper) runs the FP8 GroupGemm (``interpret=True`` off GPU);
+    any other backend (and ``tiling``, ``interpret``) names the float backend for the dequantized products."""
     check_fp8_args(x, w_gate, w_up, w_down)
     from pallas_kernels import api
+
+    if uses_fp8_kernel(backend, *w_gate.qvalue.shape[1:]):
+        return _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, tiling=tiling, interpret=interpret,
+                           group_offset=group_offset, slot_of_expert=slot_of_expert)
 
     on_gpu = targets.current().is_gpu and jnp.dtype(x.dtype).itemsize == 2
     compute_dtype = x.dtype if on_gpu else jnp.float32

@@ -202,10 +202,14 @@ def candidate_tilings(backend: str) -> tuple:
 
     mosaic, triton = group_gemm_mgpu.MosaicTiling, group_gemm_triton.TritonTiling
     candidates = {
-        "mosaic_gpu": (None, mosaic(128, 128, 64, 4), mosaic(128, 64, 64, 4), mosaic(64, 128, 64, 4),
-                       mosaic(128, 192, 64, 3), mosaic(256, 64, 64, 3),
+        "mosaic_gpu": (None, mosaic(128, 128, 64, 4), mosaic(64, 256, 64, 4), mosaic(256, 128, 64, 4),
+                       mosaic(128, 128, 128, 4), mosaic(128, 128, 64, 4, consumers=1),
                        # the planar-snake tile order (L2 reuse of weight blocks across a wave)
-                       mosaic(128, 64, 64, 4, grid_band=4), mosaic(128, 128, 64, 4, grid_band=8)),
+                       mosaic(128, 128, 64, 4, grid_band=4), mosaic(128, 256, 64, 4, grid_band=8)),
+        # the FP8 (8-bit wgmma) kernels: block_k is one 128-byte swizzle row of e4m3. Compiled for sm_90a,
+        # 64-row blocks and four stages of 128x128 spilled 4-16 bytes (not accumulators), so they are not here.
+        "mosaic_gpu_fp8": (None, mosaic(128, 128, 128, 3), mosaic(128, 128, 128, 3, grid_band=4),
+                           mosaic(128, 256, 128, 4, grid_band=8)),
         "pallas_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "jax_triton": (None, triton(128, 128, 32, 8, 3), triton(16, 64, 64, 4, 4), triton(64, 256, 64, 8, 3)),
         "dense": (None,),

@@ -60,8 +60,9 @@ QUICK_EP = (("dp_ep", sharding.ExpertPlan(2, "experts"), "ragged"), ("dp_ep", sh
             ("dp_ep", sharding.ExpertPlan(2, "tokens"), "ragged"), ("tp_ep", sharding.ExpertPlan(2, "experts"),
                                                                     "ragged"),
             ("dp_ep", sharding.ExpertPlan(2, "experts"), "padded"))
-REFUSED_MOSAIC = (group_gemm_mgpu.MosaicTiling(128, 128, 64, 4), group_gemm_mgpu.MosaicTiling(128, 256, 64, 3),
-                  group_gemm_mgpu.MosaicTiling(256, 128, 64, 3))
+REFUSED_MOSAIC = (group_gemm_mgpu.MosaicTiling(128, 256, 64, 4), group_gemm_mgpu.MosaicTiling(256, 256, 64, 4),
+                  group_gemm_mgpu.MosaicTiling(128, 192, 64, 4, consumers=1),
+                  group_gemm_mgpu.MosaicTiling(128, 256, 128, 4))
 
 
 
@@ -80,11 +81,11 @@ def refused_builds(device, model: str, tokens: int) -> list[aot.KernelBuild]:
     for tiling in REFUSED_MOSAIC:
         for op, (k, n), weights in (("gate_up", (D, F), 2), ("down", (F, D), 1)):
             resources = group_gemm_mgpu.resources(tiling, 2, weights)
-            if resources.fits_registers or n % tiling.block_n:
+            if (resources.fits_registers and resources.stages > 1) or n % tiling.block_n:
                 continue
             build = aot.KernelBuild("mosaic_gpu", op, model, tokens, k, n, E, repr(tiling) + " (refused)",
                                     accumulator_registers=resources.accumulator_registers,
-                                    smem_bytes=resources.smem_bytes)
+                                    accumulator_budget=resources.accumulator_budget, smem_bytes=resources.smem_bytes)
             x = jax.ShapeDtypeStruct((tokens, k), jnp.bfloat16, sharding=rep)
             w = jax.ShapeDtypeStruct((E, k, n), jnp.bfloat16, sharding=rep)
             sizes = jax.ShapeDtypeStruct((E,), jnp.int32, sharding=rep)
@@ -107,11 +108,14 @@ def refused_builds(device, model: str, tokens: int) -> list[aot.KernelBuild]:
 
 
 def short(tiling: str) -> str:
-    """MosaicTiling(block_m=128, block_n=64, block_k=64, max_concurrent_steps=4, num_sms=None) -> 128x64x64 s4."""
+    """MosaicTiling(block_m=128, block_n=256, block_k=64, max_concurrent_steps=4, num_sms=None, grid_band=0,
+    consumers=2) -> 128x256x64 s4 c2."""
     values = re.findall(r"=(\w+)", tiling)
     if tiling.startswith("MosaicTiling"):
         band = "" if len(values) < 6 or values[5] == "0" else f" band {values[5]}"
-        return f"{'x'.join(values[:3])} s{values[3]}" + ("" if values[4] == "None" else f" {values[4]} SMs") + \
+        consumers = f" c{values[6]}" if len(values) > 6 else ""
+        return f"{'x'.join(values[:3])} s{values[3]}{consumers}" + ("" if values[4] == "None" else
+                                                                    f" {values[4]} SMs") + \
             band + tiling[tiling.index(")") + 1:]
     if tiling.startswith("TritonTiling"):
         return f"{'x'.join(values[:3])} w{values[3]} s{values[4]}"
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(target=args.target, device_kind=devices[0].device_kind, arch=targets.get_target(args.target).arch,
                   jax=jax.__version__, commit=git_commit(), host=platform.node(), quick=args.quick,
-                  ptxas=targets.ptxas_path(), mosaic_accumulator_budget=group_gemm_mgpu.ACCUMULATOR_REGISTER_BUDGET,
+                  ptxas=targets.ptxas_path(),
+                  mosaic_accumulator_budget={c: group_gemm_mgpu.accumulator_budget(c) for c in (1, 2)},
                   kernels=[], ep_layers=[], prefills=[])
 
     def save():

@@ -67,7 +67,7 @@ def test_kernels_run_inside_shard_map(backend):
     # expert-parallel MoE calls the kernels this way. (pallas_triton's interpret mode trips over jax's own
     # varying-axes check inside shard_map; tests/aot builds it there for a GPU instead.)
     mesh = jax.make_mesh((2,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
-    lhs, rhs = kc.random_operands(3, 64, 64, 128, 4, "bfloat16")
+    lhs, rhs = kc.random_operands(3, 64, 64, 256, 4, "bfloat16")  # N = 256: mosaic_gpu's default 128x256 blocks
     sizes = jnp.array([20, 0, 30, 14], jnp.int32)
 
     def local(lhs_MK, rhs_EKN, sizes_G):  # each device: its 2 experts (group_offset = 2 * index)

@@ -22,8 +22,8 @@ CASES = [
     ("dense", DenseTiling((8,), fallback="chunked"), False, ("bfloat16",), 24, 40),
     ("chunked", ChunkTiling(16), False, kc.DTYPES, 24, 40),
     ("pallas_triton", TritonTiling(16, 16, 16), True, kc.DTYPES, 24, 40),
-    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=2), True, ("bfloat16", "float16"), 64, 128),
-    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=3, grid_band=2), True, ("bfloat16",), 128, 192),
+    ("mosaic_gpu", MosaicTiling(64, 128, 64, 2, num_sms=2), True, ("bfloat16", "float16"), 128, 256),
+    ("mosaic_gpu", MosaicTiling(64, 128, 64, 2, num_sms=3, grid_band=2), True, ("bfloat16",), 128, 384),
 ]
 PARAMS = [pytest.param(b, t, i, d, dd, f, id=f"{b}-{t}-{d}") for b, t, i, ds, dd, f in CASES for d in ds]
 M, NUM_GROUPS, NUM_SLOTS = 90, 5, 4

@@ -37,9 +37,10 @@ def _is_hopper():
 
 GPU_CASES = [
     ("pallas_triton", TritonTiling(64, 64, 32)),
-    ("mosaic_gpu", MosaicTiling(128, 64, 64, 4)),
+    ("mosaic_gpu", MosaicTiling(128, 128, 64, 4)),
     ("mosaic_gpu", MosaicTiling(64, 128, 64, 3, num_sms=16)),  # SMs left to communication
-    ("mosaic_gpu", None),  # the defaults: 128x64 fused gate/up, 128x128 down
+    ("mosaic_gpu", None),  # the defaults: 128x128 fused gate/up, 128x256 down (two consumer warpgroups)
+    ("mosaic_gpu", MosaicTiling(128, 128, 128, 3, consumers=1)),  # block_k 128, one consumer
     ("jax_triton", TritonTiling(64, 128, 64)),
 ]
 GPU_LOADS = {
@@ -61,7 +62,7 @@ def test_compiled_group_gemm(backend, tiling, load, dtype):
         pytest.skip("jax_triton / triton do not import: pip install 'epsjax[gpu]'")
     sizes = np.asarray(GPU_LOADS[load], np.int32)
     m = 800  # 32 padding rows
-    lhs, rhs = kc.random_operands(0, m, 256, 384, 8, dtype)
+    lhs, rhs = kc.random_operands(0, m, 256, 512, 8, dtype)
     for kw in ({}, {"group_offset": 3}, {"slot_of_expert": jnp.array([7, -1, 0, 1, 2, 3, -1, 4], jnp.int32)}):
         out = pk.group_gemm(lhs, rhs[:5] if "group_offset" in kw else rhs, jnp.asarray(sizes),
                             backend=backend, tiling=tiling, **kw)
@@ -129,7 +130,7 @@ def _lower_for_h100(fn, *args):
 
 @pytest.mark.parametrize("module,tiling,target", [
     (group_gemm_triton, TritonTiling(64, 128, 64), "__gpu$xla.gpu.triton"),
-    (group_gemm_mgpu, MosaicTiling(128, 64, 64, 4), "mosaic_gpu"),
+    (group_gemm_mgpu, MosaicTiling(128, 128, 64, 4), "mosaic_gpu"),
     (group_gemm_mgpu, MosaicTiling(64, 128, 64, 2, num_sms=100), "mosaic_gpu"),
 ], ids=["pallas_triton", "mosaic_gpu", "mosaic_gpu_100_sms"])
 def test_lowers_for_h100(module, tiling, target):
@@ -164,8 +165,8 @@ def test_gpu_only_backends_refuse_cpu_without_interpret():
         pk.group_gemm(lhs, rhs, sizes, backend="jax_triton", interpret=True)
 
 
-@pytest.mark.parametrize("tiling", [MosaicTiling(128, 64, 64, 8), MosaicTiling(64, 128, 64, 8),
-                                    MosaicTiling(128, 64, 64, 12)], ids=str)
+@pytest.mark.parametrize("tiling", [MosaicTiling(128, 128, 64, 8), MosaicTiling(64, 256, 64, 8),
+                                    MosaicTiling(64, 128, 64, 12, consumers=1)], ids=str)
 def test_mosaic_stages_fit_shared_memory(tiling):
     # fit_stages drops pipeline stages until Mosaic GPU's own shared-memory check passes at lowering.
     x = jnp.zeros((256, 512), jnp.bfloat16)
@@ -173,27 +174,42 @@ def test_mosaic_stages_fit_shared_memory(tiling):
     sizes = jnp.full((8,), 32, jnp.int32)
     _lower_for_h100(lambda a, b, c, g: group_gemm_mgpu.gate_up(a, b, c, g, tiling=tiling), x, w, w, sizes)
     fitted = group_gemm_mgpu.fit_stages(tiling, 2, 2)
+    assert 2 <= fitted.max_concurrent_steps < tiling.max_concurrent_steps
     assert group_gemm_mgpu.smem_bytes(fitted, 2, 2) <= group_gemm_mgpu.MAX_SMEM_BYTES
 
 
 # ------------------------------------------------------- resources, without compiling
 
 def test_mosaic_resource_model_refuses_what_spills():
-    # One warpgroup holds every float32 accumulator: block_m * block_n / 128 registers per thread per weight.
-    # ptxas (sm_90a, scripts/aot_check.py --refused) spills and serializes wgmma above 192 of them.
-    assert group_gemm_mgpu.resources(MosaicTiling(128, 128), 2, 1).accumulator_registers == 128
-    assert group_gemm_mgpu.resources(MosaicTiling(128, 128), 2, 2).accumulator_registers == 256
-    assert group_gemm_mgpu.default_tiling(2) == MosaicTiling(128, 64)
-    with pytest.raises(ValueError, match=r"256 float32 accumulator registers per thread in the fused gate/up"):
-        group_gemm_mgpu.check_tiling(MosaicTiling(128, 128), jnp.bfloat16, 4096, 14336, num_weights=2)
-    with pytest.raises(ValueError, match=r"256 float32 accumulator registers per thread in the kernel"):
-        group_gemm_mgpu.check_tiling(MosaicTiling(128, 256), jnp.bfloat16, 4096, 14336, num_weights=1)
-    assert group_gemm_mgpu.check_tiling(None, jnp.bfloat16, 4096, 14336, num_weights=2) == MosaicTiling(128, 64)
-    assert group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 128))
-    assert not group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 128), op="expert_ffn")
+    # A consumer warpgroup holds block_m * block_n / consumers / 128 float32 accumulator registers per thread
+    # per weight. ptxas (sm_90a, scripts/aot_check.py --refused) spills above 128 of them with two consumers
+    # (232 registers each) and at 192 with one (248).
+    resources = group_gemm_mgpu.resources
+    assert resources(MosaicTiling(128, 256), 2, 1).accumulator_registers == 128
+    assert resources(MosaicTiling(128, 128), 2, 2).accumulator_registers == 128
+    assert resources(MosaicTiling(128, 256), 2, 2).accumulator_registers == 256
+    assert resources(MosaicTiling(128, 128, consumers=1), 2, 2).accumulator_registers == 256
+    assert group_gemm_mgpu.consumer_registers(2) == 232 and group_gemm_mgpu.consumer_registers(1) == 248
+    assert 128 <= group_gemm_mgpu.accumulator_budget(2) < 256
+    assert 128 <= group_gemm_mgpu.accumulator_budget(1) < 192
+    assert group_gemm_mgpu.default_tiling(1) == MosaicTiling(128, 256)
+    assert group_gemm_mgpu.default_tiling(1, n=384) == MosaicTiling(128, 128)  # N not a multiple of 256
+    assert group_gemm_mgpu.default_tiling(2, n=192) == MosaicTiling(128, 64, consumers=1)  # nor of 128
+    assert group_gemm_mgpu.default_tiling(2) == MosaicTiling(128, 128)
+    with pytest.raises(ValueError, match=r"256 float32 accumulator registers per consumer thread in the fused"):
+        group_gemm_mgpu.check_tiling(MosaicTiling(128, 256), jnp.bfloat16, 4096, 14336, num_weights=2)
+    with pytest.raises(ValueError, match=r"192 float32 accumulator registers per consumer thread in the kernel"):
+        group_gemm_mgpu.check_tiling(MosaicTiling(128, 192, consumers=1), jnp.bfloat16, 4096, 14592)
+    with pytest.raises(ValueError, match=r"fits one pipeline stage"):  # 96 KiB stages + 64 KiB of epilogue
+        group_gemm_mgpu.check_tiling(MosaicTiling(128, 256, 128), jnp.bfloat16, 14336, 4096)
+    with pytest.raises(ValueError, match=r"block_n must be a multiple of 128 .* with 2 consumer"):
+        MosaicTiling(128, 64)
+    assert group_gemm_mgpu.check_tiling(None, jnp.bfloat16, 4096, 14336, num_weights=2) == MosaicTiling(128, 128)
+    assert group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 256))
+    assert not group_gemm_mgpu.supports(jnp.bfloat16, 4096, 14336, MosaicTiling(128, 256), op="expert_ffn")
     # Every candidate the selector may pick for a kernel fits the model (the AOT test checks ptxas agrees).
     for tiling in selector.candidate_tilings("mosaic_gpu"):
-        assert group_gemm_mgpu.resources(tiling or MosaicTiling(), 2, 1).fits_registers
+        assert resources(tiling or MosaicTiling(), 2, 1).fits_registers
 
 
 PTXAS_OUTPUT = """\

@@ -28,10 +28,12 @@ CASES = [
     ("chunked", ChunkTiling(64), False, ("bfloat16",), 24, 40),
     ("pallas_triton", TritonTiling(16, 16, 16), True, kc.DTYPES, 24, 40),
     ("pallas_triton", TritonTiling(32, 32, 16), True, ("bfloat16",), 48, 40),
-    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=3), True, ("bfloat16", "float16"), 128, 64),
-    ("mosaic_gpu", MosaicTiling(64, 128, 64, 1, num_sms=2), True, ("bfloat16",), 64, 128),
+    # Two consumer warpgroups of 64 columns each; one consumer; block_k 128 (two swizzled column tiles).
+    ("mosaic_gpu", MosaicTiling(64, 128, 64, 2, num_sms=3), True, ("bfloat16", "float16"), 128, 128),
+    ("mosaic_gpu", MosaicTiling(64, 64, 64, 1, num_sms=2, consumers=1), True, ("bfloat16",), 64, 128),
+    ("mosaic_gpu", MosaicTiling(64, 128, 128, 2, num_sms=2), True, ("bfloat16",), 256, 128),
     # The planar-snake tile order, three N-blocks in bands of two (the last band partial).
-    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=3, grid_band=2), True, ("bfloat16",), 128, 192),
+    ("mosaic_gpu", MosaicTiling(64, 128, 64, 2, num_sms=3, grid_band=2), True, ("bfloat16",), 128, 384),
 ]
 PARAMS = [pytest.param(b, t, i, d, k, n, id=f"{b}-{t}-{d}") for b, t, i, ds, k, n in CASES for d in ds]
 M = 100  # not a multiple of any tile

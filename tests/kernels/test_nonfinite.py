@@ -19,7 +19,7 @@ BACKENDS = [
     ("chunked", ChunkTiling(8), False),
     ("chunked", ChunkTiling(64, 16), False),  # windows reach into the next group's rows
     ("pallas_triton", TritonTiling(16, 32, 32), True),
-    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=2), True),
+    ("mosaic_gpu", MosaicTiling(64, 64, 64, 2, num_sms=2, consumers=1), True),
 ]
 SIZES = np.array([5, 11, 0, 9, 7, 0, 12, 4], np.int32)  # 48 rows, then 8 padding rows
 BAD = 3  # the poisoned expert: rows 16..24 (5 + 11 + 0 = 16 rows before it)
