@@ -55,6 +55,17 @@ def measure_memory(mib: int) -> float:
     return 2 * x.nbytes / best_seconds(jax.jit(lambda v: v * 2), x) / 1e9
 
 
+def measure_host_to_device(mib: int) -> float:
+    """GB/s of copying a page-locked-if-possible host array of `mib` MiB to the device (jax.device_put): what an
+    offloaded expert's load costs. On CPU it is a host memcpy into a new buffer."""
+    import jax
+    import numpy as np
+
+    host = np.ones((mib * 2 ** 20 // 4,), np.float32)
+    device = jax.devices()[0]
+    return host.nbytes / best_seconds(lambda h: jax.device_put(h, device), host) / 1e9
+
+
 def measure_attention(seq: int, heads: int, head_dim: int, matmul_tflops: float) -> float:
     """Causal softmax attention (the model's prefill core) as a fraction of the measured matmul rate."""
     import jax
@@ -155,6 +166,10 @@ def main(argv=None) -> int:
     cal["memory_gbs"] = measure_memory(16 if args.quick else 256)
     report("streaming copy", cal["memory_gbs"], "GB/s",
            None if before is None else before.hbm_gbs * before.hbm_efficiency)
+    save()
+    cal["host_to_device_gbs"] = measure_host_to_device(16 if args.quick else 256)
+    report("host -> device copy", cal["host_to_device_gbs"], "GB/s",
+           None if before is None else before.pcie_per_direction * before.link_efficiency / 1e9)
     save()
     cal["attention_efficiency"] = measure_attention(256 if args.quick else 1024, 4 if args.quick else 8, 64,
                                                     cal["dense_tflops"]["float32"])

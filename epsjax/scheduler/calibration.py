@@ -91,6 +91,12 @@ def calibrated(hw: Hardware | None, kind: str, directory: pathlib.Path | str | N
                  f"fixed cost, over {cal['devices']} devices",
         "latencies": f"{where}: {cal['dispatch_latency_s'] * 1e6:.3g} us per dispatched program",
     })
+    host_gbs = cal.get("host_to_device_gbs")  # optional: calibrations written before it was measured lack it
+    if host_gbs:
+        sources["host_copies"] = f"{where}: host -> device copy {float(host_gbs):.4g} GB/s measured"
+    interference = cal.get("overlap_interference")  # gpu_check.py, with more than one GPU
+    if interference is not None:
+        sources["overlap"] = f"{where}: a GEMM beside a collective ran {float(interference):.3g} slower (measured)"
     # The measured matmul rate becomes the peak, so the grouped kernels' assumed efficiencies are taken relative to
     # the dense one they were assumed beside (GEMM profile tables, fitted by CostModel.build, replace both).
     relative = 1.0 / base.dense_gemm_efficiency
@@ -99,7 +105,9 @@ def calibrated(hw: Hardware | None, kind: str, directory: pathlib.Path | str | N
         dense_gemm_efficiency=1.0, grouped_gemm_efficiency=min(1.0, base.grouped_gemm_efficiency * relative),
         fallback_efficiency=min(1.0, base.fallback_efficiency * relative),
         attention_efficiency=float(cal["attention_efficiency"]),
-        kernel_latency_s=float(cal["dispatch_latency_s"]), sources=tuple(sorted(sources.items())))
+        kernel_latency_s=float(cal["dispatch_latency_s"]), sources=tuple(sorted(sources.items())),
+        overlap_interference=base.overlap_interference if interference is None else float(interference),
+        host_to_device_gbs=float(host_gbs) if host_gbs else base.host_to_device_gbs)
     link_gbs = float(cal["link_gbs"])
     if link_gbs <= 0:  # one device: nothing measured between devices, the preset's links stay
         sources["links"] = f"{base.name} preset (calibrated on one device: no links measured)"

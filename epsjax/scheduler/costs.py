@@ -11,9 +11,12 @@ Every model is a latency plus sizes over rates, so one formula serves the planne
     all-gather, reduce-scatter: (n - 1) / n * bytes;  send/recv: bytes;  host->device: PCIe per direction
 
 S = SMs of the device, S_gemm = SMs left to compute, S_comm = SMs given to communication (`sm_for_comm`), and
-u(S_comm) = min(1, S_comm / comm_saturation_sms), or 1 when no SMs are reserved (sm_for_comm = 0: communication
-then never overlaps compute, and each kernel has the whole GPU while it runs). Compute rate scales with the SMs
-a kernel owns; HBM bandwidth is assumed to saturate with half of them. Sources and assumptions: hardware.py.
+u(S_comm) = min(1, S_comm / comm_saturation_sms), or 1 when no SMs are reserved (sm_for_comm = 0: NCCL-style
+asynchronous collectives with their own thread blocks). Compute rate scales with the SMs a kernel owns; HBM
+bandwidth is assumed to saturate with half of them. A GEMM with a collective beside it slows (`overlap_extra`)
+over the overlapped part of its run: the SMs an unreserved collective takes (async_comm_sms), and HBM
+contention (the collective's bytes through HBM against the GEMM's memory-bound part), or a calibrated factor.
+Sources and assumptions: hardware.py.
 
 GEMM parameters: `beta = 1 / (peak * efficiency)`, `gamma = bytes per element / (HBM * eff_hbm)` (the roofline
 smoothed into a sum: achieved rate = peak * eff * m / (m + m_half) with m_half = gamma / (2 beta) rows per expert)
@@ -299,8 +302,14 @@ class CostModel:
                             f"direction ({'NVLink' if hw.nvlink_gbs else 'PCIe'}) x {hw.link_efficiency}, network "
                             f"{hw.network_gbs:.4g} GB/s, saturating at {hw.comm_saturation_sms} SMs")
         sources["memory"] = f"preset: HBM {hw.hbm_gbs:.4g} GB/s x {hw.hbm_efficiency}"
+        sources["overlap"] = (f"preset: a collective beside a GEMM takes {hw.async_comm_sms} SMs when none are "
+                              f"reserved, and its bytes compete for HBM (CostModel.overlap_extra)"
+                              if hw.async_collectives else "no overlap: collectives run on the compute stream")
         measured = {k: v for k, v in hw.sources if str(v).startswith("calibrated")}  # epsjax/scheduler/calibration
+        sources["host_copies"] = (f"preset: PCIe {hw.pcie_per_direction / 1e9:.4g} GB/s per direction x "
+                                  f"{hw.link_efficiency}")
         for part, key in (("attention", "attention_efficiency"), ("links", "links"), ("memory", "memory"),
+                          ("overlap", "overlap"), ("host_copies", "host_copies"),
                           ("compute", "compute"), ("latencies", "latencies")):
             if key in measured:
                 sources[part] = measured[key]
@@ -340,6 +349,23 @@ class CostModel:
 
     def sm_fraction(self, sm_for_comm: int) -> float:
         return (self.hw.sms - sm_for_comm) / self.hw.sms
+
+    def overlap_extra(self, compute_s, memory_s, *, overlapped_s: float, overlapped_bytes: float,
+                      sm_for_comm: int):
+        """Seconds a kernel (``compute_s`` compute-bound + ``memory_s`` memory-bound) loses to collectives
+        running beside it for ``overlapped_s`` while moving ``overlapped_bytes`` through this device's HBM. With
+        SMs reserved the SM split is already in `sm_fraction`; with none reserved (asynchronous collectives)
+        the collective's kernels take ``async_comm_sms`` SMs over the overlapped part of the run. The bytes
+        compete with the memory-bound part for HBM (at most its own length). A measured
+        ``overlap_interference`` (calibration: a GEMM beside an unreserved collective) replaces both when no SMs
+        are reserved: that fraction over the overlapped part."""
+        hw = self.hw
+        total = np.maximum(compute_s + memory_s, 1e-12)
+        part = np.minimum(1.0, overlapped_s / total)  # fraction of the run a collective shares
+        if hw.overlap_interference is not None and sm_for_comm == 0:
+            return part * total * hw.overlap_interference
+        sms = 0.0 if sm_for_comm > 0 else hw.async_comm_sms / max(hw.sms - hw.async_comm_sms, 1)
+        return part * compute_s * sms + np.minimum(memory_s, overlapped_bytes / (hw.hbm_gbs * 1e9 * hw.hbm_efficiency))
 
     def comm_scale(self, sm_for_comm: int) -> float:
         """Fraction of the link rate a communication kernel reaches with sm_for_comm SMs (0 = not reserved)."""
@@ -420,6 +446,8 @@ class CostModel:
         """A pinned host -> device copy over PCIe (ExpertFlow's expert loads)."""
         if nbytes <= 0:
             return 0.0
+        if self.hw.host_to_device_gbs:  # measured (calibration)
+            return self.hw.kernel_latency_s + nbytes / (self.hw.host_to_device_gbs * 1e9)
         return self.hw.kernel_latency_s + nbytes / (self.hw.pcie_per_direction * self.hw.link_efficiency)
 
     def describe(self) -> dict:

@@ -58,6 +58,9 @@ class Hardware:
     fallback_backend: str | None = "pallas_triton"  # the GroupGemm for shapes the main one does not take
     fallback_efficiency: float = 0.60      # ... its fraction of peak at large M (block_m 64)
     async_collectives: bool = True         # collectives run beside compute (GPU); False: on the compute stream
+    async_comm_sms: int = 16               # SMs an unreserved collective's kernels take from the GEMMs while it runs
+    overlap_interference: float | None = None  # measured slowdown of a GEMM beside a collective (calibration)
+    host_to_device_gbs: float | None = None    # measured host -> device copy rate (calibration); None: PCIe preset
     sources: tuple[tuple[str, str], ...] = ()
 
     def peak_flops(self, dtype: str) -> float:
@@ -116,6 +119,10 @@ _ASSUMED = {
     "hbm_efficiency": "assumption: streaming kernels reach ~85-90% of the HBM datasheet rate",
     "link_efficiency": "DeepSeek-V3 technical report (arXiv:2412.19437) sec. 3.2.2: H800 NVLink achieves "
                        "160 GB/s of its 200 GB/s per direction (0.8); applied to every link as an assumption",
+    "async_comm_sms": "assumption: NCCL runs a collective with one thread block per channel, 16-32 channels over "
+                      "NVLink by default; an asynchronous collective (XLA:GPU's start/done pairs, no SMs reserved) "
+                      "takes 16 SMs from the GEMMs beside it while it runs. Replaced by a measured "
+                      "overlap_interference in the device's calibration when present",
     "comm_saturation_sms": "DeepSeek-V3 technical report sec. 3.2.2: 20 SMs suffice to saturate IB and NVLink "
                            "(H800); all-to-all bandwidth is modelled as rising linearly to that point",
     "latencies": "assumption: ~4 us per kernel launch, 15 us (NVLink) / 30 us (PCIe) / 25 us (RDMA) fixed cost per "

@@ -15,9 +15,12 @@ The EP MoE on every device (streams "gpuN/compute" and "gpuN/comm"):
     comm:    dispatch_0, dispatch_1, combine_0, dispatch_2, combine_1, ..., combine_{PN-1}
 
 dispatch_s / combine_s are all-to-alls over every device (one task on all comm streams); GEMM_s waits for
-dispatch_s, combine_s for GEMM_s of every device. With sm_for_comm = 0 nothing is reserved for communication, so
-the collectives run on the compute streams, one stage after the other (dispatch_s, GEMM_s, combine_s): with
-PN = 1 that is the unpipelined TP/DP + EP layer.
+dispatch_s, combine_s for GEMM_s of every device. Stages overlap in two ways the search chooses between: with
+sm_for_comm > 0 SMs reserved for communication (GEMMs get the rest), or, with none reserved, as asynchronous
+collectives beside the GEMMs (XLA:GPU's start/done pairs on NCCL; `Hardware.async_collectives`), the GEMMs
+slowed by `CostModel.overlap_slowdown` over the part of their run a collective shares. Where collectives cannot
+run asynchronously (XLA:CPU) or PN = 1, they take the compute streams, one stage after the other (dispatch_s,
+GEMM_s, combine_s): with PN = 1 that is the unpipelined TP/DP + EP layer.
 
 Loads: expert e receives mu_e = tokens * K * share_e assignments per step (shares from a measured routing
 histogram, or uniform). Every device routes its tokens with the same shares. The all-to-alls move one row per
@@ -150,26 +153,36 @@ def expert_ffn_time(costs: CostModel, backend: str, mu: np.ndarray, total: float
 
 
 def stage_gemm_times(costs: CostModel, backend: str, mu: np.ndarray, total: float, d: int, f: int, *,
-                     sm_for_comm: int = 0, tiling: dict | None = None, buffer_rows: int | None = None) -> np.ndarray:
+                     sm_for_comm: int = 0, tiling: dict | None = None, buffer_rows: int | None = None,
+                     overlapped_s: float = 0.0, overlapped_bytes: float = 0.0) -> np.ndarray:
     """[devices] routed-expert FFN times of one stage; mu: [devices, experts of the stage] expected rows.
     buffer_rows: rows of the static receive buffer the kernel gets (EP: the worst case; sets DenseGemm's default
-    capacity buckets)."""
+    capacity buckets). overlapped_s, overlapped_bytes: seconds of collectives running beside the stage (the
+    pipeline's next dispatch and previous combine) and the bytes they move through a device's HBM, which slow
+    the GEMMs (`CostModel.overlap_extra`)."""
     if backend == "auto":
-        return np.min([stage_gemm_times(costs, b, mu, total, d, f, sm_for_comm=sm_for_comm, buffer_rows=buffer_rows)
+        return np.min([stage_gemm_times(costs, b, mu, total, d, f, sm_for_comm=sm_for_comm, buffer_rows=buffer_rows,
+                                        overlapped_s=overlapped_s, overlapped_bytes=overlapped_bytes)
                        for b in usable_backends(costs, d, f)], axis=0)
     model = costs.gemm_model(backend)
     caps = tuple((tiling or {}).get("capacities") or ()) or None
     mu = np.ascontiguousarray(mu, dtype=np.float64)
     launches, flops, weights = _ffn_terms(model, mu.tobytes(), mu.shape, float(total), d, f, caps, buffer_rows)
     frac = costs.sm_fraction(sm_for_comm)
-    return (launches * model.alpha + model.beta * flops / frac + model.gamma * weights * max(1.0, 0.5 / frac))
+    compute, memory = model.beta * flops / frac, model.gamma * weights * max(1.0, 0.5 / frac)
+    seconds = launches * model.alpha + compute + memory
+    if overlapped_s > 0:
+        seconds = seconds + costs.overlap_extra(compute, memory, overlapped_s=overlapped_s,
+                                                overlapped_bytes=overlapped_bytes, sm_for_comm=sm_for_comm)
+    return seconds
 
 
 @functools.lru_cache(maxsize=None)
 def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
     """The modelled backends that can run the expert FFN's GEMMs ([., D] x [D, F] and [., F] x [F, D]) in the
-    cost model's dtype: the Pallas GroupGemms take 16-bit operands only (the selector sends others to XLA), and
-    Mosaic GPU needs both expert FFN kernels' tiles to divide D and F (pallas_kernels.group_gemm_mgpu.supports)."""
+    cost model's dtype: the Pallas GroupGemms take 16-bit operands (Mosaic GPU also e4m3: its FP8 kernels; the
+    selector sends others to XLA), and Mosaic GPU needs both expert FFN kernels' tiles to divide D and F
+    (pallas_kernels.group_gemm_mgpu.supports)."""
     try:
         import jax.numpy as jnp
         from pallas_kernels import group_gemm_mgpu
@@ -178,7 +191,7 @@ def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
     out = []
     dtype = jnp.dtype(costs.dtype)
     for name in costs.backends:
-        if name in ("mosaic_gpu", "pallas_triton", "jax_triton") and dtype.itemsize != 2:
+        if name in ("pallas_triton", "jax_triton") and dtype.itemsize != 2:
             continue
         if name == "mosaic_gpu" and not group_gemm_mgpu.supports(dtype, d, f, op="expert_ffn"):
             continue
@@ -348,20 +361,29 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
 
     loads = stage_loads(w, plan)
     PN = len(loads)
-    comm = M if p > 0 else C
+    # Stages overlap when SMs are reserved for communication, or when collectives run asynchronously beside
+    # the GEMMs (XLA:GPU / NCCL); otherwise every collective takes the compute stream in turn.
+    overlap = p > 0 or (costs.hw.async_collectives and PN > 1)
+    comm = M if overlap else C
     # a dispatched row: the token, and its experts' ids and weights there (int32 + float32 each); a returned row:
     # the weighted sum of their outputs
     meta_bytes = 8 * min(cfg.router.top_k, max(mu.shape[1] for mu in loads))
     dispatch_t, combine_t, gemm_t = [], [], []
     rows = stage_rows(w, plan)
-    for s, mu in enumerate(loads):
+    for s in range(PN):
         rows_PP = np.tile(rows[s][None, :] / P, (P, 1))             # [source, destination] rows this stage
         for out, row_bytes in ((dispatch_t, D * item + meta_bytes), (combine_t, D * item)):
             out.append((costs.all_to_all(rows_PP * row_bytes, sm_for_comm=p), float(rows_PP.sum() * row_bytes)))
+    for s, mu in enumerate(loads):
         tiling = plan.tiling(s)
         stage_total = w.assignments / (PN if plan.split == "tokens" else 1)
+        # beside GEMM_s run dispatch_{s+1} and combine_{s-1}; a device reads what it sends and writes what it
+        # receives (1 / P of each collective's bytes, both ways)
+        beside = [t for t in (dispatch_t[s + 1] if s + 1 < PN else None, combine_t[s - 1] if s else None) if t]
+        beside = beside if overlap else []
         gemm_t.append(stage_gemm_times(costs, plan.backend(s), mu[:shown], stage_total, D, cfg.expert_ffn_dim,
-                                       sm_for_comm=p, tiling=tiling,
+                                       sm_for_comm=p, tiling=tiling, overlapped_s=sum(t for t, _ in beside),
+                                       overlapped_bytes=sum(2 * b / P for _, b in beside),
                                        buffer_rows=ep_buffer_rows(w, plan, mu.shape[1])).tolist())
     permuted = [f"gpu{d}/permute" for d in range(shown)]
 
@@ -379,7 +401,7 @@ def build_layer(w: Workload, costs: CostModel, plan: Plan = Plan(), *, dense: bo
         sched.add(f"combine_{s}", "combine", comm, seconds, [f"gpu{d}/expert_gemm_{s}" for d in range(shown)],
                   bytes=nbytes, stage=s)
 
-    if p == 0:  # nothing reserved: one stage after the other on the compute streams
+    if not overlap:  # one stage after the other on the compute streams
         for s in range(PN):
             dispatch(s), gemms(s), combine(s)
     else:       # the pipeline: comm issues dispatch_{s+1} before combine_s

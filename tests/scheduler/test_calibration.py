@@ -34,8 +34,8 @@ def test_gpu_check_cpu_writes_every_constant(cpu_calibration):
     cal = load_calibration("cpu", out)
     assert set(FIELDS) <= set(cal) and cal["devices"] == 8
     assert cal["dense_tflops"]["float32"] > 0 and cal["memory_gbs"] > 0 and 0 < cal["attention_efficiency"] < 2
-    assert cal["link_gbs"] > 0 and cal["dispatch_latency_s"] > 0
-    assert "all_to_all over 8 devices" in stdout and "wrote" in stdout
+    assert cal["link_gbs"] > 0 and cal["dispatch_latency_s"] > 0 and cal["host_to_device_gbs"] > 0
+    assert "all_to_all over 8 devices" in stdout and "host -> device copy" in stdout and "wrote" in stdout
 
 
 def test_the_cpu_plans_from_its_calibration(cpu_calibration):
@@ -45,8 +45,11 @@ def test_the_cpu_plans_from_its_calibration(cpu_calibration):
     cal = load_calibration("cpu", out)
     assert hw.peak_flops("float32") == pytest.approx(cal["dense_tflops"]["float32"] * 1e12)
     assert not hw.async_collectives  # XLA:CPU's collectives are synchronous: they take the compute stream
-    sources = dict(CostModel.build(hw, "float32").sources)
+    costs = CostModel.build(hw, "float32")
+    sources = dict(costs.sources)
     assert sources["memory"].startswith("calibrated") and sources["links"].startswith("calibrated")
+    assert sources["host_copies"].startswith("calibrated")  # what an offloaded expert's load costs
+    assert costs.host_to_device(1e9) == pytest.approx(hw.kernel_latency_s + 1 / cal["host_to_device_gbs"])
     assert "fitted from cpu.json" in sources["gemm:dense"]  # the CPU profile table, for the CPU only
     cfg = get_preset("tiny-mixtral")
     choice = search_for(cfg, EP8, 8, 32, hardware=hw, rule_set="dp_ep")

@@ -192,3 +192,39 @@ def test_destination_hits_match_routing(name, P, stages):
     assert expected == pytest.approx(simulated, rel=0.05), (expected, simulated)
     if name == "deepseek-v2" and P == 8 and stages == 1:
         assert expected == pytest.approx(cfg.router.topk_group)  # one group per device: exactly 3 devices
+
+
+# ------------------------------------------------------------------- overlap without reserved SMs (issue 14)
+
+def _tasks(sched):
+    return {t.name: t for t in sched.tasks}
+
+
+def test_async_collectives_overlap_without_reserved_sms_and_slow_the_gemms_they_share():
+    w = Workload(get_preset("deepseek-v2-lite"), Layout.dp_ep(8), 8 * 4096, seq_len=1024)
+    async_plan, serial_plan = Plan(2, "experts"), Plan(2, "experts")
+    overlapped = build_layer(w, COSTS, async_plan)
+    timeline = simulate(overlapped)
+    # dispatch_1 runs on the comm streams while stage 0's GEMMs run on the compute streams
+    assert "gpu0/comm" in _tasks(overlapped)["dispatch_1"].streams
+    assert timeline.start["dispatch_1"] < timeline.start["gpu0/expert_gemm_0"] + _tasks(overlapped)[
+        "gpu0/expert_gemm_0"].duration
+    # where collectives cannot run asynchronously (XLA:CPU), the same plan runs stage after stage
+    serial = build_layer(w, dataclasses.replace(COSTS, hw=COSTS.hw.replace(async_collectives=False)), serial_plan)
+    assert "gpu0/compute" in _tasks(serial)["dispatch_1"].streams
+    assert simulate(serial).makespan > timeline.makespan
+    # the GEMMs that share the GPU with a collective pay for it (SMs and HBM), and more the more they share
+    gemm_async = _tasks(overlapped)["gpu0/expert_gemm_0"].duration
+    gemm_serial = _tasks(serial)["gpu0/expert_gemm_0"].duration
+    assert gemm_async > gemm_serial
+    heavier = dataclasses.replace(COSTS, hw=COSTS.hw.replace(async_comm_sms=40))
+    assert _tasks(build_layer(w, heavier, async_plan))["gpu0/expert_gemm_0"].duration > gemm_async
+
+
+def test_a_measured_interference_decides_between_async_overlap_and_reserved_sms():
+    w = Workload(get_preset("mixtral-8x7b"), Layout.tp_ep(8), 8 * 4096, seq_len=1024)
+    free = search_plan(w, dataclasses.replace(COSTS, hw=COSTS.hw.replace(overlap_interference=0.0)))
+    costly = search_plan(w, dataclasses.replace(COSTS, hw=COSTS.hw.replace(overlap_interference=3.0)))
+    assert free.plan.pipeline_degree > 1 and free.plan.sm_for_comm == 0  # overlap for nothing: nothing reserved
+    assert costly.plan.sm_for_comm > 0 or costly.plan.pipeline_degree == 1
+    assert costly.predicted_s > free.predicted_s

@@ -37,7 +37,7 @@ def test_simulate_eps(tmp_path, capsys):
         lo, hi = band["eps_tokens_per_s"]
         assert lo <= r["simulated_tokens_per_s"]["eps"] * (1 + 1e-9) and hi >= r["simulated_tokens_per_s"]["eps"] * (
             1 - 1e-9) and lo < hi
-        assert len(band["perturbed"]) == 16 and band["skewed_zipf"]["eps_tokens_per_s"] > 0
+        assert len(band["perturbed"]) == 18 and band["skewed_zipf"]["eps_tokens_per_s"] > 0
     ds = data["results"][0]
     assert ds["paper_tokens_per_s"] == {"baseline": 100.0e3, "eps": 121.8e3,
                                         "baseline_is": ds["paper_tokens_per_s"]["baseline_is"]}
