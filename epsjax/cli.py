@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def _int_at_least(minimum: int):
@@ -79,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", default="auto",
                      help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of "
                           "every stage)")
+    comp = gen.add_argument_group("compilation")
+    comp.add_argument("--warmup", action="store_true",
+                      help="compile the request's shape bucket ahead of it (Engine.warmup, with a progress bar) and "
+                           "report the programs and seconds")
+    comp.add_argument("--compile-cache", metavar="DIR",
+                      help="JAX's persistent compilation cache directory (default: $EPSJAX_COMPILATION_CACHE, else "
+                           "~/.cache/epsjax/jax): a second run loads its programs instead of compiling them")
+    comp.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     par = gen.add_argument_group("parallelism (more than one device)")
     par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep"),
                      help="rule set: attention TP or DP, experts TP, DP or EP (auto: dp_ep on several devices, "
@@ -196,6 +205,11 @@ def _generate(args) -> int:
     from epsjax.engine import Engine, SamplingParams
     from models import LocalExperts, get_preset
 
+    from epsjax.compilation import CompileCounter, enable_compilation_cache
+
+    if args.no_compile_cache and args.compile_cache:
+        raise UsageError("--compile-cache and --no-compile-cache contradict each other; give one")
+    cache_dir = None if args.no_compile_cache else enable_compilation_cache(args.compile_cache)
     cfg = read_config(args.model, dtype=args.dtype) if args.model else get_preset(
         args.preset, **({"dtype": args.dtype} if args.dtype else {}))
     if args.backend != "auto" and args.backend not in pallas_kernels.BACKENDS:
@@ -281,7 +295,14 @@ def _generate(args) -> int:
     print(f"devices    {len(devices)} x {devices[0].device_kind}")
     print(f"plan       {plan}")
 
-    engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)  # compiles
+    start = time.perf_counter()
+    with CompileCounter() as compiled:
+        if args.warmup:
+            engine.warmup((len(prompts),), (prompt_len,), (args.max_new_tokens,), sampling=sampling)
+        engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)  # compiles (the rest)
+    print(f"compile    {compiled.programs} programs in {compiled.seconds:.1f} s of {time.perf_counter() - start:.1f} s "
+          f"for the first request; {compiled.cache_hits} loaded from the persistent cache "
+          f"({cache_dir if cache_dir is not None else 'off'})")
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)
     print(f"prefill    {result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms: "
           f"{result.prefill_tokens_per_s:,.0f} tokens/s")

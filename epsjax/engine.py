@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from epsjax.compilation import ShapeBuckets
 from models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
 from models.transformer import decode_mask, prefill_mask
 from pallas_kernels.errors import EpsjaxError
@@ -83,10 +84,11 @@ class DecodeState:
     kv_valid_BS: jax.Array     # [B, S] bool: slots holding real tokens
     next_position_B: jax.Array  # [B] int32 rotary position of the next token
     write_index: jax.Array     # [] int32 next cache slot (shared by the batch: prompts are left-padded)
+    active_B: jax.Array        # [B] bool: rows with a real prompt (False: batch padding, which computes nothing)
 
 
 jax.tree_util.register_dataclass(
-    DecodeState, data_fields=["cache", "kv_valid_BS", "next_position_B", "write_index"], meta_fields=[])
+    DecodeState, data_fields=["cache", "kv_valid_BS", "next_position_B", "write_index", "active_B"], meta_fields=[])
 
 
 @dataclasses.dataclass
@@ -129,12 +131,19 @@ class Engine:
 
     experts: how the routed experts run (default: all on this device, load-aware kernel selection).
     batch_sharding: optional sharding for [B, ...] inputs (e.g. data parallel over a mesh's "data" axis).
+    buckets: the shape ladders generate rounds batches, prompt lengths and cache lengths up to, which bound the
+        programs it compiles (`ShapeBuckets.program_bound`); None: exact batches, prompts padded to a multiple of
+        8, caches to a multiple of 64 (every new combination compiles).
     """
 
     def __init__(self, model: MoETransformer, *, experts: ExpertCompute = LocalExperts(),
-                 batch_sharding: jax.sharding.Sharding | None = None, decode_chunk: int = DECODE_CHUNK):
+                 batch_sharding: jax.sharding.Sharding | None = None, decode_chunk: int = DECODE_CHUNK,
+                 buckets: ShapeBuckets | None = ShapeBuckets()):
         if not isinstance(decode_chunk, int) or decode_chunk < 1:
             raise RequestError(f"decode_chunk must be a positive int, got {decode_chunk!r}")
+        if buckets is not None and not isinstance(buckets, ShapeBuckets):
+            raise RequestError(f"buckets must be a ShapeBuckets or None, got {type(buckets).__name__}")
+        self.buckets = buckets
         self.cfg = model.cfg
         self.graphdef, self.params = nnx.split(model)
         self.experts = experts
@@ -205,8 +214,9 @@ class Engine:
             mask[i, T - len(p):] = True
         return tokens, mask
 
-    def check_prefill_inputs(self, tokens_BT, mask_BT, cache_len: int | None):
-        """Host-side checks of a prefill request: tokens [B, T] (int32), mask [B, T] (bool), the cache length."""
+    def check_prefill_inputs(self, tokens_BT, mask_BT, cache_len: int | None, pad_rows: int = 0):
+        """Host-side checks of a prefill request: tokens [B, T] (int32), mask [B, T] (bool), the cache length.
+        The last `pad_rows` rows may be batch padding (no real token)."""
         tokens_BT = self._token_ids(tokens_BT, "tokens")
         if tokens_BT.ndim != 2 or tokens_BT.shape[0] == 0 or tokens_BT.shape[1] == 0:
             raise RequestError(f"tokens must be a non-empty [batch, length] array, got shape {tokens_BT.shape}")
@@ -219,9 +229,12 @@ class Engine:
             mask_BT = mask_BT.astype(bool)
         if mask_BT.shape != tokens_BT.shape:
             raise RequestError(f"attention mask shape {mask_BT.shape} differs from tokens shape {tokens_BT.shape}")
-        if not mask_BT.any(axis=1).all():
-            raise RequestError(f"sequences {np.flatnonzero(~mask_BT.any(axis=1)).tolist()} have no real token in "
-                               "the mask")
+        real_B = mask_BT.any(axis=1)
+        if not _integer(pad_rows) or not 0 <= pad_rows < tokens_BT.shape[0]:
+            raise RequestError(f"pad_rows must be an int in [0, batch); got {pad_rows!r}")
+        if not real_B[:tokens_BT.shape[0] - pad_rows].all():
+            raise RequestError(f"sequences {np.flatnonzero(~real_B[:tokens_BT.shape[0] - pad_rows]).tolist()} have "
+                               "no real token in the mask")
         cache_len = self.cfg.max_seq_len if cache_len is None else cache_len
         if not _integer(cache_len) or cache_len < 1:
             raise RequestError(f"cache_len must be a positive integer, got {cache_len!r}")
@@ -231,11 +244,13 @@ class Engine:
 
     # Jitted steps ----------------------------------------------------------------------------------------------
 
-    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
+    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False,
+                pad_rows: int = 0):
         """Runs the prompts; returns (logits, state, moe_stats). logits is [B, V] for the last position, or
         [B, T, V] with all_logits; moe_stats counts tokens per expert per MoE layer. The cache holds cache_len
-        slots (default: the model's max_seq_len)."""
-        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len)
+        slots (default: the model's max_seq_len). The last `pad_rows` rows may be batch padding (an all-False
+        mask row): they route nothing and their outputs are meaningless."""
+        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len, pad_rows)
         tokens_BT, mask_BT = self._place(tokens_BT), self._place(mask_BT)
         return self._prefill(self.graphdef, self.params, tokens_BT, mask_BT, experts=self.experts,
                              cache_len=cache_len, all_logits=all_logits)
@@ -271,47 +286,107 @@ class Engine:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        # Lengths are checked on the real prompts; padding (to a multiple of 8, for fewer compilations) stops where
-        # the generated tokens would no longer fit.
         ids = self._prompt_ids(prompts)
         longest = max(len(p) for p in ids)
         if longest + max_new_tokens > self.cfg.max_seq_len:
             raise RequestError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} exceeds the model's "
                                f"maximum sequence length {self.cfg.max_seq_len}")
-        tokens_BT, mask_BT = self.pad_prompts(ids, max_length=self.cfg.max_seq_len - max_new_tokens + 1)
-        T = tokens_BT.shape[1]
-        cache_len = min(self.cfg.max_seq_len, math.ceil((T + max_new_tokens) / 64) * 64)
+        B = len(ids)
+        tokens_BT, mask_BT, cache_len = self.request_shapes(ids, max_new_tokens)
         key = jax.random.key(sampling.seed)
-        B = len(prompts)
-
         start = time.perf_counter()
-        logits_BV, state, stats = self.prefill(tokens_BT, mask_BT, cache_len=cache_len)
+        logits_BV, state, stats = self.prefill(tokens_BT, mask_BT, cache_len=cache_len,
+                                               pad_rows=tokens_BT.shape[0] - B)
         next_B = _sample(logits_BV, jax.random.fold_in(key, 0), sampling)
         host_next = np.asarray(next_B)
         prefill_seconds = time.perf_counter() - start
 
         eos = self.cfg.eos_token_id if stop_at_eos else None
-        tokens_BN = np.zeros((B, max_new_tokens), np.int32)  # token t of every sequence (EOS handled below)
+        tokens_BN = np.zeros((tokens_BT.shape[0], max_new_tokens), np.int32)  # token t of every row
         tokens_BN[:, 0] = host_next
         start = time.perf_counter()
-        produced, decode_stats = self._decode_tokens(state, next_B, tokens_BN, key, sampling, eos)
+        produced, decode_stats = self._decode_tokens(state, next_B, tokens_BN, key, sampling, eos, real_rows=B)
         decode_seconds = time.perf_counter() - start
-        out = [_until_eos(row[:produced], eos) for row in tokens_BN]
+        out = [_until_eos(row[:produced], eos) for row in tokens_BN[:B]]
         tokens_per_expert = np.asarray(stats.tokens_per_expert, np.int64) + decode_stats.tokens_per_expert
-        dropped = int(np.sum(stats.dropped)) + int(np.sum(decode_stats.dropped))
+        dropped = int(np.asarray(stats.dropped).sum()) + int(np.asarray(decode_stats.dropped).sum())  # on the host
         if dropped:
             warnings.warn(f"{dropped} expert assignments were dropped by the capacity limit", stacklevel=2)
         return GenerateResult(tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               prompt_tokens=int(mask_BT.sum()), generated_tokens=sum(len(o) for o in out),
                               tokens_per_expert=tokens_per_expert, dropped=dropped)
 
-    def _decode_tokens(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None):
+    def request_shapes(self, ids: Sequence[np.ndarray], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Tokens and mask [B', T] (prompts left-padded, B' - len(ids) rows of batch padding at the end) and the
+        cache length generate runs the request with: bucketed (`self.buckets`), or without buckets the exact batch,
+        prompts padded to a multiple of 8 and caches to a multiple of 64, as before."""
+        longest = max(len(p) for p in ids)
+        if self.buckets is None:  # padding stops where the generated tokens would no longer fit
+            tokens_BT, mask_BT = self.pad_prompts(ids, max_length=self.cfg.max_seq_len - max_new_tokens + 1)
+            T = tokens_BT.shape[1]
+            return tokens_BT, mask_BT, min(self.cfg.max_seq_len, math.ceil((T + max_new_tokens) / 64) * 64)
+        B = self.buckets.batch_size(len(ids), _batch_multiple(self.batch_sharding))
+        T = self.buckets.length(longest)
+        tokens_BT = np.full((B, T), self.cfg.pad_token_id, np.int32)
+        mask_BT = np.zeros((B, T), bool)
+        for i, p in enumerate(ids):
+            tokens_BT[i, T - len(p):] = p
+            mask_BT[i, T - len(p):] = True
+        # positions count real tokens, so a cache longer than max_seq_len only holds more (masked) padding
+        return tokens_BT, mask_BT, self.buckets.length(T + max_new_tokens)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), prompt_lengths: Sequence[int] = (16,),
+               max_new_tokens: Sequence[int] = (16,), *, sampling: SamplingParams = SamplingParams(),
+               stop_at_eos: bool = True, progress: bool = True) -> list[dict]:
+        """Compiles, ahead of traffic, the programs generate needs for every (batch, prompt length, new tokens)
+        combination given (each rounded to its bucket; combinations in the same bucket compile once): the
+        prefill, the sampler and one decode chunk at the bucket's shapes, with the sampling and EOS setting the
+        traffic will use. Returns one record per bucket: its shapes, seconds and programs compiled."""
+        from epsjax.compilation import CompileCounter
+
+        filler = 0 if self.cfg.pad_token_id is None else int(self.cfg.pad_token_id)
+        combos = {}
+        for b in batch_sizes:
+            for t in prompt_lengths:
+                for new in max_new_tokens:
+                    if not (_integer(b) and _integer(t) and _integer(new)) or min(b, t, new) < 1:
+                        raise RequestError(f"warmup: batch sizes, prompt lengths and max_new_tokens must be "
+                                           f"positive ints; got {b!r}, {t!r}, {new!r}")
+                    if t + new > self.cfg.max_seq_len:
+                        raise RequestError(f"warmup: prompt length {t} plus {new} new tokens exceeds the model's "
+                                           f"maximum sequence length {self.cfg.max_seq_len}")
+                    tokens_BT, mask_BT, cache_len = self.request_shapes([np.full(t, filler)] * b, new)
+                    combos.setdefault((tokens_BT.shape, cache_len, new > 1), (tokens_BT, mask_BT, b))
+        eos = self.cfg.eos_token_id if stop_at_eos else None
+        key = jax.random.key(sampling.seed)
+        records = []
+        bar = _progress(len(combos), "warmup", progress)
+        for ((B, T), cache_len, decodes), (tokens_BT, mask_BT, b) in combos.items():
+            start = time.perf_counter()
+            with CompileCounter() as compiled:
+                logits_BV, state, _ = self.prefill(tokens_BT, mask_BT, cache_len=cache_len, pad_rows=B - b)
+                next_B = _sample(logits_BV, jax.random.fold_in(key, 0), sampling)
+                tokens_BN = np.zeros((B, 2 if decodes else 1), np.int32)
+                tokens_BN[:, 0] = np.asarray(next_B)
+                if decodes:  # one decode step: the decode loop's program (its step count is traced)
+                    self._decode_tokens(state, next_B, tokens_BN, key, sampling, eos, real_rows=b)
+            records.append({"batch": B, "prompt_length": T, "cache_length": cache_len, "decode": decodes,
+                            "seconds": time.perf_counter() - start, "programs": compiled.programs,
+                            "compile_seconds": compiled.seconds})
+            bar.update(1)
+            bar.set_postfix_str(f"B={B} T={T} cache={cache_len}: {compiled.programs} programs")
+        bar.close()
+        return records
+
+    def _decode_tokens(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None,
+                       real_rows: int | None = None):
         """Fills tokens_BN[:, 1:] (column 0 holds the prefill's tokens, next_B on the device) until every sequence
         has sampled EOS or the columns run out; returns the columns filled and the steps' MoE statistics (host
         arrays). On the device: up to decode_chunk steps per call (sampling, EOS bookkeeping and the cache update
         included), so the host sees the tokens once per chunk."""
         B, max_new_tokens = tokens_BN.shape
         finished_B = tokens_BN[:, 0] == eos if eos is not None else np.zeros(B, bool)
+        finished_B[B if real_rows is None else real_rows:] = True  # batch padding never holds the loop open
         finished_dev = self._place(finished_B)
         per_expert = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
         dropped = np.zeros(len(self.cfg.moe_layers), np.int64)
@@ -330,11 +405,13 @@ class Engine:
             produced += count
         return produced, MoEStats(tokens_per_expert=per_expert, dropped=dropped)
 
-    def _decode_tokens_on_host(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None):
+    def _decode_tokens_on_host(self, state, next_B, tokens_BN, key, sampling: SamplingParams, eos: int | None,
+                               real_rows: int | None = None):
         """_decode_tokens' contract with one decode_step per token driven from the host: for engines whose steps are
         not one device program (epsjax.offload runs the model layer by layer)."""
         B, max_new_tokens = tokens_BN.shape
         finished_B = tokens_BN[:, 0] == eos if eos is not None else np.zeros(B, bool)
+        finished_B[B if real_rows is None else real_rows:] = True
         per_expert = np.zeros((len(self.cfg.moe_layers), self.cfg.num_experts), np.int64)
         dropped = np.zeros(len(self.cfg.moe_layers), np.int64)
         produced = 1
@@ -374,7 +451,7 @@ def _prefill(graphdef, params, tokens_BT, mask_BT, *, experts, cache_len: int, a
                 cache=model.init_cache(B, cache_len), write_index=0, last_logits_only=not all_logits, causal=True)
     kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT)
     state = DecodeState(cache=out.cache, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
-                        write_index=jnp.asarray(T, jnp.int32))
+                        write_index=jnp.asarray(T, jnp.int32), active_B=mask_BT.any(axis=1))
     logits = out.logits if all_logits else out.logits[:, -1]
     return logits, state, out.moe_stats
 
@@ -412,6 +489,21 @@ def _decode_loop(graphdef, params, state: DecodeState, tokens_B, finished_B, key
 _sample = jax.jit(sample, static_argnames=("sampling",))
 
 
+def _batch_multiple(sharding) -> int:
+    """How many shards a batch_sharding splits the batch dimension into (batches must be multiples of it)."""
+    spec = getattr(sharding, "spec", None)
+    if not spec or spec[0] is None:
+        return 1
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="bucket", disable=not enabled)
+
+
 def _until_eos(row, eos: int | None) -> list[int]:
     """A sequence's tokens up to and including its first EOS."""
     row = [int(t) for t in row]
@@ -422,12 +514,11 @@ def _until_eos(row, eos: int | None) -> list[int]:
 
 def _decode_step(graphdef, params, state: DecodeState, tokens_B, *, experts):
     model = nnx.merge(graphdef, params)
-    B = tokens_B.shape[0]
     kv_valid_BS = state.kv_valid_BS.at[:, state.write_index].set(True)
-    valid_B1 = jnp.ones((B, 1), bool)
+    valid_B1 = state.active_B[:, None]  # batch padding routes nothing
     out = model(tokens_B[:, None], state.next_position_B[:, None], valid_B1,
                 decode_mask(kv_valid_BS, state.write_index, 1), experts=experts, cache=state.cache,
                 write_index=state.write_index, attend_to_cache=True)
     new_state = DecodeState(cache=out.cache, kv_valid_BS=kv_valid_BS, next_position_B=state.next_position_B + 1,
-                            write_index=state.write_index + 1)
+                            write_index=state.write_index + 1, active_B=state.active_B)
     return out.logits[:, -1], new_state, out.moe_stats

@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI, run in-process by the tests, would turn JAX's persistent compilation cache on for the whole session.
+os.environ.setdefault("EPSJAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

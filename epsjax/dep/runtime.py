@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from epsjax.compilation import ShapeBuckets
 from epsjax.dep import steps, transfer
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
@@ -129,10 +130,14 @@ class DEPRuntime:
     """A MoETransformer placed on DEPGroups; `prefill` runs it under a DEPSchedule.
 
     backend: the pallas_kernels backend of the expert group's grouped FFN ("auto": the selector's choice).
+    buckets: prompt lengths (left-padded further) and micro-batch sizes are rounded up to its ladders, so the
+        programs compiled are bounded as the Engine's (epsjax.compilation); None: exact shapes.
     """
 
-    def __init__(self, model: MoETransformer, groups: DEPGroups, *, backend: str = "auto"):
+    def __init__(self, model: MoETransformer, groups: DEPGroups, *, backend: str = "auto",
+                 buckets: ShapeBuckets | None = ShapeBuckets()):
         cfg = model.cfg
+        self.buckets = buckets  # prompt lengths and micro-batch sizes rounded up to its ladders (None: exact)
         if is_quantized(model):
             raise ValueError(f"{cfg.name}: the DEP runtime takes float experts; quantized (FP8) experts run on one "
                              "device for now")
@@ -177,11 +182,16 @@ class DEPRuntime:
         tokens_BT = np.asarray(tokens_BT, np.int32)
         B, T = tokens_BT.shape
         mask_BT = np.ones((B, T), bool) if mask_BT is None else np.asarray(mask_BT, bool)
+        T_run = T if self.buckets is None else self.buckets.length(T)
+        if T_run > T:  # more left padding: one program per length bucket
+            tokens_BT = np.concatenate([np.full((B, T_run - T), self.cfg.pad_token_id, np.int32), tokens_BT], 1)
+            mask_BT = np.concatenate([np.zeros((B, T_run - T), bool), mask_BT], 1)
         ag, r1 = self.groups.ag, schedule.micro_batches
         ma = math.ceil(B / (r1 * ag))
+        ma = ma if self.buckets is None else self.buckets.batch_size(ma)
         pad = r1 * ag * ma - B
-        tokens = np.concatenate([tokens_BT, np.full((pad, T), self.cfg.pad_token_id, np.int32)])
-        valid = np.concatenate([mask_BT, np.zeros((pad, T), bool)])
+        tokens = np.concatenate([tokens_BT, np.full((pad, T_run), self.cfg.pad_token_id, np.int32)])
+        valid = np.concatenate([mask_BT, np.zeros((pad, T_run), bool)])
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
         size = ag * ma
         micro = [_MicroBatch(*(jax.device_put(a[m * size:(m + 1) * size], self._batch)
@@ -206,7 +216,7 @@ class DEPRuntime:
                 dispatch(task)
         else:
             _Dispatcher(tasks, dispatch, lambda t: self._waits_on(t, micro[t.micro])).run()
-        logits = jnp.concatenate([mb.logits for mb in micro])[:B]
+        logits = jnp.concatenate([mb.logits for mb in micro])[:B, T_run - T:]
         logits.block_until_ready()
         return DEPOutput(logits, tokens_per_expert, log, time.perf_counter() - start, issued)
 

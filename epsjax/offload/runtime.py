@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 import pallas_kernels
+from epsjax.compilation import ShapeBuckets
 from epsjax.engine import DecodeState, Engine
 from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
@@ -130,6 +131,29 @@ def split_experts(model: MoETransformer):
 # Jitted pieces -----------------------------------------------------------------------------------------------------
 
 
+# Programs the engine compiles per shape bucket (Engine's ShapeBuckets): the inputs' glue, embedding, attention and
+# routing, the expert waves (first and accumulating), finishing, logits and the last-position slice.
+OFFLOAD_PROGRAMS_PER_SHAPE = 8
+
+
+@functools.partial(jax.jit, static_argnames=("cache_spec", "dtype", "cache_len"))
+def _prefill_inputs(mask_BT, *, cache_spec, dtype, cache_len: int):
+    """Positions, the attention mask, an empty cache (cache_spec: per layer, (name, shape) pairs), the cache's
+    valid slots and the active rows of a prefill."""
+    B, T = mask_BT.shape
+    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
+    cache = [{name: jnp.zeros(shape, dtype) for name, shape in layer} for layer in cache_spec]
+    kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT)
+    return positions_BT, mask_BT, prefill_mask(mask_BT), cache, kv_valid_BS, mask_BT.any(1)
+
+
+@jax.jit
+def _decode_inputs(kv_valid_BS, write_index, next_position_B, active_B):
+    """The cache's valid slots with the new one, the attention mask, positions and valid rows of a decode step."""
+    kv_valid_BS = kv_valid_BS.at[:, write_index].set(True)
+    return kv_valid_BS, decode_mask(kv_valid_BS, write_index, 1), next_position_B[:, None], active_B[:, None]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, state, tokens_BT):
     return nnx.merge(graphdef, state).embed(tokens_BT)
@@ -193,8 +217,10 @@ class OffloadEngine(Engine):
     _decode_tokens = Engine._decode_tokens_on_host  # each step runs layer by layer from the host
 
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
-                 predictor=None, device: jax.Device | None = None, record_routing: bool = False):
+                 predictor=None, device: jax.Device | None = None, record_routing: bool = False,
+                 buckets: ShapeBuckets | None = ShapeBuckets()):
         self.cfg = model.cfg
+        self.buckets = buckets  # generate's shape ladders (Engine), which bound the per-layer programs too
         if is_quantized(model):
             raise ValueError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
                              "device without offloading for now")
@@ -263,19 +289,20 @@ class OffloadEngine(Engine):
 
     # Engine contract ------------------------------------------------------------------------------------------
 
-    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False):
-        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len)
+    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False,
+                pad_rows: int = 0):
+        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len, pad_rows)
         B, T = tokens_BT.shape
         pred = self._predict(tokens_BT, mask_BT, last_only=False)
-        positions_BT = jnp.asarray(np.maximum(np.cumsum(mask_BT, axis=1) - 1, 0), jnp.int32)
-        mask_dev = jnp.asarray(mask_BT)
+        # one program per (batch, prompt, cache) bucket for the glue, not one per eager op
+        cache_spec = tuple(tuple(sorted(layer.attn.cache_shapes(B, cache_len).items())) for layer in self._shell.layers)
+        positions_BT, mask_dev, mask_BTS, empty_cache, kv_valid_BS, active_B = _prefill_inputs(
+            jnp.asarray(mask_BT), cache_spec=cache_spec, dtype=self.cfg.jnp_dtype, cache_len=cache_len)
         logits, cache, stats = self._forward(
-            jnp.asarray(tokens_BT, jnp.int32), positions_BT, mask_dev, prefill_mask(mask_dev),
-            self._shell.init_cache(B, cache_len), write_index=0, attend_to_cache=False,
-            last_logits_only=not all_logits, pred_LE=pred, valid_host=mask_BT)
-        kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_dev)
+            jnp.asarray(tokens_BT, jnp.int32), positions_BT, mask_dev, mask_BTS, empty_cache, write_index=0,
+            attend_to_cache=False, last_logits_only=not all_logits, pred_LE=pred, valid_host=mask_BT)
         decode = DecodeState(cache=cache, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
-                             write_index=jnp.asarray(T, jnp.int32))
+                             write_index=jnp.asarray(T, jnp.int32), active_B=active_B)
         W = self._window
         recent = np.zeros((B, W), np.int32)
         recent_valid = np.zeros((B, W), bool)
@@ -288,17 +315,17 @@ class OffloadEngine(Engine):
         d = state.decode
         write_index = int(d.write_index)
         tokens_B = self.check_decode_inputs(tokens_B, d.kv_valid_BS.shape, write_index)
-        B = tokens_B.shape[0]
         recent = np.concatenate([state.recent_BW[:, 1:], tokens_B[:, None]], axis=1)
-        recent_valid = np.concatenate([state.recent_valid_BW[:, 1:], np.ones((B, 1), bool)], axis=1)
+        active_B1 = np.asarray(d.active_B)[:, None]  # batch padding routes nothing
+        recent_valid = np.concatenate([state.recent_valid_BW[:, 1:], active_B1], axis=1)
         pred = self._predict(recent, recent_valid, last_only=True)
-        kv_valid_BS = d.kv_valid_BS.at[:, d.write_index].set(True)
+        kv_valid_BS, mask_BTS, positions_B1, valid_B1 = _decode_inputs(d.kv_valid_BS, d.write_index,
+                                                                       d.next_position_B, d.active_B)
         logits, cache, stats = self._forward(
-            jnp.asarray(tokens_B)[:, None], d.next_position_B[:, None], jnp.ones((B, 1), bool),
-            decode_mask(kv_valid_BS, d.write_index, 1), d.cache, write_index=d.write_index, attend_to_cache=True,
-            last_logits_only=False, pred_LE=pred, valid_host=np.ones((B, 1), bool))
+            jnp.asarray(tokens_B)[:, None], positions_B1, valid_B1, mask_BTS, d.cache, write_index=d.write_index,
+            attend_to_cache=True, last_logits_only=False, pred_LE=pred, valid_host=active_B1)
         decode = DecodeState(cache=cache, kv_valid_BS=kv_valid_BS, next_position_B=d.next_position_B + 1,
-                             write_index=d.write_index + 1)
+                             write_index=d.write_index + 1, active_B=d.active_B)
         return logits[:, -1], OffloadState(decode=decode, recent_BW=recent, recent_valid_BW=recent_valid), stats
 
     # Internals ----------------------------------------------------------------------------------------------------

@@ -131,8 +131,10 @@ def regroup_states(state_a, state_b, idx_a, idx_b):
     recent = np.concatenate([state_a.recent_BW, state_b.recent_BW])
     recent_valid = np.concatenate([state_a.recent_valid_BW, state_b.recent_valid_BW])
     write = jnp.asarray(w, jnp.int32)
+    active = np.concatenate([np.asarray(da.active_B), np.asarray(db.active_B)])
     make = lambda c, kv, p, idx: OffloadState(
-        decode=DecodeState(cache=c, kv_valid_BS=kv, next_position_B=p, write_index=write),
+        decode=DecodeState(cache=c, kv_valid_BS=kv, next_position_B=p, write_index=write,
+                           active_B=jnp.asarray(active[idx])),
         recent_BW=recent[idx], recent_valid_BW=recent_valid[idx])
     return make(ca, kva, pa, idx_a), make(cb, kvb, pb, idx_b)
 

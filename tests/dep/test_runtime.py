@@ -143,3 +143,25 @@ def test_serialized_execution_gives_the_same_logits():
 def test_groups_must_cover_the_model_experts():
     with pytest.raises(ValueError, match="place 8 experts"):
         DEPRuntime(_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
+
+
+def test_prompt_lengths_in_one_bucket_share_their_programs():
+    """The runtime rounds prompt lengths (more left padding) and micro-batch sizes up to ShapeBuckets' ladders: a
+    second prompt length in the same bucket compiles no new step program (embedding, attention, combine, head),
+    and the logits of the real positions are unchanged. (The expert step compiles per power-of-two bucket of the
+    rows it receives; the A2E / E2A copies one slice per distinct row count: they move exactly the routed rows.)"""
+    from epsjax.dep import steps
+
+    jitted = [getattr(steps, name) for name in ("embed", "head", "dense", "attention", "shared", "combine_layer")]
+    runtime = _runtime("tiny-deepseek-v2", 4, 4)
+    schedule = SCHEDULES["naive"]
+    tokens, mask = _inputs(8)
+    runtime.prefill(tokens, mask, schedule=schedule)  # compiles the bucket of this prompt length
+    before = [f._cache_size() for f in jitted]
+    shorter_tokens, shorter_mask = tokens[:, 3:], mask[:, 3:]
+    out = runtime.prefill(shorter_tokens, shorter_mask, schedule=schedule)
+    assert runtime.buckets.length(tokens.shape[1]) == runtime.buckets.length(shorter_tokens.shape[1])
+    assert [f._cache_size() for f in jitted] == before and out.logits.shape[:2] == shorter_tokens.shape
+    exact = DEPRuntime(_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
+    want = np.asarray(exact.prefill(shorter_tokens, shorter_mask, schedule=schedule).logits)
+    assert np.abs(np.asarray(out.logits) - want)[shorter_mask].max() < 1e-5
