@@ -357,6 +357,16 @@ def _call(lhs, rhs_list, group_sizes, slots, *, tiling: MosaicTiling, interpret:
     return out[:m] if m_pad != m else out
 
 
+def _settled(out, interpret: bool):
+    """In interpret mode, waits for the kernel before anything else is dispatched. Mosaic GPU's interpreter runs
+    eager jax ops inside its host callbacks (jax 0.11.2); XLA:CPU runs a device's programs in order, so a
+    computation dispatched after the kernel (even an unrelated one) would queue those ops behind itself while it
+    waits for the kernel: a deadlock, seen on this 2-core host. Under an outer jit there is nothing to wait for."""
+    if interpret and not isinstance(out, jax.core.Tracer):
+        out.block_until_ready()
+    return out
+
+
 def _check_fp8_operands(x_q, x_scale, weights, out_dtype):
     """weights: (w_q [S, N, K] e4m3, w_scale [S, N] float32) pairs."""
     if x_q.dtype != FP8 or x_q.ndim != 2 or x_scale.shape != x_q.shape[:1] or x_scale.dtype != jnp.float32:
@@ -381,8 +391,8 @@ def group_gemm_fp8(x_q, x_scale, w_q, w_scale, group_sizes, *, out_dtype=jnp.bfl
     semantics._check_groups(group_sizes, group_offset, slot_of_expert)
     tiling = check_tiling(tiling, FP8, k, n, num_weights=1)
     slots = semantics.slot_of_group(group_sizes, w_q.shape[0], group_offset, slot_of_expert)
-    return _call(x_q, (w_q,), group_sizes, slots, tiling=tiling, interpret=interpret, lhs_scale=x_scale,
-                 rhs_scales=(w_scale,), out_dtype=jnp.dtype(out_dtype))
+    return _settled(_call(x_q, (w_q,), group_sizes, slots, tiling=tiling, interpret=interpret, lhs_scale=x_scale,
+                          rhs_scales=(w_scale,), out_dtype=jnp.dtype(out_dtype)), interpret)
 
 
 def gate_up_fp8(x_q, x_scale, w_gate_q, w_gate_scale, w_up_q, w_up_scale, group_sizes, *, out_dtype=jnp.bfloat16,
@@ -392,8 +402,9 @@ def gate_up_fp8(x_q, x_scale, w_gate_q, w_gate_scale, w_up_q, w_up_scale, group_
     semantics._check_groups(group_sizes, group_offset, slot_of_expert)
     tiling = check_tiling(tiling, FP8, k, n, num_weights=2)
     slots = semantics.slot_of_group(group_sizes, w_gate_q.shape[0], group_offset, slot_of_expert)
-    return _call(x_q, (w_gate_q, w_up_q), group_sizes, slots, tiling=tiling, interpret=interpret,
-                 lhs_scale=x_scale, rhs_scales=(w_gate_scale, w_up_scale), out_dtype=jnp.dtype(out_dtype))
+    return _settled(_call(x_q, (w_gate_q, w_up_q), group_sizes, slots, tiling=tiling, interpret=interpret,
+                          lhs_scale=x_scale, rhs_scales=(w_gate_scale, w_up_scale), out_dtype=jnp.dtype(out_dtype)),
+                    interpret)
 
 
 def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
@@ -402,7 +413,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
     semantics.check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert)
     tiling = check_tiling(tiling, lhs.dtype, rhs.shape[1], rhs.shape[2], num_weights=1)
     slots = semantics.slot_of_group(group_sizes, rhs.shape[0], group_offset, slot_of_expert)
-    return _call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret)
+    return _settled(_call(lhs, (rhs,), group_sizes, slots, tiling=tiling, interpret=interpret), interpret)
 
 
 def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None,
@@ -413,7 +424,7 @@ def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None
         raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
     tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2], num_weights=2)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
-    return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
+    return _settled(_call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret), interpret)
 
 
 def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None,
