@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from epsjax.compilation import ShapeBuckets
+from epsjax.compilation import CompileCounter, ShapeBuckets
 from models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
 from models.transformer import decode_mask, prefill_mask
 from pallas_kernels.errors import EpsjaxError
@@ -207,8 +207,12 @@ class Engine:
         T = max(len(p) for p in ids)
         max_length = self.cfg.max_seq_len if max_length is None else max_length
         T = min(math.ceil(T / multiple) * multiple, max(T, max_length))
-        tokens = np.full((len(ids), T), self.cfg.pad_token_id, np.int32)
-        mask = np.zeros((len(ids), T), bool)
+        return self._left_pad(ids, len(ids), T)
+
+    def _left_pad(self, ids: Sequence[np.ndarray], B: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """tokens, mask [B, T]: each prompt left-padded to T; rows past len(ids) are batch padding (no token)."""
+        tokens = np.full((B, T), self.cfg.pad_token_id, np.int32)
+        mask = np.zeros((B, T), bool)
         for i, p in enumerate(ids):
             tokens[i, T - len(p):] = p
             mask[i, T - len(p):] = True
@@ -327,11 +331,7 @@ class Engine:
             return tokens_BT, mask_BT, min(self.cfg.max_seq_len, math.ceil((T + max_new_tokens) / 64) * 64)
         B = self.buckets.batch_size(len(ids), _batch_multiple(self.batch_sharding))
         T = self.buckets.length(longest)
-        tokens_BT = np.full((B, T), self.cfg.pad_token_id, np.int32)
-        mask_BT = np.zeros((B, T), bool)
-        for i, p in enumerate(ids):
-            tokens_BT[i, T - len(p):] = p
-            mask_BT[i, T - len(p):] = True
+        tokens_BT, mask_BT = self._left_pad(ids, B, T)
         # positions count real tokens, so a cache longer than max_seq_len only holds more (masked) padding
         return tokens_BT, mask_BT, self.buckets.length(T + max_new_tokens)
 
@@ -342,8 +342,6 @@ class Engine:
         combination given (each rounded to its bucket; combinations in the same bucket compile once): the
         prefill, the sampler and one decode chunk at the bucket's shapes, with the sampling and EOS setting the
         traffic will use. Returns one record per bucket: its shapes, seconds and programs compiled."""
-        from epsjax.compilation import CompileCounter
-
         filler = 0 if self.cfg.pad_token_id is None else int(self.cfg.pad_token_id)
         combos = {}
         for b in batch_sizes:
@@ -443,15 +441,29 @@ def lower_prefill(graphdef, params, tokens_BT, mask_BT, *, experts: ExpertComput
         graphdef, params, tokens_BT, mask_BT, experts=experts, cache_len=cache_len, all_logits=all_logits)
 
 
+def prefill_inputs(mask_BT, cache_len: int):
+    """Of a left-padded prompt batch: rotary positions counting real tokens only, the cache's valid slots
+    [B, cache_len] and the active rows (a real prompt; batch padding has none). Shared with epsjax.offload."""
+    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
+    kv_valid_BS = jnp.zeros((mask_BT.shape[0], cache_len), bool).at[:, :mask_BT.shape[1]].set(mask_BT)
+    return positions_BT, kv_valid_BS, mask_BT.any(axis=1)
+
+
+def decode_inputs(state: DecodeState):
+    """Of one decode step: the cache's valid slots with the new token's slot, and its attention mask [B, 1, S].
+    Shared with epsjax.offload."""
+    kv_valid_BS = state.kv_valid_BS.at[:, state.write_index].set(True)
+    return kv_valid_BS, decode_mask(kv_valid_BS, state.write_index, 1)
+
+
 def _prefill(graphdef, params, tokens_BT, mask_BT, *, experts, cache_len: int, all_logits: bool):
     model = nnx.merge(graphdef, params)
     B, T = tokens_BT.shape
-    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
+    positions_BT, kv_valid_BS, active_B = prefill_inputs(mask_BT, cache_len)
     out = model(tokens_BT, positions_BT, mask_BT, prefill_mask(mask_BT), experts=experts,
                 cache=model.init_cache(B, cache_len), write_index=0, last_logits_only=not all_logits, causal=True)
-    kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT)
     state = DecodeState(cache=out.cache, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
-                        write_index=jnp.asarray(T, jnp.int32), active_B=mask_BT.any(axis=1))
+                        write_index=jnp.asarray(T, jnp.int32), active_B=active_B)
     logits = out.logits if all_logits else out.logits[:, -1]
     return logits, state, out.moe_stats
 
@@ -514,11 +526,10 @@ def _until_eos(row, eos: int | None) -> list[int]:
 
 def _decode_step(graphdef, params, state: DecodeState, tokens_B, *, experts):
     model = nnx.merge(graphdef, params)
-    kv_valid_BS = state.kv_valid_BS.at[:, state.write_index].set(True)
+    kv_valid_BS, mask_B1S = decode_inputs(state)
     valid_B1 = state.active_B[:, None]  # batch padding routes nothing
-    out = model(tokens_B[:, None], state.next_position_B[:, None], valid_B1,
-                decode_mask(kv_valid_BS, state.write_index, 1), experts=experts, cache=state.cache,
-                write_index=state.write_index, attend_to_cache=True)
+    out = model(tokens_B[:, None], state.next_position_B[:, None], valid_B1, mask_B1S, experts=experts,
+                cache=state.cache, write_index=state.write_index, attend_to_cache=True)
     new_state = DecodeState(cache=out.cache, kv_valid_BS=kv_valid_BS, next_position_B=state.next_position_B + 1,
                             write_index=state.write_index + 1, active_B=state.active_B)
     return out.logits[:, -1], new_state, out.moe_stats

@@ -64,21 +64,20 @@ def worker(mode: str, n: int) -> dict:
     model = MoETransformer(cfg, rngs=nnx.Rngs(0))
     engine = Engine(model, buckets=None if mode == "unbucketed" else ShapeBuckets())
     out = {"mode": mode, "rss_start_mib": rss_mib()}
-    counter = CompileCounter().__enter__()
-    if mode == "warmed":
-        start = time.perf_counter()
-        records = engine.warmup(range(1, MAX_BATCH + 1), range(1, MAX_PROMPT + 1, 7), range(1, MAX_NEW + 1, 3),
-                                progress=True)
-        out.update(warmup_seconds=time.perf_counter() - start, warmup_buckets=len(records),
-                   warmup_programs=counter.programs, rss_after_warmup_mib=rss_mib())
     seconds, programs, rss = [], [], []
-    for prompts, new in workload(n):
-        start = time.perf_counter()
-        engine.generate(prompts, max_new_tokens=new)
-        seconds.append(time.perf_counter() - start)
-        programs.append(counter.programs)
-        rss.append(rss_mib())
-    counter.__exit__(None, None, None)
+    with CompileCounter() as counter:  # warm-up and traffic: programs counted from the engine's first call
+        if mode == "warmed":
+            start = time.perf_counter()
+            records = engine.warmup(range(1, MAX_BATCH + 1), range(1, MAX_PROMPT + 1, 7),
+                                    range(1, MAX_NEW + 1, 3), progress=True)
+            out.update(warmup_seconds=time.perf_counter() - start, warmup_buckets=len(records),
+                       warmup_programs=counter.programs, rss_after_warmup_mib=rss_mib())
+        for prompts, new in workload(n):
+            start = time.perf_counter()
+            engine.generate(prompts, max_new_tokens=new)
+            seconds.append(time.perf_counter() - start)
+            programs.append(counter.programs)
+            rss.append(rss_mib())
     out.update(seconds=seconds, programs=programs, rss_mib=rss, compile_seconds=counter.seconds,
                bound=ShapeBuckets().program_bound(MAX_PROMPT + MAX_NEW, MAX_BATCH))
     return out

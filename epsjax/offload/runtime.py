@@ -36,7 +36,7 @@ from jax.sharding import SingleDeviceSharding
 
 import pallas_kernels
 from epsjax.compilation import ShapeBuckets
-from epsjax.engine import DecodeState, Engine
+from epsjax.engine import DecodeState, Engine, decode_inputs, prefill_inputs
 from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
 from epsjax.offload.store import ExpertStore, device_memory_kind
@@ -44,7 +44,7 @@ from epsjax.offload.transfers import DeviceTransfers
 from models.quantize import is_quantized
 from models import MoEStats, MoETransformer
 from models.attention import AttentionContext
-from models.transformer import decode_mask, prefill_mask
+from models.transformer import prefill_mask
 from sharding.expert_compute import combine, sort_by_expert
 
 MODES = ("device", "on_demand", "lru", "expertflow")
@@ -138,20 +138,17 @@ OFFLOAD_PROGRAMS_PER_SHAPE = 8
 
 @functools.partial(jax.jit, static_argnames=("cache_spec", "dtype", "cache_len"))
 def _prefill_inputs(mask_BT, *, cache_spec, dtype, cache_len: int):
-    """Positions, the attention mask, an empty cache (cache_spec: per layer, (name, shape) pairs), the cache's
-    valid slots and the active rows of a prefill."""
-    B, T = mask_BT.shape
-    positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0).astype(jnp.int32)
+    """The Engine's prefill inputs (positions, valid cache slots, active rows), the attention mask and an empty
+    cache (cache_spec: per layer, (name, shape) pairs) as one program."""
+    positions_BT, kv_valid_BS, active_B = prefill_inputs(mask_BT, cache_len)
     cache = [{name: jnp.zeros(shape, dtype) for name, shape in layer} for layer in cache_spec]
-    kv_valid_BS = jnp.zeros((B, cache_len), bool).at[:, :T].set(mask_BT)
-    return positions_BT, mask_BT, prefill_mask(mask_BT), cache, kv_valid_BS, mask_BT.any(1)
+    return positions_BT, prefill_mask(mask_BT), cache, kv_valid_BS, active_B
 
 
 @jax.jit
-def _decode_inputs(kv_valid_BS, write_index, next_position_B, active_B):
-    """The cache's valid slots with the new one, the attention mask, positions and valid rows of a decode step."""
-    kv_valid_BS = kv_valid_BS.at[:, write_index].set(True)
-    return kv_valid_BS, decode_mask(kv_valid_BS, write_index, 1), next_position_B[:, None], active_B[:, None]
+def _decode_inputs(state: DecodeState):
+    """The Engine's decode inputs (valid cache slots, attention mask), positions and valid rows as one program."""
+    return *decode_inputs(state), state.next_position_B[:, None], state.active_B[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -296,8 +293,9 @@ class OffloadEngine(Engine):
         pred = self._predict(tokens_BT, mask_BT, last_only=False)
         # one program per (batch, prompt, cache) bucket for the glue, not one per eager op
         cache_spec = tuple(tuple(sorted(layer.attn.cache_shapes(B, cache_len).items())) for layer in self._shell.layers)
-        positions_BT, mask_dev, mask_BTS, empty_cache, kv_valid_BS, active_B = _prefill_inputs(
-            jnp.asarray(mask_BT), cache_spec=cache_spec, dtype=self.cfg.jnp_dtype, cache_len=cache_len)
+        mask_dev = jnp.asarray(mask_BT)
+        positions_BT, mask_BTS, empty_cache, kv_valid_BS, active_B = _prefill_inputs(
+            mask_dev, cache_spec=cache_spec, dtype=self.cfg.jnp_dtype, cache_len=cache_len)
         logits, cache, stats = self._forward(
             jnp.asarray(tokens_BT, jnp.int32), positions_BT, mask_dev, mask_BTS, empty_cache, write_index=0,
             attend_to_cache=False, last_logits_only=not all_logits, pred_LE=pred, valid_host=mask_BT)
@@ -319,8 +317,7 @@ class OffloadEngine(Engine):
         active_B1 = np.asarray(d.active_B)[:, None]  # batch padding routes nothing
         recent_valid = np.concatenate([state.recent_valid_BW[:, 1:], active_B1], axis=1)
         pred = self._predict(recent, recent_valid, last_only=True)
-        kv_valid_BS, mask_BTS, positions_B1, valid_B1 = _decode_inputs(d.kv_valid_BS, d.write_index,
-                                                                       d.next_position_B, d.active_B)
+        kv_valid_BS, mask_BTS, positions_B1, valid_B1 = _decode_inputs(d)
         logits, cache, stats = self._forward(
             jnp.asarray(tokens_B)[:, None], positions_B1, valid_B1, mask_BTS, d.cache, write_index=d.write_index,
             attend_to_cache=True, last_logits_only=False, pred_LE=pred, valid_host=active_B1)

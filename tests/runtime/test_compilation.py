@@ -124,7 +124,6 @@ def test_warmup_compiles_a_bucket_ahead_of_its_traffic(model):
     engine = Engine(model)
     records = engine.warmup((3,), (20,), (5,), progress=False)
     assert [(r["batch"], r["prompt_length"], r["cache_length"]) for r in records] == [(4, 32, 64)]
-    assert records[0]["seconds"] > 0  # its programs may already exist: engines of one model share compilations
     with CompileCounter() as compiled:  # any request in that bucket now compiles nothing
         engine.generate([[5] * 17, [6] * 30, [7] * 25], max_new_tokens=5)
         engine.generate([[5] * 20] * 4, max_new_tokens=3)
