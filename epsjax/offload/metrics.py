@@ -54,3 +54,37 @@ def batch_recall(probs_NTLE, ids_NTLK, *, batch_size: int, start: int = 1) -> di
         "temporal_set_size": prev.sum(axis=(0, 1, 3)) / steps,
         "true_set_size": n_true / steps,
     }
+
+
+def router_statistics(ids_NTLK, num_experts: int) -> dict:
+    """How much structure a model's routing has, per MoE layer [L] (valid tokens only):
+
+    load_entropy      entropy of the experts' share of the assignments / log(E): 1 = perfectly balanced load
+    repeat            P(an expert of token t+1 was also chosen by token t), same sequence; K/E without memory
+    repeat_chance     the same for two independent tokens with the layer's load p: ~ K * sum_e p_e^2
+    next_layer_top1   how well layer l's top-1 expert predicts layer l+1's: accuracy of the best lookup table
+                      (the most frequent next-layer expert for each expert), over [L-1] layer pairs
+    next_layer_chance the same with no information (the next layer's most frequent expert)
+    """
+    ids = np.asarray(ids_NTLK)
+    N, T, L, K = ids.shape
+    valid = ids[..., 0, 0] >= 0  # [N, T]
+    out = {"load_entropy": [], "repeat": [], "repeat_chance": [], "next_layer_top1": [], "next_layer_chance": []}
+    for layer in range(L):
+        chosen = ids[:, :, layer][valid]  # [M, K]
+        p = np.bincount(chosen.reshape(-1), minlength=num_experts) / chosen.size
+        nz = p[p > 0]
+        out["load_entropy"].append(float(-(nz * np.log(nz)).sum() / np.log(num_experts)))
+        both = valid[:, 1:] & valid[:, :-1]
+        now, before = ids[:, 1:, layer][both], ids[:, :-1, layer][both]  # [M', K]
+        shared = (now[:, :, None] == before[:, None, :]).any(-1).mean()
+        out["repeat"].append(float(shared))
+        # two independent tokens with this load: P(a given expert of one is among the other's K) ~ K * sum p^2
+        out["repeat_chance"].append(float(min(1.0, K * (p ** 2).sum())))
+    for layer in range(L - 1):
+        a, b = ids[:, :, layer, 0][valid], ids[:, :, layer + 1, 0][valid]
+        table = np.zeros((num_experts, num_experts), np.int64)
+        np.add.at(table, (a, b), 1)
+        out["next_layer_top1"].append(float(table.max(axis=1).sum() / len(a)))
+        out["next_layer_chance"].append(float(np.bincount(b, minlength=num_experts).max() / len(b)))
+    return out

@@ -107,3 +107,31 @@ def build_model(preset: str, overrides: dict | None = None, *, seed: int = 0, ch
 
         return load_checkpoint(checkpoint, progress=False)
     return MoETransformer(get_preset(preset, **(overrides or {})), rngs=nnx.Rngs(seed))
+
+
+def map_routing(ids_NTLK, tokens_NT, *, small_experts: int, num_layers: int, num_experts: int, top_k: int):
+    """Routing of a small model mapped onto a larger one's MoE layers and experts (for the timing model).
+
+    Layer j of the larger model takes the small model's layer floor(j * L_small / num_layers). Each small expert e
+    stands for the block of g = num_experts / E_small experts [e*g, (e+1)*g); a token routed to e uses q =
+    top_k / K_small of them: q consecutive (mod g) from an offset hashed from (token id, layer j, e). So the
+    larger routing keeps the small model's expert-level structure (load, temporal locality, layer correlation),
+    a token's sub-experts are a fixed function of the token (token-type specialisation), and its forecast maps the
+    same way (pass it the predicted top-k ids).
+    ids [N, T, L_small, K_small] (-1 = padding) -> [N, T, num_layers, top_k] int32 (-1 kept)."""
+    ids = np.asarray(ids_NTLK)
+    N, T, Ls, Ks = ids.shape
+    Es = small_experts
+    if num_experts % Es or top_k % Ks or top_k // Ks > num_experts // Es:
+        raise ValueError(f"cannot map {Es} experts top-{Ks} onto {num_experts} experts top-{top_k}: the expert "
+                         f"counts and top-k must be multiples, with top_k/K_small <= num_experts/E_small")
+    g, q = num_experts // Es, top_k // Ks
+    src = (np.arange(num_layers) * Ls) // num_layers
+    small = ids[:, :, src]  # [N, T, L, Ks]
+    tok = np.asarray(tokens_NT, np.int64)[:, :, None, None]
+    layer = np.arange(num_layers, dtype=np.int64)[None, None, :, None]
+    offset = (tok * 2654435761 + layer * 40503 + small.astype(np.int64) * 97) % g  # [N, T, L, Ks]
+    sub = (offset[..., None] + np.arange(q)) % g  # [N, T, L, Ks, q]
+    big = small[..., None].astype(np.int64) * g + sub
+    big = np.where(small[..., None] >= 0, big, -1)
+    return big.reshape(N, T, num_layers, Ks * q).astype(np.int32)

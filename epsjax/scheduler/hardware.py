@@ -194,6 +194,17 @@ def _presets() -> dict[str, Hardware]:
                  ("sms", "NVIDIA Ampere GA102 whitepaper: 84 SMs on RTX A6000"),
                  ("network_gbs", "deployment assumption: 100 GbE per GPU"),
                  *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
+    p["a40"] = p["a6000"].replace(
+        name="a40", device_kind_pattern=r"A40\b", sms=84,
+        # A40 datasheet: BF16 149.7 TFLOPS dense (299.4 sparse), FP32 37.4 TFLOPS, 48 GB GDDR6 (ECC) at 696 GB/s,
+        # PCIe Gen4 x16 64 GB/s; its NVLink bridge joins two cards only (112.5 GB/s): modelled as PCIe-only.
+        # 84 SMs (GA102 full configuration). ExpertFlow-style single-GPU offloading testbeds use such cards.
+        tflops=(("bfloat16", 149.7), ("float16", 149.7), ("float32", 37.4)),
+        hbm_gb=48, hbm_gbs=696, nvlink_gbs=0, pcie_gbs=64, network_gbs=12.5,
+        sources=(("compute/memory/links", "NVIDIA A40 datasheet (tensor TFLOPS: the dense figure)"),
+                 ("sms", "NVIDIA Ampere GA102 whitepaper: 84 SMs (full GA102, as RTX A6000)"),
+                 ("network_gbs", "deployment assumption: 100 GbE per GPU"),
+                 *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
     p["a10"] = p["a6000"].replace(
         name="a10", device_kind_pattern=r"A10\b", sms=72,
         # A10 datasheet: BF16 125 TFLOPS dense (250 sparse), FP32 31.2 TFLOPS, 24 GB GDDR6 at 600 GB/s,
