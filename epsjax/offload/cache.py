@@ -106,6 +106,40 @@ def plec_quotas(demand, capacity: int) -> np.ndarray:
     return quotas
 
 
+class PrefetchQueue:
+    """The prefetch queue: (layer, expert) keys in order as one [n, 2] array read from the front. It is rebuilt
+    after every layer (ExpertCacheEngine._plan) and filtered by every router (demand) with array operations, so
+    that per-layer host work does not grow with the number of queued experts."""
+
+    def __init__(self):
+        self.clear()
+
+    def set(self, keys_N2) -> None:
+        self.keys = np.asarray(keys_N2, np.int64).reshape(-1, 2)
+        self.head = 0
+
+    def clear(self) -> None:
+        self.set(np.zeros((0, 2), np.int64))
+
+    def pending(self) -> np.ndarray:
+        return self.keys[self.head:]
+
+    def __len__(self) -> int:
+        return len(self.keys) - self.head
+
+    def __getitem__(self, i: int) -> Key:
+        layer, expert = self.keys[self.head + i]
+        return int(layer), int(expert)
+
+    def popleft(self) -> Key:
+        key = self[0]
+        self.head += 1
+        return key
+
+    def __iter__(self):
+        return (tuple(k) for k in self.pending().tolist())
+
+
 class ExpertCacheEngine:
     """Slot bookkeeping, prefetch and miss queues, and statistics for a pool of `num_slots` device slots.
 
@@ -131,7 +165,7 @@ class ExpertCacheEngine:
         self.slot: dict[Key, int] = {}
         self.free = list(range(num_slots))
         self.high: collections.deque[Key] = collections.deque()
-        self.low: collections.deque[Key] = collections.deque()
+        self.low = PrefetchQueue()
         self.inflight: dict[Key, float] = {}   # started, not installed (insertion order = start order)
         self.pinned: set[Key] = set()
         self.unused_prefetch: set[Key] = set()
@@ -170,6 +204,9 @@ class ExpertCacheEngine:
         if self.pred is not None and self.pred.shape != (self.num_layers, self.num_experts):
             raise ValueError(f"predictions must be [L, E] = {(self.num_layers, self.num_experts)}, "
                              f"got {self.pred.shape}")
+        if self.pred is not None:  # once per step: every layer's experts by forecast score, and its demand
+            self._order_LE = np.argsort(-self.pred, axis=1, kind="stable")
+            self._demand_L = (self.pred > 0).sum(-1)
         self._plan(0)
         self.pump()
 
@@ -181,14 +218,14 @@ class ExpertCacheEngine:
         needed = [(layer, int(e)) for e in sorted(set(int(e) for e in experts))]
         self.current = set(needed)
         self.stats.layers += 1
-        kept = collections.deque()
-        for key in self.low:  # prefetches this router (or an earlier one) did not choose are mispredictions
-            if key[0] <= layer and key not in self.current:
-                self.stats.cancelled += 1
-            elif key not in self.current:
-                kept.append(key)
-        promoted = [k for k in self.low if k in self.current]
-        self.low = kept
+        pending = self.low.pending()  # prefetches this router (or an earlier one) did not choose are mispredictions
+        chosen_E = np.zeros(self.num_experts, bool)
+        chosen_E[[e for _, e in needed]] = True
+        in_current = (pending[:, 0] == layer) & chosen_E[pending[:, 1]]
+        dropped = (pending[:, 0] <= layer) & ~in_current
+        self.stats.cancelled += int(dropped.sum())
+        promoted = {(layer, int(e)) for e in pending[in_current, 1]}
+        self.low.set(pending[~dropped & ~in_current])
         for key in needed:
             self.stats.accesses += 1
             if self.status.get(key) == RESIDENT:
@@ -290,14 +327,19 @@ class ExpertCacheEngine:
         self.low.clear()
         if not self.prefetch or self.pred is None or start >= self.num_layers:
             return
-        pred = self.pred[start:]
-        quotas = plec_quotas((pred > 0).sum(-1), self.num_slots)
-        for offset, quota in enumerate(quotas):
-            layer = start + offset
-            for expert in np.argsort(-pred[offset], kind="stable")[:quota]:
-                key = (layer, int(expert))
-                if key not in self.status and key not in self.high:
-                    self.low.append(key)
+        # Vectorised (this runs after every layer): each remaining layer's `quota` best experts, layer-major, in
+        # score order, less those resident, loading or queued as misses.
+        quotas = plec_quotas(self._demand_L[start:], self.num_slots)
+        take = np.arange(self.num_experts)[None, :] < quotas[:, None]  # [L', E] rank < quota
+        layers = np.nonzero(take)[0] + start
+        experts = self._order_LE[start:][take]
+        present = self.slot_of[layers, experts] >= 0
+        if self.inflight or self.high:  # few keys: mark them in a [L, E] mask
+            busy_LE = np.zeros(self.slot_of.shape, bool)
+            busy = np.array([*self.inflight, *self.high], np.int64).reshape(-1, 2)
+            busy_LE[busy[:, 0], busy[:, 1]] = True
+            present |= busy_LE[layers, experts]
+        self.low.set(np.stack([layers[~present], experts[~present]], axis=1))
 
     def _reserve(self, *, limit: float) -> int | None:
         """A free slot, or the slot of an evicted expert whose next use is later than `limit`."""
