@@ -284,8 +284,8 @@ class Engine:
 
     # Generation ------------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 16,
-                 sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True) -> GenerateResult:
+    def check_request(self, prompts, max_new_tokens, sampling) -> list[np.ndarray]:
+        """generate's argument checks (a RequestError names what is wrong); the prompts as arrays."""
         if not _integer(max_new_tokens) or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if not isinstance(sampling, SamplingParams):
@@ -295,6 +295,11 @@ class Engine:
         if longest + max_new_tokens > self.cfg.max_seq_len:
             raise RequestError(f"prompt length {longest} plus max_new_tokens {max_new_tokens} exceeds the model's "
                                f"maximum sequence length {self.cfg.max_seq_len}")
+        return ids
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 16,
+                 sampling: SamplingParams = SamplingParams(), stop_at_eos: bool = True) -> GenerateResult:
+        ids = self.check_request(prompts, max_new_tokens, sampling)
         B = len(ids)
         tokens_BT, mask_BT, cache_len = self.request_shapes(ids, max_new_tokens)
         key = jax.random.key(sampling.seed)

@@ -158,20 +158,19 @@ def scheduler_section(model, predictor, ids_test, tokens_test, warm, new_tokens)
             "reduction": 1 - float(np.mean(after)) / float(np.mean(before)),
             "split_two_ms_median": 1e3 * float(np.median(seconds)), "split_two_ms_max": 1e3 * float(np.max(seconds))}
     engine = OffloadEngine(model, OffloadConfig(mode="expertflow", budget_fraction=0.25), predictor=predictor)
-    prompts_a = [tokens_test[i, :16].tolist() for i in range(4)]
-    prompts_b = [tokens_test[i, :16].tolist() for i in range(4, 8)]
+    prompts = [np.asarray(tokens_test[i, :16]) for i in range(8)]
     for regroup in (False, True):  # compile every shape first
-        scheduler.decode_pair(engine, [w[:16] for w in warm[:4]], [w[:16] for w in warm[4:8]],
-                              max_new_tokens=new_tokens, regroup=regroup)
+        scheduler.generate_two_batches(engine, [np.asarray(w[:16]) for w in warm[:8]], max_new_tokens=new_tokens,
+                                       regroup=regroup)
     for regroup in (False, True):
         engine.cache.reset_stats()
         start = time.perf_counter()
-        toks, stats = scheduler.decode_pair(engine, prompts_a, prompts_b, max_new_tokens=new_tokens, regroup=regroup)
+        result, log = scheduler.generate_two_batches(engine, prompts, max_new_tokens=new_tokens, regroup=regroup)
         out["decode_pair"]["regrouped" if regroup else "fixed"] = {
-            "active_experts_per_layer_per_batch_step": stats["active_experts_per_layer"].tolist(),
+            "distinct_experts_per_batch_step": float(np.mean(log["distinct_experts"])),
             "hit_ratio": engine.cache.stats.hit_ratio, "bytes_h2d": engine.cache.stats.bytes_h2d,
-            "seconds": time.perf_counter() - start, "tokens": toks,
-            "split_two_ms_median": 1e3 * float(np.median(stats["split_seconds"])) if stats["split_seconds"] else None}
+            "seconds": time.perf_counter() - start, "tokens": result.tokens,
+            "split_two_ms_median": 1e3 * float(np.median(log["split_seconds"])) if log["split_seconds"] else None}
     pair = out["decode_pair"]
     pair["same_tokens"] = pair["fixed"]["tokens"] == pair["regrouped"]["tokens"]
     return out

@@ -36,7 +36,8 @@ from jax.sharding import SingleDeviceSharding
 
 import pallas_kernels
 from epsjax.compilation import ShapeBuckets
-from epsjax.engine import DecodeState, Engine, decode_inputs, prefill_inputs
+from epsjax.engine import (DecodeState, Engine, GenerateResult, RequestError, SamplingParams, decode_inputs,
+                           prefill_inputs)
 from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
 from epsjax.offload.store import ExpertStore, device_memory_kind
@@ -324,6 +325,30 @@ class OffloadEngine(Engine):
         decode = DecodeState(cache=cache, kv_valid_BS=kv_valid_BS, next_position_B=d.next_position_B + 1,
                              write_index=d.write_index + 1, active_B=d.active_B)
         return logits[:, -1], OffloadState(decode=decode, recent_BW=recent, recent_valid_BW=recent_valid), stats
+
+    def generate(self, prompts, *, max_new_tokens: int = 16, sampling: SamplingParams = SamplingParams(),
+                 stop_at_eos: bool = True, schedule_tokens: bool = False) -> GenerateResult:
+        """The Engine's generate; with `schedule_tokens`, ExpertFlow's token scheduler: the prompts decode as two
+        batches that alternate steps, and before every step their sequences are re-split by predicted routing
+        path so each batch activates fewer experts (scheduler.generate_two_batches; KV caches move with their
+        sequences). Greedy tokens equal the unscheduled run's; with temperature > 0 each sequence samples from
+        its own random stream (independent of its batch), so the draws differ from the unscheduled run's.
+        After a scheduled call, `schedule_log` holds the distinct experts per batch-step and the split times."""
+        if not schedule_tokens:
+            return super().generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                    stop_at_eos=stop_at_eos)
+        from epsjax.offload.scheduler import generate_two_batches  # the scheduler builds on this module
+
+        ids = self.check_request(prompts, max_new_tokens, sampling)
+        if self.predictor is None:
+            raise RequestError("schedule_tokens regroups sequences by predicted routing path and needs the engine's "
+                               "routing predictor (mode 'expertflow', or pass predictor=)")
+        if len(ids) < 2:
+            raise RequestError(f"schedule_tokens re-splits two batches and needs at least 2 prompts, got {len(ids)}")
+        result, self.schedule_log = generate_two_batches(
+            self, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+            eos=self.cfg.eos_token_id if stop_at_eos else None, regroup=True)
+        return result
 
     # Internals ----------------------------------------------------------------------------------------------------
 

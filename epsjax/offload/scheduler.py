@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epsjax.engine import DecodeState
+from epsjax.engine import DecodeState, GenerateResult, SamplingParams, sample
 from epsjax.offload.metrics import topk_chosen
 from epsjax.offload.runtime import OffloadState
 
@@ -112,7 +112,9 @@ def _regroup(cache_a, cache_b, kv_a_BS, kv_b_BS, pos_a_B, pos_b_B, shift_a, shif
                           cache_a, cache_b)
     kv = jnp.concatenate([shifted(kv_a_BS, shift_a), shifted(kv_b_BS, shift_b)])
     pos = jnp.concatenate([pos_a_B, pos_b_B])
-    take = lambda idx: (jax.tree.map(lambda x: x[idx], joined), kv[idx], pos[idx])
+    def take(idx):
+        return jax.tree.map(lambda x: x[idx], joined), kv[idx], pos[idx]
+
     return take(idx_a), take(idx_b)
 
 
@@ -132,10 +134,11 @@ def regroup_states(state_a, state_b, idx_a, idx_b):
     recent_valid = np.concatenate([state_a.recent_valid_BW, state_b.recent_valid_BW])
     write = jnp.asarray(w, jnp.int32)
     active = np.concatenate([np.asarray(da.active_B), np.asarray(db.active_B)])
-    make = lambda c, kv, p, idx: OffloadState(
-        decode=DecodeState(cache=c, kv_valid_BS=kv, next_position_B=p, write_index=write,
-                           active_B=jnp.asarray(active[idx])),
-        recent_BW=recent[idx], recent_valid_BW=recent_valid[idx])
+    def make(c, kv, p, idx):
+        return OffloadState(decode=DecodeState(cache=c, kv_valid_BS=kv, next_position_B=p, write_index=write,
+                                               active_B=jnp.asarray(active[idx])),
+                            recent_BW=recent[idx], recent_valid_BW=recent_valid[idx])
+
     return make(ca, kva, pa, idx_a), make(cb, kvb, pb, idx_b)
 
 
@@ -147,39 +150,78 @@ def next_token_paths(predictor, state, tokens_B) -> np.ndarray:
     return topk_chosen(probs_BLE, predictor.config.top_k).reshape(len(tokens_B), -1)
 
 
-def decode_pair(engine, prompts_a, prompts_b, *, max_new_tokens: int, regroup: bool, cache_len: int | None = None):
-    """Greedy decoding of two batches on one OffloadEngine, alternating steps; with `regroup`, before every step the
-    two batches' sequences are re-split by their predicted next-token paths (split_two) and their state moved.
+def _sample_rows(logits_BV, key, owners_B: np.ndarray, step: int, sampling):
+    """Next tokens [B]: greedy as the Engine; with temperature > 0 each sequence draws from its own stream
+    (key, its index, step), so a token does not depend on which batch its sequence sits in."""
+    if sampling.temperature == 0:
+        return np.asarray(jnp.argmax(logits_BV, axis=-1), np.int32)
+    keys = jax.vmap(lambda o: jax.random.fold_in(jax.random.fold_in(key, o), step))(
+        jnp.asarray(np.maximum(owners_B, 0)))
+    return np.asarray(jax.vmap(lambda row_V, k: sample(row_V[None], k, sampling)[0])(logits_BV, keys), np.int32)
 
-    Returns (tokens per prompt in input order (a's, then b's), stats) where stats has the distinct experts per layer
-    each batch-step activated (from the routers), and the split times in seconds."""
-    prompts = list(prompts_a) + list(prompts_b)
-    T = max(len(p) for p in prompts)
-    cache_len = cache_len or int(np.ceil((T + max_new_tokens) / 64) * 64)
+
+def generate_two_batches(engine, ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                         eos: int | None = None, regroup: bool = True, split: int | None = None,
+                         cache_len: int | None = None):
+    """Decodes prompts `ids` as two batches (ids[:split], ids[split:]; default split len // 2) that alternate
+    steps on one OffloadEngine, as ExpertFlow's pending pool. With `regroup`, before every decode step the two
+    batches' sequences are re-split by their predicted next-token routing paths (split_two) and their decode
+    state (KV rows, positions, the predictor's recent tokens) moves with them.
+
+    Returns (GenerateResult, log) with the tokens per prompt in input order, and log = {"distinct_experts": per
+    batch-step, summed over MoE layers (from the routers), "split_seconds": per re-split}."""
+    n = len(ids)
+    split = n // 2 if split is None else split
+    if not 0 < split < n:
+        raise ValueError(f"two batches need 0 < split < {n} prompts, got split={split}")
+    groups = [list(ids[:split]), list(ids[split:])]
+    # Each batch is padded as generate pads a request (its own prompt length: their write indices may differ,
+    # and regroup_states shifts the one behind); one cache length holds both.
+    shapes = [engine.request_shapes(group, max_new_tokens) for group in groups]
+    cache_len = cache_len or max(c for _, _, c in shapes)
+    key = jax.random.key(sampling.seed)
     states, nexts, owners = [], [], []
-    for group, offset in ((prompts_a, 0), (prompts_b, len(prompts_a))):
-        tokens, mask = engine.pad_prompts(group)
-        logits, state, _ = engine.prefill(tokens, mask, cache_len=cache_len)
+    tokens_per_expert, prompt_tokens = 0, 0
+    start = time.perf_counter()
+    for (tokens, mask, _), group, offset in zip(shapes, groups, (0, split)):
+        B = tokens.shape[0]
+        logits, state, stats = engine.prefill(tokens, mask, cache_len=cache_len, pad_rows=B - len(group))
+        owner = np.full(B, -1)
+        owner[:len(group)] = np.arange(offset, offset + len(group))
         states.append(state)
-        nexts.append(np.asarray(jnp.argmax(logits, -1), np.int32))
-        owners.append(np.arange(offset, offset + len(group)))
-    out = [[] for _ in prompts]
-    active, split_seconds = [], []
+        owners.append(owner)
+        nexts.append(_sample_rows(logits, key, owner, 0, sampling))
+        tokens_per_expert = tokens_per_expert + np.asarray(stats.tokens_per_expert, np.int64)
+        prompt_tokens += int(mask.sum())
+    prefill_seconds = time.perf_counter() - start
+    out = [[] for _ in range(n)]
+    done = np.zeros(n, bool)
+    log = {"distinct_experts": [], "split_seconds": []}
+    start = time.perf_counter()
     for step in range(max_new_tokens):
         for owner, nxt in zip(owners, nexts):
             for o, tok in zip(owner, nxt):
-                out[o].append(int(tok))
-        if step == max_new_tokens - 1:
+                if o >= 0 and not done[o]:
+                    out[o].append(int(tok))
+                    done[o] = eos is not None and int(tok) == eos
+        if step == max_new_tokens - 1 or done.all():
             break
         if regroup:
-            paths = np.concatenate([next_token_paths(engine.predictor, s, n) for s, n in zip(states, nexts)])
+            paths = np.concatenate([next_token_paths(engine.predictor, s, x) & (o >= 0)[:, None]
+                                    for s, x, o in zip(states, nexts, owners)])
             ia, ib, seconds = timed_split(paths)
-            split_seconds.append(seconds)
+            log["split_seconds"].append(seconds)
             states = list(regroup_states(states[0], states[1], ia, ib))
             joint_next, joint_owner = np.concatenate(nexts), np.concatenate(owners)
             nexts, owners = [joint_next[ia], joint_next[ib]], [joint_owner[ia], joint_owner[ib]]
         for k in range(2):
             logits, states[k], stats = engine.decode_step(states[k], nexts[k])
-            nexts[k] = np.asarray(jnp.argmax(logits, -1), np.int32)
-            active.append((np.asarray(stats.tokens_per_expert) > 0).sum(axis=1))
-    return out, {"active_experts_per_layer": np.mean(active, axis=0), "split_seconds": split_seconds}
+            nexts[k] = _sample_rows(logits, key, owners[k], step + 1, sampling)
+            counts = np.asarray(stats.tokens_per_expert, np.int64)
+            tokens_per_expert = tokens_per_expert + counts
+            log["distinct_experts"].append(int((counts > 0).sum()))
+    decode_seconds = time.perf_counter() - start
+    result = GenerateResult(tokens=out, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+                            prompt_tokens=prompt_tokens, generated_tokens=sum(map(len, out)),
+                            tokens_per_expert=tokens_per_expert, dropped=0)
+    return result, log

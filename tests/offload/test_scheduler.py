@@ -4,9 +4,11 @@ state that moves with regrouped sequences (same tokens as without regrouping).""
 import time
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from epsjax.engine import RequestError, SamplingParams
 from epsjax.offload import scheduler
 from epsjax.offload.predictor import routing_targets
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
@@ -75,10 +77,34 @@ def test_regrouped_decoding_keeps_every_sequence_consistent(tiny_model, trained)
     prompts_a = [tokens[i, :rng.integers(2, 8)].tolist() for i in range(3)]
     prompts_b = [tokens[i, :rng.integers(9, 16)].tolist() for i in range(3, 6)]
     engine = OffloadEngine(tiny_model, OffloadConfig(mode="expertflow", budget_fraction=0.5), predictor=predictor)
-    fixed, fixed_stats = scheduler.decode_pair(engine, prompts_a, prompts_b, max_new_tokens=8, regroup=False)
-    moved, moved_stats = scheduler.decode_pair(engine, prompts_a, prompts_b, max_new_tokens=8, regroup=True)
-    assert moved == fixed
+    ids = [np.asarray(p) for p in prompts_a + prompts_b]
+    fixed, fixed_log = scheduler.generate_two_batches(engine, ids, max_new_tokens=8, regroup=False, split=3)
+    moved, moved_log = scheduler.generate_two_batches(engine, ids, max_new_tokens=8, regroup=True, split=3)
+    assert moved.tokens == fixed.tokens
     reference = OffloadEngine(tiny_model, OffloadConfig(mode="device")).generate(prompts_a + prompts_b,
                                                                                   max_new_tokens=8)
-    assert reference.tokens == fixed
-    assert len(moved_stats["split_seconds"]) == 7
+    assert reference.tokens == fixed.tokens
+    assert len(moved_log["split_seconds"]) == 7 and len(moved_log["distinct_experts"]) == 14
+    assert (moved.tokens_per_expert == reference.tokens_per_expert).all()  # same routing, whatever the batches
+
+
+def test_token_scheduled_generate_matches_unscheduled(tiny_model, trained):
+    predictor, tokens, _ = trained
+    prompts = [tokens[i, :n].tolist() for i, n in enumerate((3, 9, 5, 12, 7))]  # odd: batches of 2 and 3
+    engine = OffloadEngine(tiny_model, OffloadConfig(mode="expertflow", budget_fraction=0.25), predictor=predictor)
+    plain = engine.generate(prompts, max_new_tokens=6)
+    scheduled = engine.generate(prompts, max_new_tokens=6, schedule_tokens=True)
+    assert scheduled.tokens == plain.tokens
+    assert len(engine.schedule_log["split_seconds"]) == 5
+    # sampling: each sequence draws from its own stream, so regrouping changes no token either
+    sampling = SamplingParams(temperature=1.0, seed=3)
+    a, _ = scheduler.generate_two_batches(engine, [np.asarray(p) for p in prompts], max_new_tokens=6,
+                                          sampling=sampling, regroup=False)
+    b = engine.generate(prompts, max_new_tokens=6, sampling=sampling, schedule_tokens=True)
+    assert a.tokens == b.tokens
+    with pytest.raises(RequestError, match="at least 2 prompts"):
+        engine.generate(prompts[:1], schedule_tokens=True)
+    lru = OffloadEngine(tiny_model, OffloadConfig(mode="lru", budget_fraction=0.25))
+    with pytest.raises(RequestError, match="routing predictor"):
+        lru.generate(prompts, schedule_tokens=True)
+
