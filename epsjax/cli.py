@@ -68,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate tokens from prompts and report throughput")
     _add_model_args(gen)
     prompts = gen.add_mutually_exclusive_group()
-    prompts.add_argument("--prompt", action="append", help="token ids, comma or space separated (repeatable)")
+    prompts.add_argument("--prompt", action="append",
+                         help="token ids, comma or space separated; or text, when the model directory has a "
+                              "tokenizer.json and the prompt is not a list of integers (repeatable)")
     prompts.add_argument("--text", action="append", help="text, tokenized with the model directory's tokenizer.json")
     gen.add_argument("--batch", type=_positive_int, default=8, help="random prompts when none are given (default: 8)")
     gen.add_argument("--prompt-len", type=_positive_int, default=32,
@@ -184,6 +186,21 @@ def _tokenizer(args):
     return Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
 
 
+def _prompt_ids(text: str, tokenizer) -> list[int]:
+    """--prompt: token ids when it parses as integers, else text through the model's tokenizer (if it has one)."""
+    if tokenizer is None or _looks_like_ids(text):
+        return _parse_ids(text)
+    ids = tokenizer.encode(text).ids
+    if not ids:
+        raise UsageError(f"--prompt {text!r} tokenizes to no tokens")
+    return ids
+
+
+def _looks_like_ids(text: str) -> bool:
+    parts = text.replace(",", " ").split()
+    return bool(parts) and all(p.lstrip("-").isdigit() for p in parts)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(",", " ").split()]
@@ -223,7 +240,7 @@ def _generate(args) -> int:
             raise UsageError("--text needs a model directory with a tokenizer.json; give token ids with --prompt")
         prompts = [tokenizer.encode(t).ids for t in args.text]
     elif args.prompt:
-        prompts = [_parse_ids(p) for p in args.prompt]
+        prompts = [_prompt_ids(p, tokenizer) for p in args.prompt]
     else:
         rng = np.random.default_rng(args.seed)
         prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
@@ -317,10 +334,10 @@ def _generate(args) -> int:
     if result.dropped:
         print(f"dropped    {result.dropped} expert assignments (capacity limit)")
     for i, tokens in enumerate(result.tokens):
-        line = f"output[{i}]  {tokens}"
-        if tokenizer is not None:
-            line += f"  {tokenizer.decode(tokens)!r}"
-        print(line)
+        print(f"output[{i}]  {tokens}" + ("" if tokenizer is None else f"  {tokenizer.decode(tokens)!r}"))
+        if tokenizer is not None:  # the prompt and its continuation, as text (newlines kept, indented)
+            text = tokenizer.decode(list(prompts[i]) + list(tokens))
+            print(f"text[{i}]\n" + "\n".join("  | " + line for line in text.split("\n")))
     return 0
 
 
