@@ -18,6 +18,7 @@ Files, one job each:
     simulate.py   the step as a scheduler Schedule (simulate / gantt / trace) and its exact fast step time
     problem.py    a model on a deployment -> the solver's problem (fitted linear models, memory, depth that fits)
     solver.py     FinDEP's optimisation and the exhaustive search it is checked against
+    workloads.py  plans for a fixed batch, a TTFT budget, decode steps; MegaScale-Infer's ping-pong rule
     overlap.py    CPU diagnostic: did the two groups run at the same time (profiler trace)
 """
 
