@@ -202,7 +202,8 @@ def plot(out: dict, path: pathlib.Path, args) -> None:
     import numpy as np
 
     keys = list(dict.fromkeys(r["setting"] for r in out["prefill"]))
-    names = [k.replace("_", "\n", 1).replace("_", " ") for k in keys]
+    short = {"deepseek-v2": "DSv2", "qwen3-30b-a3b": "Qwen3-30B"}
+    names = [f"{tb}\n{short.get(model, model)}" for tb, model, _ in (k.split("_") for k in keys)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     x = np.arange(len(keys))
 
@@ -212,6 +213,7 @@ def plot(out: dict, path: pathlib.Path, args) -> None:
             ys = [next((r.get(key, np.nan) for r in rows if r["setting"] == k and pick(r)), np.nan) for k in keys]
             ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, label=label)
         ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_ylim(bottom=0.9)
         ax.set_xticks(x, names, fontsize=6)
         ax.set_title(title, fontsize=8)
         ax.legend(fontsize=6)
