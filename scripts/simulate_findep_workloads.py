@@ -256,8 +256,8 @@ def main(argv=None) -> dict:
     settings = SETTINGS[2:4] if args.quick else SETTINGS
     started = time.perf_counter()
     out = run(settings, args)
-    out.update(seconds=time.perf_counter() - started, arguments={k: (str(v) if isinstance(v, pathlib.Path) else v)
-                                                                 for k, v in vars(args).items()},
+    out.update(seconds=time.perf_counter() - started,
+               arguments={k: v for k, v in vars(args).items() if k != "out_dir"},
                assumptions={
                    "batch": "b sequences per attention device, r1 micro-batches of ceil(b / r1), padded as "
                             "DEPRuntime.prefill pads; no micro-batch all padding, no empty token segment",
