@@ -36,7 +36,8 @@ class DEPProblem:
 
     layer_kinds: "dense" / "moe" per layer. shared: MoE layers have shared experts. seq_len: S tokens per
     sequence. attention_devices: ag (each contributes r1 * ma * S tokens per step). models: linear task models.
-    memory: the limits. Search space: r1 <= max_micro_batches, r2 <= max_segments, ma <= max_micro_batch_size.
+    memory: the limits. Search space: r1 <= max_micro_batches, r2 <= max_segments, ma <= max_micro_batch_size,
+    orders, and A2E whole or per segment (solver.shapes).
     """
 
     layer_kinds: tuple[str, ...]
