@@ -12,7 +12,7 @@ exhaustive search with the cost models, not the solver's linear fits):
 
 Workloads (b: sequences per attention device; ag * b in all):
 
-    prefill   prompts of --seq-len tokens, b fixed (--batches)                 step time, tokens/s
+    prefill   prompts of --seq-len (and --other-seq-lens) tokens, b fixed (--batches)   step time, tokens/s
     ttft      the largest b whose prefill step fits a budget (--budgets, s)     b, tokens/s
     decode    one token per sequence after --contexts cached tokens, b fixed    step time (TPOT), tokens/s
     skew      prefill and decode rows again under Zipf(s) routing (--zipf): experts' shares 1 / rank^s, shuffled
@@ -111,8 +111,9 @@ def run(settings, args) -> dict:
         started = time.perf_counter()
         ctx = Context(s)
         head = ctx.describe()
-        for b in args.batches:
-            out["prefill"].append({**head, "seq_len": args.seq_len, "b": b, **ctx.fixed(args.seq_len, 0, b)})
+        for seq_len in [args.seq_len] + args.other_seq_lens:
+            for b in args.batches:
+                out["prefill"].append({**head, "seq_len": seq_len, "b": b, **ctx.fixed(seq_len, 0, b)})
         for budget in args.budgets:
             out["ttft"].append({**head, "seq_len": args.seq_len, "budget_s": budget,
                                 **ctx.budget(args.seq_len, budget)})
@@ -153,11 +154,11 @@ def tables(out: dict, args) -> str:
              "(step-time ratio, > 1: FinDEP faster); F/rule: over PPPipe with MegaScale-Infer's ping-pong rule;",
              "F/whole: FinDEP over FinDEP without segmented A2E. Plans: ma x r1 micro-batches, r2 segments.", ""]
     cols = "| testbed | model | ag/eg | layers |"
-    lines += [f"## Prefill, fixed batch (prompts of {args.seq_len} tokens)", "",
-              cols + " b | rule | PPPipe | FinDEP whole A2E | FinDEP | F/PP | F/rule | F/whole | FinDEP plan |",
-              "|" + "---|" * 13]
-    for r in out["prefill"]:
-        lines.append(f"| {r['testbed']} | {r['model']} | {r['split']} | {r['layers']} | {r['b']} | "
+    lines += ["## Prefill, fixed batch (prompts of S tokens; '-': does not fit in memory)", "",
+              cols + " S | b | rule | PPPipe | FinDEP whole A2E | FinDEP | F/PP | F/rule | F/whole | FinDEP plan |",
+              "|" + "---|" * 14]
+    for r in sorted(out["prefill"], key=lambda r: r["seq_len"]):
+        lines.append(f"| {r['testbed']} | {r['model']} | {r['split']} | {r['layers']} | {r['seq_len']} | {r['b']} | "
                      + " | ".join(_ms(r, k) for k in SCHEDULES)
                      + f" | {_x(r, 'findep_vs_pppipe')} | {_x(r, 'findep_vs_rule')} | {_x(r, 'findep_vs_findep_whole')}"
                      f" | {_plan(r['findep']['plan'])} |")
@@ -219,8 +220,11 @@ def plot(out: dict, path: pathlib.Path, args) -> None:
         ax.legend(fontsize=6)
         ax.grid(axis="y", linewidth=0.3)
 
-    bars(axes[0], out["prefill"], [(f"b={b}", lambda r, b=b: r["b"] == b) for b in args.batches], "findep_vs_pppipe",
-         f"prefill {args.seq_len}, fixed b: FinDEP / tuned PPPipe")
+    bars(axes[0], out["prefill"], [(f"b={b}", lambda r, b=b: r["b"] == b and r["seq_len"] == args.seq_len)
+                                   for b in args.batches] + [(f"b={b}, S={S}", lambda r, b=b, S=S: r["b"] == b
+                                                              and r["seq_len"] == S)
+                                                             for S in args.other_seq_lens[-1:] for b in (1, 2)],
+         "findep_vs_pppipe", f"prefill, fixed b (S={args.seq_len} unless noted): FinDEP / tuned PPPipe")
     axes[0].set_ylabel("speedup (step-time ratio)")
     ctx = args.contexts[0]
     bars(axes[1], out["decode"], [(f"b={b}", lambda r, b=b: r["context"] == ctx and r["b"] == b)
@@ -239,6 +243,8 @@ def plot(out: dict, path: pathlib.Path, args) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-len", type=int, default=1024, help="prompt tokens (prefill, TTFT and skew rows)")
+    parser.add_argument("--other-seq-lens", type=int, nargs="*", default=[256, 4096],
+                        help="more prompt lengths for the fixed-batch prefill rows")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="prefill b")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="TTFT budgets (s)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192], help="decode: cached tokens")
@@ -251,7 +257,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.budgets, args.contexts, args.decode_batches = [1, 2], [0.5], [1024], [16]
-        args.zipf, args.skew_batches = [0.0, 1.2], [1]
+        args.zipf, args.skew_batches, args.other_seq_lens = [0.0, 1.2], [1], []
     args.out_dir.mkdir(parents=True, exist_ok=True)
     settings = SETTINGS[2:4] if args.quick else SETTINGS
     started = time.perf_counter()
