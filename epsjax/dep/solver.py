@@ -2,11 +2,12 @@
 exhaustive search it is checked against.
 
 The problem (epsjax/dep/simulate.py DEPProblem): maximise  tokens(plan) / makespan(plan)  over
-ma in 1..ma_max(r1, r2) (memory), r1 in 1..R1, r2 in 1..R2, order in {AASS, ASAS}, and A2E whole or segmented
-(segment_a2e, for r2 >= 2: with r2 = 1 both are the same schedule); makespan is the simulated step with task
-durations alpha + beta * x from the linear models. Segmented A2E lets segment 0's expert FFN start before the
-whole micro-batch's rows have arrived but pays the link's latency alpha once per segment, so the solver searches
-both and picks by step time: FinDEP's space holds the unsegmented schedules it had before.
+ma in ceil(r2 / S)..ma_max(r1, r2) (no empty token segment; memory), r1 in 1..R1, r2 in 1..R2, order in
+{AASS, ASAS}, and A2E whole or segmented (segment_a2e, for r2 >= 2: with r2 = 1 both are the same schedule);
+makespan is the simulated step with task durations alpha + beta * x from the linear models. Segmented A2E lets
+segment 0's expert FFN start before the whole micro-batch's rows have arrived but pays the link's latency alpha
+once per segment, so the solver searches both and picks by step time: FinDEP's space holds the unsegmented
+schedules it had before.
 
 Two facts make it small:
 
@@ -66,6 +67,11 @@ def shapes(problem: DEPProblem, space: str = "findep") -> list[DEPSchedule]:
     raise ValueError(f"space must be one of {SPACES}, got {space!r}")
 
 
+def min_micro_batch(problem: DEPProblem, schedule: DEPSchedule) -> int:
+    """The smallest ma that gives every token segment a token (ma * S >= r2; decode has S = 1)."""
+    return max(1, -(-schedule.segments // problem.seq_len))
+
+
 def lower_bound(problem: DEPProblem, plan: Plan) -> float:
     """A makespan no simulation of the plan can beat (module docstring, fact 2)."""
     d = durations(plan, problem.seq_len, problem.models.seconds)
@@ -100,7 +106,7 @@ def solve(problem: DEPProblem, space: str = "findep") -> Solution:
     candidates = []
     for schedule in shapes(problem, space):
         ma = problem.max_micro_batch(schedule.micro_batches, schedule.segments)
-        if ma >= 1:
+        if ma >= min_micro_batch(problem, schedule):
             plan = Plan(schedule, ma)
             candidates.append((problem.tokens(plan) / max(lower_bound(problem, plan), 1e-30), plan))
     candidates.sort(key=lambda c: -c[0])
@@ -121,7 +127,8 @@ def exhaustive(problem: DEPProblem, space: str = "findep") -> Solution:
     start = time.perf_counter()
     best, best_tp, best_span, count = None, 0.0, float("inf"), 0
     for schedule in shapes(problem, space):
-        for ma in range(1, problem.max_micro_batch(schedule.micro_batches, schedule.segments) + 1):
+        for ma in range(min_micro_batch(problem, schedule),
+                        problem.max_micro_batch(schedule.micro_batches, schedule.segments) + 1):
             plan = Plan(schedule, ma)
             span = simulate_plan(problem, plan).makespan
             count += 1

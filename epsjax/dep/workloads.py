@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 from epsjax.dep.schedule import DEPSchedule
 from epsjax.dep.simulate import DEPProblem, Plan, Seconds, durations, step_time
-from epsjax.dep.solver import shapes
+from epsjax.dep.solver import min_micro_batch, shapes
 
 
 Space = str | Sequence[DEPSchedule]  # a solver space ("naive" / "pppipe" / "findep") or the schedules themselves
@@ -123,7 +123,7 @@ def within_budget(problem: DEPProblem, budget_s: float, space: Space = "findep",
             return span if span <= budget_s else None
 
         hi_cap = max_sequences // r1
-        lo = math.ceil(schedule.segments / problem.seq_len)  # the smallest ma with no empty segment
+        lo = min_micro_batch(problem, schedule)
         if r1 * hi_cap < best_b or lo > hi_cap or fits(lo) is None:
             continue
         hi = 2 * lo  # fits(lo); grow hi until it does not fit

@@ -90,6 +90,16 @@ def test_findep_space_holds_both_a2e_forms():
     assert not [s for s in shapes(problem, "pppipe") + shapes(problem, "naive") if s.segment_a2e]
 
 
+def test_no_token_segment_is_left_empty():
+    """Decode (one token per sequence): memory allows ma <= 2, so r2 = 3 or 4 would leave a segment without a
+    token; neither the solver nor the exhaustive search plans one, though splitting would look cheaper."""
+    models = LinearModels(tuple((k, Linear(0.0 if k in SEGMENT_KINDS else 1.0, 5.0)) for k in KINDS))
+    problem = DEPProblem(("moe",), False, 1, 1, models, MemoryModel(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1e9),
+                         max_micro_batches=1, max_segments=4)
+    for solution in (solve(problem), exhaustive(problem)):
+        assert solution.plan.micro_batch_size == 2 and solution.plan.schedule.segments == 2
+
+
 def test_nothing_fits():
     problem = DEPProblem(("moe",), False, 4, 1, LinearModels(tuple((k, Linear(1.0, 1.0)) for k in KINDS)),
                          MemoryModel(10.0, 1.0, 0.0, 0.0, 0.0, 0.0, 5.0, 5.0))
