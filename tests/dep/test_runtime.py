@@ -149,7 +149,8 @@ def test_prompt_lengths_in_one_bucket_share_their_programs():
     """The runtime rounds prompt lengths (more left padding) and micro-batch sizes up to ShapeBuckets' ladders: a
     second prompt length in the same bucket compiles no new step program (embedding, attention, combine, head),
     and the logits of the real positions are unchanged. (The expert step compiles per power-of-two bucket of the
-    rows it receives; the A2E / E2A copies one slice per distinct row count: they move exactly the routed rows.)"""
+    rows it receives; the A2E / E2A slice and place per power-of-two chunk size: they move exactly the routed rows,
+    see test_transfers_go_in_power_of_two_chunks.)"""
     from epsjax.dep import steps
 
     jitted = [getattr(steps, name) for name in ("embed", "head", "dense", "attention", "shared", "combine_layer")]
@@ -165,3 +166,22 @@ def test_prompt_lengths_in_one_bucket_share_their_programs():
     exact = DEPRuntime(_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
     want = np.asarray(exact.prefill(shorter_tokens, shorter_mask, schedule=schedule).logits)
     assert np.abs(np.asarray(out.logits) - want)[shorter_mask].max() < 1e-5
+
+
+def test_transfers_go_in_power_of_two_chunks():
+    """A piece of n rows is sent as the chunks of n's binary expansion, so slicing compiles once per chunk size
+    (at most log2(n) + 1 of them), and the chunks cover the n rows exactly once, in order."""
+    from epsjax.dep import transfer
+
+    assert transfer.chunks(13) == [(0, 8), (8, 4), (12, 1)]
+    assert transfer.chunks(8) == [(0, 8)] and transfer.chunks(1) == [(0, 1)] and transfer.chunks(0) == []
+    for n in range(1, 300):
+        parts = transfer.chunks(n)
+        assert [at for at, _ in parts] == list(np.cumsum([0] + [size for _, size in parts])[:-1])
+        assert sum(size for _, size in parts) == n and len(parts) == bin(n).count("1")
+    x = jnp.arange(40.0).reshape(20, 2)
+    device = jax.devices()[1]
+    sent = transfer.send(x, 3, 7, device)
+    assert [(at, p.shape[0]) for at, p in sent] == [(0, 4), (4, 2), (6, 1)]
+    assert all(p.devices() == {device} for _, p in sent)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p) for _, p in sent]), np.asarray(x[3:10]))
