@@ -66,7 +66,10 @@ class Pack:
         """Local [T, D], [T, K], [T] -> sorted rows [T*K, D], order [T*K], counts [1, eg, r2, slots]."""
         T, K = ids_TK.shape
         keys = self.devices * self.segments * self.slots                  # the sentinel key of invalid rows
-        segment_T = (jnp.arange(T, dtype=jnp.int32) * self.segments) // T  # contiguous token segments
+        # r2 contiguous segments of the valid tokens, equal up to one token: split by position, left padding
+        # (which routes nothing) would leave the first segments empty and nothing to pipeline
+        rank_T = jnp.cumsum(valid_T.astype(jnp.int32)) - 1
+        segment_T = (rank_T * self.segments) // jnp.maximum(jnp.sum(valid_T.astype(jnp.int32)), 1)
         owner_E, slot_E = jnp.asarray(self.owner, jnp.int32), jnp.asarray(self.slot, jnp.int32)
         key_TK = (owner_E[ids_TK] * self.segments + segment_T[:, None]) * self.slots + slot_E[ids_TK]
         key_M = jnp.where(valid_T[:, None], key_TK, keys).reshape(-1)     # [T*K]

@@ -1,7 +1,7 @@
 """DEP decoding: DEPRuntime.generate (the Engine's contract, a KV cache on the attention group, each prefill and
 decode step run as the schedule's task graph) gives the single-device Engine's tokens, token for token, for
 DeepSeek-V2 (MLA, shared experts; sampled: temperature 0.8, top-p 0.9) and Qwen3-MoE (GQA; greedy) on splits 3+5
-and 4+4 under every schedule; EOS stops each sequence as the Engine's does.
+and 4+4 under every schedule (FinDEP's ASAS with segmented A2E); EOS stops each sequence as the Engine's does.
 
 Kept cheap (the CI suite runs on 2 cores): one Engine run per family, one runtime per (family, split) shared by its
 schedules, 5 short prompts of different lengths (left padding) and 3 new tokens (two decode steps). With 5
@@ -25,7 +25,7 @@ NEW = 3
 SAMPLING = {"tiny-deepseek-v2": SamplingParams(temperature=0.8, top_p=0.9, seed=7),
             "tiny-qwen3-moe": SamplingParams()}
 SCHEDULES = (DEPSchedule.naive(), DEPSchedule.pppipe(2), DEPSchedule.findep(2, 2, "AASS"),
-             DEPSchedule.findep(2, 2, "ASAS"))
+             DEPSchedule.findep(2, 2, "ASAS", segment_a2e=True))
 
 
 @functools.cache

@@ -27,6 +27,7 @@ SCHEDULES = {
     "pppipe": DEPSchedule.pppipe(2),
     "findep_aass": DEPSchedule.findep(2, 2, "AASS"),
     "findep_asas": DEPSchedule.findep(2, 3, "ASAS"),
+    "findep_segmented_a2e": DEPSchedule.findep(2, 2, "AASS", segment_a2e=True),
 }
 MODELS = ("tiny-deepseek-v2", "tiny-qwen3-moe")
 
@@ -97,6 +98,9 @@ def test_dep_matches_single_device(name, ag, eg, schedule):
     assert err < 1e-5, f"{name} {ag}+{eg} {schedule}: max |logits diff| = {err}"
     np.testing.assert_array_equal(out.tokens_per_expert, want_counts)
     _check_rows(runtime, out, want_counts)
+    # segmented A2E: one transfer per (segment, attention device, expert device), logged with its segment
+    segments = {r.segment for r in out.transfers.records if r.kind == "a2e"}
+    assert segments == (set(range(SCHEDULES[schedule].segments)) if SCHEDULES[schedule].segment_a2e else {-1})
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -185,3 +189,20 @@ def test_transfers_go_in_power_of_two_chunks():
     assert [(at, p.shape[0]) for at, p in sent] == [(0, 4), (4, 2), (6, 1)]
     assert all(p.devices() == {device} for _, p in sent)
     np.testing.assert_array_equal(np.concatenate([np.asarray(p) for _, p in sent]), np.asarray(x[3:10]))
+
+
+def test_segments_split_the_valid_tokens():
+    """Pack's r2 segments are contiguous runs of the device's valid tokens, not of positions: with left padding a
+    split by position would leave the first segments empty. 6 tokens, the first 2 padding, 4 experts on 2 devices
+    (2 slots each), top-1: tokens 2, 3 form segment 0 and tokens 4, 5 segment 1. Keys (device, segment, slot):
+    token 2 -> expert 1 (0, 0, 1); token 3 -> expert 2 (1, 0, 0); token 4 -> expert 3 (1, 1, 1); token 5 -> expert 0
+    (0, 1, 0); so the sorted rows are tokens 2, 5, 3, 4, then the padding's (never sent)."""
+    from epsjax.dep import steps
+
+    pack = steps.Pack(owner=(0, 0, 1, 1), slot=(0, 1, 0, 1), devices=2, slots=2, segments=2)
+    x_TD = jnp.arange(6.0)[:, None]
+    ids_TK = jnp.array([[0], [0], [1], [2], [3], [0]])
+    valid_T = jnp.array([False, False, True, True, True, True])
+    x_sorted, _, counts = pack(x_TD, ids_TK, valid_T)
+    np.testing.assert_array_equal(np.asarray(x_sorted[:4, 0]), [2, 5, 3, 4])
+    np.testing.assert_array_equal(np.asarray(counts[0]), [[[0, 1], [1, 0]], [[1, 0], [0, 1]]])
