@@ -16,6 +16,7 @@ Files, one job each:
     transfer.py   A2E / E2A: exactly the routed rows, device to device, in power-of-two chunks
     runtime.py    DEPRuntime: places a model, walks a schedule with asynchronous dispatch
     decode.py     DEPEngine / DEPState: the runtime under the Engine's contract (KV cache, decode steps, generate)
+    placement.py  a checkpoint read straight onto the groups (DEPRuntime.from_checkpoint): each device its share
     perf.py       testbeds, deployments, task durations and memory from epsjax.scheduler's cost models, fits
     simulate.py   the step as a scheduler Schedule (simulate / gantt / trace) and its exact fast step time
     problem.py    a model on a deployment -> the solver's problem (fitted linear models, memory, depth that fits)

@@ -10,7 +10,7 @@
 Placement: the embedding, attention, routers, shared experts, dense layers and LM head are replicated over the
 attention mesh (attention is data parallel: a micro-batch's sequences are split over its devices); the routed
 experts of every MoE layer are stacked into expert slots and split over the expert mesh (groups.py), each expert
-device receiving its own slots only.
+device receiving its own slots only; `from_checkpoint` reads a checkpoint straight into that layout (placement.py).
 
 Decoding: a prefill with a KV cache and each decode step run the same schedule over the same micro-batches; every
 micro-batch keeps its cache on the attention group, split like its sequences (decode.py).
@@ -43,11 +43,10 @@ from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
 from epsjax.engine import DecodeState, GenerateResult, SamplingParams, decode_inputs, prefill_inputs
 from models import MoETransformer
-from models.quantize import is_quantized
+from models.quantize import EXPERT_WEIGHTS, is_quantized
 from models.transformer import prefill_mask
 from sharding import DATA, EXPERT
 
-EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 _EXPERT_FILTER = nnx.Any(*(nnx.PathContains(name) for name in EXPERT_WEIGHTS))
 
 
@@ -204,6 +203,17 @@ class DEPRuntime:
         self._cache_spec = [layer.attn.cache_shapes(1, 1) for layer in model.layers]  # name -> (1, 1, ...)
         self._has_shared = any(layer.moe is not None and layer.moe.shared is not None for layer in model.layers)
         self._moe_index = {l: i for i, l in enumerate(cfg.moe_layers)}
+
+    @classmethod
+    def from_checkpoint(cls, path, groups: DEPGroups, *, dtype: str | None = None, backend: str = "auto",
+                        buckets: ShapeBuckets | None = ShapeBuckets(), progress: bool = False,
+                        allow_nonfinite: bool = False) -> "DEPRuntime":
+        """The runtime of a Hugging Face checkpoint directory, each parameter read once and placed straight onto
+        its group (epsjax.dep.placement.load_placed): no device ever holds more than its share."""
+        from epsjax.dep.placement import load_placed
+
+        model = load_placed(path, groups, dtype=dtype, progress=progress, allow_nonfinite=allow_nonfinite)
+        return cls(model, groups, backend=backend, buckets=buckets)
 
     def _place_experts(self, w_E__):
         """[E, ...] -> [eg * slots, ...] in slot order (empty slots zero), split over the expert mesh: each expert
