@@ -19,7 +19,7 @@ from epsjax.checkpoint import CheckpointError, save_checkpoint
 from epsjax.dep import DEPGroups
 from epsjax.dep.placement import is_routed_expert
 from epsjax.dep.runtime import DEPRuntime
-from models import MoETransformer, get_preset
+from tests.dep.conftest import tiny_model
 from models.quantize import EXPERT_WEIGHTS
 
 NAME = "tiny-deepseek-v2"
@@ -27,7 +27,7 @@ NAME = "tiny-deepseek-v2"
 
 @pytest.fixture(scope="module")
 def model():
-    return MoETransformer(get_preset(NAME), rngs=nnx.Rngs(0))
+    return tiny_model(NAME)
 
 
 @pytest.fixture(scope="module")

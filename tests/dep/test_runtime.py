@@ -18,7 +18,7 @@ from flax import nnx
 from epsjax.dep import DEPGroups, DEPSchedule
 from epsjax.dep.runtime import DEPRuntime, _Dispatcher
 from epsjax.engine import Engine
-from models import MoETransformer, get_preset
+from tests.dep.conftest import tiny_model
 
 T = 8
 SPLITS = ((3, 5), (4, 4))
@@ -41,13 +41,8 @@ def _inputs(batch):
 
 
 @functools.cache
-def _model(name):
-    return MoETransformer(get_preset(name), rngs=nnx.Rngs(0))
-
-
-@functools.cache
 def _reference(name, batch, skewed=False):
-    engine = Engine(_model(name))
+    engine = Engine(tiny_model(name))
     if skewed:
         engine.params = _skew(engine.params)
     logits, _, stats = engine.prefill(*_inputs(batch), all_logits=True, cache_len=T)
@@ -62,7 +57,7 @@ def _skew(state):
 
 @functools.cache
 def _runtime(name, ag, eg, skewed=False):
-    model = _model(name)
+    model = tiny_model(name)
     if skewed:
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, _skew(state))
@@ -146,7 +141,7 @@ def test_serialized_execution_gives_the_same_logits():
 
 def test_groups_must_cover_the_model_experts():
     with pytest.raises(ValueError, match="place 8 experts"):
-        DEPRuntime(_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
+        DEPRuntime(tiny_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
 
 
 def test_prompt_lengths_in_one_bucket_share_their_programs():
@@ -167,7 +162,7 @@ def test_prompt_lengths_in_one_bucket_share_their_programs():
     out = runtime.prefill(shorter_tokens, shorter_mask, schedule=schedule)
     assert runtime.buckets.length(tokens.shape[1]) == runtime.buckets.length(shorter_tokens.shape[1])
     assert [f._cache_size() for f in jitted] == before and out.logits.shape[:2] == shorter_tokens.shape
-    exact = DEPRuntime(_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
+    exact = DEPRuntime(tiny_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
     want = np.asarray(exact.prefill(shorter_tokens, shorter_mask, schedule=schedule).logits)
     assert np.abs(np.asarray(out.logits) - want)[shorter_mask].max() < 1e-5
 
