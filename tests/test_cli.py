@@ -199,8 +199,9 @@ def test_generate_with_fp8_experts(capsys):
 
 def test_generate_on_disaggregated_groups(capsys):
     """--strategy dep --split 3,5: the FinDEP solver's plan for the batch is printed (from the CPU's calibrated cost
-    model) and run. (That DEP generates one device's tokens is tests/dep/test_decode.py's check.)"""
-    assert main(["generate", "--preset", "tiny-qwen3-moe", "--max-new-tokens", "2", "--batch", "3", "--prompt-len",
+    model) and run (one new token, the prefill's: decoding and that DEP generates one device's tokens are
+    tests/dep/test_decode.py's checks)."""
+    assert main(["generate", "--preset", "tiny-qwen3-moe", "--max-new-tokens", "1", "--batch", "3", "--prompt-len",
                  "4", "--strategy", "dep", "--split", "3,5", "--schedule", "findep"]) == 0
     out = capsys.readouterr().out
     assert "plan       dep: attention group [0, 1, 2] (data parallel), expert group [3, 4, 5, 6, 7]" in out
@@ -208,7 +209,7 @@ def test_generate_on_disaggregated_groups(capsys):
                      r"from the findep space for 3 prompts of 4 tokens \(findep: ma=1 r1=1 r2=\d .*predicted prefill "
                      r"step [\d.]+ ms by the cost model \(cpu, calibrated\)", out), out
     outputs = _outputs(out)
-    assert len(outputs) == 3 and all(len(json.loads(o)) == 2 for o in outputs)
+    assert len(outputs) == 3 and all(len(json.loads(o)) == 1 for o in outputs)
 
 
 @pytest.mark.parametrize("argv,message", [
