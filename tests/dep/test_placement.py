@@ -78,10 +78,13 @@ def test_checkpoint_goes_straight_to_each_group(model, checkpoint, monkeypatch):
     calls, device_put = [], jax.device_put
 
     def recording_put(x, device=None, *args, **kwargs):
-        if hasattr(x, "shape") and isinstance(device, jax.sharding.Sharding):
-            calls.append((tuple(x.shape), np.dtype(x.dtype).itemsize, device))
-        elif hasattr(x, "shape") and isinstance(device, jax.Device):
-            calls.append((tuple(x.shape), np.dtype(x.dtype).itemsize, jax.sharding.SingleDeviceSharding(device)))
+        """Records what each leaf put sends where (a jax.Array already placed so is left where it is)."""
+        sharding = jax.sharding.SingleDeviceSharding(device) if isinstance(device, jax.Device) else device
+        assert isinstance(sharding, jax.sharding.Sharding), f"a put without a destination: {device!r}"
+        for leaf in jax.tree.leaves(x):
+            if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+                continue
+            calls.append((tuple(np.shape(leaf)), np.dtype(leaf.dtype).itemsize, sharding))
         return device_put(x, device, *args, **kwargs)
 
     monkeypatch.setattr(jax, "device_put", recording_put)
