@@ -202,7 +202,7 @@ class DEPRuntime:
             self._layers.append((g, (_placeholders(expert_state), jax.device_put(rest, replicated)), weights))
         self._cache_spec = [layer.attn.cache_shapes(1, 1) for layer in model.layers]  # name -> (1, 1, ...)
         self._has_shared = any(layer.moe is not None and layer.moe.shared is not None for layer in model.layers)
-        self._moe_index = {l: i for i, l in enumerate(cfg.moe_layers)}
+        self._moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
 
     @classmethod
     def from_checkpoint(cls, path, groups: DEPGroups, *, dtype: str | None = None, backend: str = "auto",
@@ -363,27 +363,27 @@ class DEPRuntime:
     def _run(self, task: TaskRef, mb: _MicroBatch, pack: steps.Pack, log: transfer.TransferLog,
              tokens_per_expert: np.ndarray):
         """Dispatches one task; returns what it produced (for serialize)."""
-        groups, l = self.groups, task.layer
+        groups, layer = self.groups, task.layer
         if task.kind == "embed":
             mb.x = steps.embed(*self._top, mb.tokens, mesh=self._mesh)
             return mb.x
         if task.kind == "head":
             mb.logits = steps.head(*self._top, mb.x, mesh=self._mesh, last_only=mb.last_only)
             return mb.logits
-        graphdef, state, weights = self._layers[l] if l >= 0 else (None, None, None)
-        cache = None if mb.cache is None or task.kind not in ("dense", "attention") else mb.cache[l]
+        graphdef, state, weights = self._layers[layer] if layer >= 0 else (None, None, None)
+        cache = None if mb.cache is None or task.kind not in ("dense", "attention") else mb.cache[layer]
         if task.kind == "dense":
             mb.x, cache = steps.dense(graphdef, state, mb.x, mb.positions, mb.valid, mb.mask, cache, mb.write_index,
                                       mesh=self._mesh, decode=mb.decode)
             if mb.cache is not None:
-                mb.cache[l] = cache
+                mb.cache[layer] = cache
             return mb.x
         if task.kind == "attention":
             mb.h, mb.moe_in, ids, mb.weights, cache = steps.attention(
                 graphdef, *state, mb.x, mb.positions, mb.mask, cache, mb.write_index, mesh=self._mesh,
                 decode=mb.decode)
             if mb.cache is not None:
-                mb.cache[l] = cache
+                mb.cache[layer] = cache
             mb.x_sorted, mb.order, mb.counts_device = steps.sort_rows(mb.moe_in, ids, mb.valid, mesh=self._mesh,
                                                                       pack=pack)
             mb.counts_device.copy_to_host_async()
@@ -394,9 +394,9 @@ class DEPRuntime:
         if task.kind == "a2e":
             if mb.counts is None:  # the layer's first A2E (of all segments, or of segment 0) reads the counts
                 mb.counts = np.asarray(mb.counts_device)  # [ag, eg, r2, slots]: waits for this attention task only
-                tokens_per_expert[self._moe_index[l]] += self._expert_counts(mb.counts)
+                tokens_per_expert[self._moe_index[layer]] += self._expert_counts(mb.counts)
                 mb.pieces, mb.returned = {}, []
-            pieces = transfer.a2e(log, l, task.micro, task.segment, mb.x_sorted, mb.counts,
+            pieces = transfer.a2e(log, layer, task.micro, task.segment, mb.x_sorted, mb.counts,
                                   groups.attention_devices, groups.expert_devices)
             mb.pieces.update(pieces)
             return [p for per_j in pieces.values() for per_a in per_j for per_e in per_a for _, p in per_e]
@@ -409,12 +409,12 @@ class DEPRuntime:
                                                             buffers)
             counts_EAS = np.ascontiguousarray(mb.counts[:, :, j, :].transpose(1, 0, 2))  # [eg, ag, slots]
             for e in range(groups.eg):
-                log.add("counts", l, task.micro, j, -1, e, 0, counts_EAS[e].nbytes)
+                log.add("counts", layer, task.micro, j, -1, e, 0, counts_EAS[e].nbytes)
             counts_EAS = jax.device_put(counts_EAS, self._slots)
             mb.expert_rows[j] = steps.experts(*weights, rows, counts_EAS, step=self._expert_step)
             return mb.expert_rows[j]
         if task.kind == "e2a":
-            pieces = transfer.e2a(log, l, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts,
+            pieces = transfer.e2a(log, layer, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts,
                                   groups.attention_devices, groups.expert_devices)
             mb.returned.extend(pieces)
             return [piece for _, _, piece in pieces]

@@ -125,13 +125,13 @@ def _data_parallel(mesh, body, replicated, batched):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
 def embed(graphdef, layers, top, tokens_BT, *, mesh):
-    return _data_parallel(mesh, lambda l, t, tokens: nnx.merge(graphdef, l, t).embed(tokens), (layers, top),
+    return _data_parallel(mesh, lambda ls, ts, tokens: nnx.merge(graphdef, ls, ts).embed(tokens), (layers, top),
                           (tokens_BT,))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "last_only"))
 def head(graphdef, layers, top, x_BTD, *, mesh, last_only: bool = False):
-    return _data_parallel(mesh, lambda l, t, x: nnx.merge(graphdef, l, t).logits(x, last_logits_only=last_only),
+    return _data_parallel(mesh, lambda ls, ts, x: nnx.merge(graphdef, ls, ts).logits(x, last_logits_only=last_only),
                           (layers, top), (x_BTD,))
 
 
