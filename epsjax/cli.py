@@ -91,15 +91,21 @@ def _parser() -> argparse.ArgumentParser:
                            "~/.cache/epsjax/jax): a second run loads its programs instead of compiling them")
     comp.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     par = gen.add_argument_group("parallelism (more than one device)")
-    par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep"),
+    par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep", "dep"),
                      help="rule set: attention TP or DP, experts TP, DP or EP (auto: dp_ep on several devices, "
-                          "local on one)")
+                          "local on one); dep: disaggregated attention and expert groups (FinDEP, see --split, "
+                          "--schedule)")
     par.add_argument("--mesh",
                      help="data,tensor,expert sizes, e.g. 1,2,4 (default: as much TP/EP as the model allows)")
     par.add_argument("--pipeline-degree", type=_positive_int,
                      help="force the EPS pipeline degree (default: the scheduler's plan)")
-    par.add_argument("--split", choices=("experts", "tokens"), default="experts",
-                     help="with --pipeline-degree: stages by expert groups or by token chunks")
+    par.add_argument("--split",
+                     help="with --pipeline-degree: EPS stages by expert groups or token chunks, experts|tokens "
+                          "(default: experts); with --strategy dep: attention,expert group sizes A,E, e.g. 3,5 "
+                          "(default: half the devices each)")
+    par.add_argument("--schedule", choices=("findep", "pppipe", "naive"),
+                     help="with --strategy dep: the schedule space the FinDEP solver picks the plan from (default: "
+                          "findep)")
     par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
                      help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
 
@@ -249,12 +255,19 @@ def _generate(args) -> int:
     devices = jax.devices()
     predicted = None  # (seconds, cost model) of the prefill, where the scheduler planned it
     strategy, note = args.strategy, ""
+    if strategy != "dep" and args.schedule:
+        raise UsageError("--schedule chooses a DEP schedule; add --strategy dep")
+    if strategy != "dep" and args.split not in (None, "experts", "tokens"):
+        raise UsageError(f"--split takes experts or tokens (EPS pipeline stages), got {args.split!r}; attention,"
+                         "expert group sizes such as 3,5 go with --strategy dep")
     if strategy == "auto":
         # Expert parallelism with data-parallel attention when the batch splits over every device.
         strategy = "dp_ep" if len(devices) > 1 and len(prompts) % len(devices) == 0 else "local"
         if strategy == "local" and len(devices) > 1:
             note = f" ({len(prompts)} prompts do not split over {len(devices)} devices)"
-    if strategy == "local":
+    if strategy == "dep":
+        engine, plan = _dep_engine(args, cfg, prompts, prompt_len, devices)
+    elif strategy == "local":
         model = _load_model(args)
         per_expert = sum(len(p) for p in prompts) * cfg.router.top_k / cfg.num_experts
         choice = pallas_kernels.select_backend(tokens_per_expert=per_expert, num_experts=cfg.num_experts,
@@ -281,7 +294,7 @@ def _generate(args) -> int:
             raise UsageError(f"{len(prompts)} prompts do not divide over the {batch_shards} batch shards of "
                              f"--strategy {strategy} on mesh {shape}; give a multiple of {batch_shards} prompts")
         forced = None if args.pipeline_degree is None else sharding.ExpertPlan(
-            args.pipeline_degree, args.split, backends=(args.backend,))
+            args.pipeline_degree, args.split or "experts", backends=(args.backend,))
         experts, source = placement.ep_experts(cfg, mesh, strategy, batch=len(prompts), seq_len=prompt_len,
                                                plan=forced, transport=args.transport)
         model = _load_model(args, mesh, strategy)
@@ -339,6 +352,74 @@ def _generate(args) -> int:
             text = tokenizer.decode(list(prompts[i]) + list(tokens))
             print(f"text[{i}]\n" + "\n".join("  | " + line for line in text.split("\n")))
     return 0
+
+
+def _dep_split(text: str | None, devices: int) -> tuple[int, int]:
+    """--split A,E of --strategy dep: attention and expert group sizes (default: half the devices each)."""
+    if text is None:
+        if devices < 2:
+            raise UsageError("--strategy dep needs at least 2 devices (an attention and an expert group); on CPU "
+                             "add --devices 8")
+        return devices // 2, devices - devices // 2
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise UsageError(f"--split with --strategy dep takes two positive attention,expert group sizes such as 3,5, "
+                         f"got {text!r}")
+    if sum(sizes) > devices:
+        raise UsageError(f"--split {text}: {sum(sizes)} devices, but only {devices} exist")
+    return sizes[0], sizes[1]
+
+
+def _dep_engine(args, cfg, prompts, prompt_len: int, devices):
+    """--strategy dep: the groups, the plan the FinDEP solver picks for this batch in the --schedule space (from the
+    device kind's cost model), and a DEPRuntime's engine running it. Returns (engine, plan description)."""
+    import math
+
+    from epsjax import dep
+    from epsjax.dep.runtime import DEPRuntime
+    from epsjax.dep.workloads import for_batch
+    from epsjax.scheduler.hardware import hardware_for_device_kind
+    from flax import nnx
+    from models import MoETransformer
+
+    if args.quantize:
+        raise UsageError(f"--quantize {args.quantize} runs on one device for now; --strategy dep takes float experts")
+    ag, eg = _dep_split(args.split, len(devices))
+    groups = dep.DEPGroups.split(ag, eg, cfg.num_experts, devices)
+    space = args.schedule or "findep"
+    sequences = math.ceil(len(prompts) / ag)  # per attention device
+    kind = devices[0].device_kind
+    solution = None
+    if hardware_for_device_kind(kind) is not None:
+        testbed = dep.Testbed(f"{len(devices)}x{kind}", kind, len(devices), gpus_per_node=len(devices))
+        problem = dep.problem_for(cfg, dep.Deployment.split(testbed, ag, eg), seq_len=prompt_len)
+        solution = for_batch(problem, sequences, space)
+    if solution is not None and solution.plan is not None:
+        schedule = solution.plan.schedule
+        hw = testbed.hw
+        calibrated = any(v.startswith("calibrated") for v in dict(hw.sources).values())
+        how = (f"picked by the FinDEP solver from the {space} space for {len(prompts)} prompts of {prompt_len} "
+               f"tokens ({solution.plan.describe()}, {solution.evaluated} plans): predicted prefill step "
+               f"{solution.makespan * 1e3:.2f} ms by the cost model ({hw.name}, "
+               f"{'calibrated' if calibrated else 'preset constants'})")
+    else:
+        schedule = {"naive": dep.DEPSchedule.naive(), "pppipe": dep.DEPSchedule.pppipe(2),
+                    "findep": dep.DEPSchedule.findep(2, 2, "AASS")}[space]
+        why = "no cost model for device kind " + repr(kind) if solution is None else "no plan fits the cost model"
+        how = f"the {space} default ({why})"
+    if args.model:
+        runtime = DEPRuntime.from_checkpoint(args.model, groups, dtype=args.dtype, backend=args.backend,
+                                             progress=True, allow_nonfinite=args.allow_nonfinite)
+    else:
+        _check_host_memory(cfg)
+        runtime = DEPRuntime(MoETransformer(cfg, rngs=nnx.Rngs(0)), groups, backend=args.backend)
+    plan = (f"dep: {groups.describe()}\nschedule   {schedule.describe()}, {how}\nplacement  each expert device holds "
+            f"its {groups.placement.slots} expert slots of every MoE layer, each attention device the attention-side "
+            f"parameters; the KV cache stays on the attention group")
+    return runtime.engine(schedule), plan
 
 
 def _info(args) -> int:

@@ -3,13 +3,17 @@
 For each (testbed, model, attention/expert split) the script builds FinDEP's problem from epsjax.scheduler's cost
 models (epsjax/dep/problem.py: linear task models fitted over the explored sizes, memory limits, as many layers
 as the weights leave room for), lets the solver pick each schedule's plan (naive: r1 = r2 = 1; PPPipe: r1
-micro-batches, r2 = 1, shared experts with their attention; FinDEP: ma, r1, r2 and the AASS/ASAS order), and
-simulates the chosen plans with the cost models themselves (not the linear fits). It prints a table and writes
+micro-batches, r2 = 1, shared experts with their attention; FinDEP: ma, r1, r2, the AASS/ASAS order and whether
+A2E is segmented), PPPipe with MegaScale-Infer's ping-pong rule for r1 (epsjax/dep/workloads.py), and simulates
+the chosen plans with the cost models themselves (not the linear fits). It prints a table and writes
 
     scripts/results/findep_simulation.json          every number: plans, fits, memory, solver time, sources
     scripts/results/findep_<setting>.png           one MoE layer under each schedule (Gantt, cost-model durations)
     scripts/results/findep_<setting>.trace.json    the same three layers as a Perfetto / Chrome trace
     scripts/results/findep_seq_sweep.png           the plan the solver picks as the prompt length changes
+
+Every schedule here runs the largest batch memory allows; scripts/simulate_findep_workloads.py has the fixed-batch,
+TTFT-bound and decode workloads.
 
     .venv/bin/python scripts/simulate_findep.py [--seq-len 1024] [--out-dir DIR] [--quick]
 
@@ -29,21 +33,12 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from epsjax.dep import Deployment, TaskCosts, Testbed, fit_layers, problem_for, solve  # noqa: E402
+from epsjax.dep import Deployment, TaskCosts, fit_layers, problem_for, solve  # noqa: E402
+from epsjax.dep.perf import TESTBEDS  # noqa: E402
 from epsjax.dep.simulate import build_schedule, simulate_plan  # noqa: E402
+from epsjax.dep.workloads import pingpong_rule  # noqa: E402
 from epsjax.scheduler.simulator import KIND_COLORS, Timeline, chrome_trace, simulate  # noqa: E402
 from models.config import get_preset  # noqa: E402
-
-TESTBEDS = {
-    # RTX A6000s are bridged in pairs (0,1), (2,3), (4,5), (6,7) by NVLink bridges (112.5 GB/s, both directions;
-    # the bridge joins exactly two cards); everything else crosses PCIe 4.0 x16. Attention GPUs are placed one
-    # per pair so each has a bridge to an expert GPU.
-    "8xA6000": Testbed("8xA6000", "a6000", 8, nvlink_bridges=True,
-                       note="NVLink bridges join GPU pairs (0,1),(2,3),(4,5),(6,7); other traffic over PCIe 4.0"),
-    "8xA10": Testbed("8xA10", "a10", 8, note="PCIe 4.0 only"),
-    "8xH20": Testbed("8xH20", "h20", 8, note="NVLink (900 GB/s, NVSwitch)"),
-    "32xH20": Testbed("32xH20", "h20", 32, note="4 nodes x 8, NVLink inside, one 400 Gb/s NIC per GPU between"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +65,10 @@ SETTINGS = (
     Setting("32xH20", "deepseek-v2", 8, 24, "1.24x over PPPipe"),
 )
 SCHEDULES = ("naive", "pingpong", "pppipe", "findep")
-# space searched, largest r1: PPPipe as two micro-batches ping-ponging, and PPPipe with its r1 tuned like FinDEP's.
-SPACES = {"naive": ("naive", None), "pingpong": ("pppipe", 2), "pppipe": ("pppipe", None), "findep": ("findep", None)}
-LABEL = {"naive": "naive DEP", "pingpong": "PPPipe r1=2", "pppipe": "PPPipe (r1 tuned)", "findep": "FinDEP"}
+# space searched: PPPipe with r1 from MegaScale-Infer's ping-pong rule (workloads.pingpong_rule), and PPPipe with its
+# r1 tuned like FinDEP's.
+SPACES = {"naive": "naive", "pppipe": "pppipe", "findep": "findep"}
+LABEL = {"naive": "naive DEP", "pingpong": "PPPipe, ping-pong rule", "pppipe": "PPPipe (r1 tuned)", "findep": "FinDEP"}
 DEP_COLORS = {"embed": KIND_COLORS["permute"], "dense": KIND_COLORS["dense_ffn"], "attention": KIND_COLORS["attention"],
               "shared": KIND_COLORS["shared_ffn"], "combine": KIND_COLORS["unpermute"], "head": KIND_COLORS["lm_head"],
               "a2e": KIND_COLORS["dispatch"], "experts": KIND_COLORS["expert_gemm"], "e2a": KIND_COLORS["combine"]}
@@ -113,8 +109,8 @@ def run_setting(s: Setting, seq_len: int, max_r: int) -> tuple[dict, dict]:
 
 
 def _solve(problem, schedule: str):
-    space, max_r1 = SPACES[schedule]
-    return solve(problem if max_r1 is None else dataclasses.replace(problem, max_micro_batches=max_r1), space)
+    """The solver's plan of a space (linear models), or the ping-pong rule's (each r1 at its largest ma)."""
+    return pingpong_rule(problem) if schedule == "pingpong" else solve(problem, SPACES[schedule])
 
 
 def decode_rows(settings, context: int, max_r: int) -> list[dict]:
@@ -133,6 +129,10 @@ def decode_rows(settings, context: int, max_r: int) -> list[dict]:
                     "findep_vs_pppipe": rates["findep"] / rates["pppipe"],
                     "findep_vs_pingpong": rates["findep"] / rates["pingpong"]})
     return out
+
+
+def _plan(p: dict) -> str:
+    return f"ma={p['ma']} r1={p['r1']} r2={p['r2']} {p['order']}" + (" A2E/seg" if p.get("segment_a2e") else "")
 
 
 def gantt_panels(timelines: dict[str, Timeline], path: pathlib.Path, title: str) -> None:
@@ -159,8 +159,8 @@ def gantt_panels(timelines: dict[str, Timeline], path: pathlib.Path, title: str)
                 label = SHORT.get(kind, kind) + " " + ".".join(p for p in where.split(".") if p[0] in "ms")
                 ax.text(x0 + w / 2, row, label, ha="center", va="center", fontsize=5.5, clip_on=True)
         plan = tl.schedule.meta
-        ax.set_title(f"{LABEL[space]} (ma={plan['ma']}, r1={plan['r1']}, r2={plan['r2']}, {plan['order']}): "
-                     f"{tl.makespan * 1e3:.1f} ms for {tl.schedule.tokens:.0f} tokens", fontsize=8, loc="left")
+        ax.set_title(f"{LABEL[space]} ({_plan(plan)}): {tl.makespan * 1e3:.1f} ms for {tl.schedule.tokens:.0f} "
+                     "tokens", fontsize=8, loc="left")
         ax.set_yticks(range(len(streams)))
         ax.set_yticklabels(streams, fontsize=7)
         ax.invert_yaxis()
@@ -229,8 +229,9 @@ def main(argv=None) -> dict:
     settings = SETTINGS[2:4] if args.quick else SETTINGS
     started = time.perf_counter()
     results = []
-    header = (f"{'testbed':8} {'model':14} {'ag/eg':5} {'layers':8} | {'naive':>7} {'PP r1=2':>7} {'PPPipe':>7} "
-              f"{'FinDEP':>7} k tok/s | {'F/PP2':>5} {'F/PP':>5} {'F/naive':>7} | {'FinDEP plan':25} {'solve':>7} | paper")
+    header = (f"{'testbed':8} {'model':14} {'ag/eg':5} {'layers':8} | {'naive':>7} {'PP rule':>7} {'PPPipe':>7} "
+              f"{'FinDEP':>7} k tok/s | {'F/rule':>6} {'F/PP':>5} {'F/naive':>7} | {'FinDEP plan':29} {'solve':>7} "
+              "| paper")
     print(header)
     print("-" * len(header))
     for s in settings:
@@ -241,8 +242,8 @@ def main(argv=None) -> dict:
         f = rows["findep"]
         print(f"{s.testbed:8} {s.model:14} {s.ag}/{s.eg:<3} {result['model_layers']:8} | "
               + " ".join(f"{rows[k]['tokens_per_s'] / 1e3:7.1f}" for k in SCHEDULES)
-              + f"         | {f['speedup_vs_pingpong']:5.2f} {f['speedup_vs_pppipe']:5.2f} {f['speedup_vs_naive']:7.2f} | "
-              + f"{'ma=%d r1=%d r2=%d %s' % (plan['ma'], plan['r1'], plan['r2'], plan['order']):25} "
+              + f"         | {f['speedup_vs_pingpong']:6.2f} {f['speedup_vs_pppipe']:5.2f} "
+              + f"{f['speedup_vs_naive']:7.2f} | {_plan(plan):29} "
               f"{f['solve_ms']:5.1f}ms | {s.paper}")
         title = (f"{s.testbed} {s.model} ({result['model_layers']} layers), attention {s.ag} / experts {s.eg} GPUs, "
                  f"prompts of {args.seq_len} tokens: one MoE layer")
@@ -264,14 +265,14 @@ def main(argv=None) -> dict:
         print(f"\ndecode (1 new token after {args.decode_context} cached; batch bound by the KV cache):")
         for r in out["decode"]:
             t = r["tokens_per_s"]
-            print(f"  {r['setting']:32} naive {t['naive']:8.0f}  PP r1=2 {t['pingpong']:8.0f}  PPPipe {t['pppipe']:8.0f}"
-                  f"  FinDEP {t['findep']:8.0f} tok/s  F/PP {r['findep_vs_pppipe']:.3f}")
+            print(f"  {r['setting']:32} naive {t['naive']:8.0f}  PP rule {t['pingpong']:8.0f}  "
+                  f"PPPipe {t['pppipe']:8.0f}  FinDEP {t['findep']:8.0f} tok/s  F/PP {r['findep_vs_pppipe']:.3f}")
         out["seq_sweep"] = seq_sweep(args.out_dir, args.max_r)
         print("\nre-planning as the prompt length changes (8xA10, deepseek-v2 3/5):")
         for r in out["seq_sweep"]:
             p = r["plan"]
-            print(f"  S={r['seq_len']:5}: ma={p['ma']:4} r1={p['r1']} r2={p['r2']} {p['order']}  "
-                  f"FinDEP/PPPipe {r['findep_vs_pppipe']:.3f}  FinDEP/PPPipe r1=2 {r['findep_vs_pingpong']:.2f}  "
+            print(f"  S={r['seq_len']:5}: {_plan(p):29}  "
+                  f"FinDEP/PPPipe {r['findep_vs_pppipe']:.3f}  FinDEP/ping-pong rule {r['findep_vs_pingpong']:.2f}  "
                   f"solve {r['solve_ms']:.1f} ms")
     (args.out_dir / "findep_simulation.json").write_text(json.dumps(out, indent=1) + "\n")
     return out

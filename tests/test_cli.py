@@ -195,3 +195,32 @@ def test_generate_with_fp8_experts(capsys):
                  "--max-new-tokens", "3", "--batch", "2", "--prompt-len", "6"]) == 0
     out = capsys.readouterr().out
     assert "routed experts FP8 W8A8" in out and len(_outputs(out)) == 2
+
+
+def test_generate_on_disaggregated_groups(capsys):
+    """--strategy dep --split 3,5: the FinDEP solver's plan for the batch is printed (from the CPU's calibrated cost
+    model) and run (one new token, the prefill's: decoding and that DEP generates one device's tokens are
+    tests/dep/test_decode.py's checks)."""
+    assert main(["generate", "--preset", "tiny-qwen3-moe", "--max-new-tokens", "1", "--batch", "3", "--prompt-len",
+                 "4", "--strategy", "dep", "--split", "3,5", "--schedule", "findep"]) == 0
+    out = capsys.readouterr().out
+    assert "plan       dep: attention group [0, 1, 2] (data parallel), expert group [3, 4, 5, 6, 7]" in out
+    assert re.search(r"schedule   findep\(r1=1, r2=\d, (AASS|ASAS)(, A2E segmented)?\), picked by the FinDEP solver "
+                     r"from the findep space for 3 prompts of 4 tokens \(findep: ma=1 r1=1 r2=\d .*predicted prefill "
+                     r"step [\d.]+ ms by the cost model \(cpu, calibrated\)", out), out
+    outputs = _outputs(out)
+    assert len(outputs) == 3 and all(len(json.loads(o)) == 1 for o in outputs)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--strategy", "dep", "--split", "3,x"], "--split with --strategy dep takes two positive attention,expert group "
+                                              "sizes such as 3,5, got '3,x'"),
+    (["--strategy", "dep", "--split", "experts"], "takes two positive attention,expert group sizes"),
+    (["--strategy", "dep", "--split", "0,5"], "takes two positive attention,expert group sizes"),
+    (["--strategy", "dep", "--split", "4,5"], "--split 4,5: 9 devices, but only 8 exist"),
+    (["--split", "3,5"], "--split takes experts or tokens (EPS pipeline stages), got '3,5'"),
+    (["--schedule", "pppipe"], "--schedule chooses a DEP schedule; add --strategy dep"),
+    (["--strategy", "dep", "--quantize", "fp8"], "--strategy dep takes float experts"),
+])
+def test_bad_dep_flags_exit_2(capsys, argv, message):
+    assert message in _error(capsys, "generate", "--max-new-tokens", "2", *argv)

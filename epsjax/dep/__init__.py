@@ -3,6 +3,7 @@
     from epsjax import dep
     groups = dep.DEPGroups.split(attention=3, experts=5, num_experts=cfg.num_experts)
     out = dep.DEPRuntime(model, groups).prefill(tokens, mask, schedule=dep.DEPSchedule.findep(2, 2, "AASS"))
+    result = dep.DEPRuntime(model, groups).generate(prompts, max_new_tokens=16, schedule=dep.DEPSchedule.pppipe(2))
 
     deployment = dep.Deployment.split(dep.Testbed("8xH20", "h20", 8), 3, 5)
     problem = dep.problem_for(cfg, deployment, seq_len=1024)      # linear models + memory from the scheduler
@@ -12,12 +13,15 @@ Files, one job each:
     schedule.py   DEPSchedule (naive / PPPipe / FinDEP) and its task list, shared by runtime and simulator
     groups.py     the two meshes and the expert placement (uneven when eg does not divide E)
     steps.py      the jitted programs of each task kind, on one group's mesh
-    transfer.py   A2E / E2A: exactly the routed rows, one device_put per device pair
+    transfer.py   A2E / E2A: exactly the routed rows, device to device, in power-of-two chunks
     runtime.py    DEPRuntime: places a model, walks a schedule with asynchronous dispatch
+    decode.py     DEPEngine / DEPState: the runtime under the Engine's contract (KV cache, decode steps, generate)
+    placement.py  a checkpoint read straight onto the groups (DEPRuntime.from_checkpoint): each device its share
     perf.py       testbeds, deployments, task durations and memory from epsjax.scheduler's cost models, fits
     simulate.py   the step as a scheduler Schedule (simulate / gantt / trace) and its exact fast step time
     problem.py    a model on a deployment -> the solver's problem (fitted linear models, memory, depth that fits)
     solver.py     FinDEP's optimisation and the exhaustive search it is checked against
+    workloads.py  plans for a fixed batch, a TTFT budget, decode steps; MegaScale-Infer's ping-pong rule
     overlap.py    CPU diagnostic: did the two groups run at the same time (profiler trace)
 """
 

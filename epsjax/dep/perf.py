@@ -8,8 +8,14 @@ tokens, or a segment's ma * S / r2):
     shared      the shared experts' gated MLP                                     (attention device)
     combine     un-sort the returned rows, weight by the router, residual          (attention device)
     a2e / e2a   the routed rows, attention devices <-> expert devices             (all-to-all link model below)
-    experts     grouped expert FFN of the busiest expert device (most experts)    (expert device)
+    experts     grouped expert FFN of the busiest expert device                   (expert device)
     dense, embed, head: DeepSeek-V2's dense first layer, the embedding, last-position logits (attention device)
+
+Routing. Uniform by default (every expert gets 1 / E of the routed rows: the busiest expert device is the one
+with the most experts). `TaskCosts.routing` takes a histogram instead (per-expert shares, e.g. a
+RoutingHistogram's or DEPOutput.tokens_per_expert summed, or `zipf_shares`): expert device e then receives its
+experts' share of every attention device's rows, and the expert group's step is set by its most loaded device
+(an expert FFN time is computed per device and the maximum taken; the links carry the uneven bytes).
 
 `LinearModels` fits t = alpha + beta * x (non-negative least squares on relative error) to each of them over the
 range of sizes the solver explores: FinDEP's formulation. `TaskCosts.seconds` is the cost model itself, which the
@@ -25,7 +31,8 @@ Memory. Per attention device: weights other than the routed experts (replicated:
 the KV cache of every sequence of the step, the hidden state and the T*K routed rows (out and back) of every
 micro-batch in flight, and the attention workspace of one micro-batch. Per expert device: the routed experts it
 owns (the busiest device: ceil(E / eg) experts), the received and returned rows of every micro-batch in flight
-and the FFN hidden state of one segment. Both are fixed + x * (r1 * a + b + c / r2) bytes: linear in ma.
+and the FFN hidden state of one segment (the most loaded device's share of the rows). Both are
+fixed + x * (r1 * a + b + c / r2) bytes: linear in ma.
 """
 
 from __future__ import annotations
@@ -75,6 +82,26 @@ class Testbed:
 
     def bridged(self, p: int, q: int) -> bool:
         return self.nvlink_bridges and p // 2 == q // 2 and p != q
+
+
+TESTBEDS = {
+    # FinDEP's testbeds (arXiv:2512.21487). RTX A6000s are bridged in pairs (0,1), (2,3), (4,5), (6,7) by NVLink
+    # bridges (112.5 GB/s, both directions; the bridge joins exactly two cards); everything else crosses PCIe 4.0
+    # x16. Deployment.split places attention GPUs one per pair so each has a bridge to an expert GPU.
+    "8xA6000": Testbed("8xA6000", "a6000", 8, nvlink_bridges=True,
+                       note="NVLink bridges join GPU pairs (0,1),(2,3),(4,5),(6,7); other traffic over PCIe 4.0"),
+    "8xA10": Testbed("8xA10", "a10", 8, note="PCIe 4.0 only"),
+    "8xH20": Testbed("8xH20", "h20", 8, note="NVLink (900 GB/s, NVSwitch)"),
+    "32xH20": Testbed("32xH20", "h20", 32, note="4 nodes x 8, NVLink inside, one 400 Gb/s NIC per GPU between"),
+}
+
+
+def zipf_shares(num_experts: int, s: float, seed: int = 0) -> tuple[float, ...]:
+    """A skewed routing histogram: expert shares proportional to 1 / rank^s (s = 0: uniform), the ranks shuffled
+    over the experts with a fixed seed (so hot experts land on devices as they happen to, not all on the first)."""
+    weights = 1.0 / np.arange(1, num_experts + 1, dtype=np.float64) ** s
+    weights = weights[np.random.default_rng(seed).permutation(num_experts)]
+    return tuple(float(w) for w in weights / weights.sum())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +177,8 @@ def transfer_time(send: np.ndarray, testbed: Testbed, costs: CostModel) -> float
 @dataclasses.dataclass(frozen=True)
 class TaskCosts:
     """Durations of the DEP tasks of one model on one deployment for prompts of seq_len new tokens after
-    `context` cached ones (prefill: context 0). backend: the expert GEMM backend ("auto": the cheapest)."""
+    `context` cached ones (prefill: context 0). backend: the expert GEMM backend ("auto": the cheapest).
+    routing: per-expert shares of the routed rows ([E], any scale; None: uniform), module docstring."""
 
     cfg: ModelConfig
     deployment: Deployment
@@ -158,6 +186,13 @@ class TaskCosts:
     context: int = 0
     dtype: str | None = None
     backend: str = "auto"
+    routing: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.routing is not None:
+            shares = np.asarray(self.routing, np.float64)
+            if shares.shape != (self.cfg.num_experts,) or (shares < 0).any() or shares.sum() <= 0:
+                raise ValueError(f"routing must be {self.cfg.num_experts} non-negative shares, not all zero")
 
     @functools.cached_property
     def costs(self) -> CostModel:
@@ -172,13 +207,31 @@ class TaskCosts:
         b = expert_bounds(self.cfg.num_experts, self.deployment.eg)
         return tuple(b1 - b0 for b0, b1 in zip(b[:-1], b[1:]))
 
+    @functools.cached_property
+    def shares(self) -> np.ndarray:
+        """[E] each expert's share of the routed rows (sums to 1)."""
+        if self.routing is None:
+            return np.full(self.cfg.num_experts, 1.0 / self.cfg.num_experts)
+        shares = np.asarray(self.routing, np.float64)
+        return shares / shares.sum()
+
+    @functools.cached_property
+    def device_shares(self) -> np.ndarray:
+        """[eg] each expert device's share of the routed rows (uniform routing: n_e / E)."""
+        b = expert_bounds(self.cfg.num_experts, self.deployment.eg)
+        return np.array([self.shares[b0:b1].sum() for b0, b1 in zip(b[:-1], b[1:])])
+
+    @property
+    def imbalance(self) -> float:
+        """The most loaded expert device's rows over the mean (1.0: balanced)."""
+        return float(self.device_shares.max() * self.deployment.eg)
+
     def row_bytes(self, tokens: float) -> np.ndarray:
-        """[testbed devices]^2 bytes of the routed rows of `tokens` tokens per attention device (uniform routing:
-        expert device e receives the share n_e / E of every attention device's T*K rows)."""
+        """[testbed devices]^2 bytes of the routed rows of `tokens` tokens per attention device: expert device e
+        receives its experts' share of every attention device's T*K rows (uniform routing: n_e / E)."""
         cfg, dep = self.cfg, self.deployment
         send = np.zeros((dep.testbed.gpus, dep.testbed.gpus))
-        share = np.asarray(self.experts_per_device) / cfg.num_experts
-        rows = tokens * cfg.router.top_k * share * cfg.d_model * self.itemsize
+        rows = tokens * cfg.router.top_k * self.device_shares * cfg.d_model * self.itemsize
         for a in dep.attention_devices:
             send[a, list(dep.expert_devices)] = rows
         return send
@@ -208,11 +261,12 @@ class TaskCosts:
         if kind in ("a2e", "e2a"):
             send = self.row_bytes(tokens)
             return transfer_time(send if kind == "a2e" else send.T, dep.testbed, costs)
-        if kind == "experts":
-            n = max(self.experts_per_device)
+        if kind == "experts":  # the most loaded expert device sets the group's pace
             total = dep.ag * tokens * cfg.router.top_k
-            mu = np.full(n, total / cfg.num_experts)
-            return expert_ffn_time(costs, self.backend, mu, total, D, cfg.expert_ffn_dim)
+            b = expert_bounds(cfg.num_experts, dep.eg)
+            loads = {tuple(total * self.shares[b0:b1]) for b0, b1 in zip(b[:-1], b[1:])}  # distinct devices only
+            return max(expert_ffn_time(costs, self.backend, np.array(mu), total, D, cfg.expert_ffn_dim)
+                       for mu in loads)
         raise ValueError(f"unknown task kind {kind!r}")
 
     def _attention(self, tokens: int) -> float:
@@ -246,7 +300,7 @@ class TaskCosts:
             m = cfg.mla
             work = cfg.num_heads * (m.qk_head_dim + m.qk_nope_head_dim + m.v_head_dim)
         kv_per_token = layers * self.kv_bytes_per_token * (self.seq_len + self.context) / self.seq_len
-        share = max(self.experts_per_device) / cfg.num_experts
+        share = float(self.device_shares.max())
         limit = dep.testbed.hw.hbm_gb * GB * USABLE_MEMORY
         return MemoryModel(
             ag_fixed=(counts["total"] - counts["routed_experts"]) * weight_isz,

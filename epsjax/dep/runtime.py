@@ -5,10 +5,15 @@
     out = runtime.prefill(tokens, mask, schedule=DEPSchedule.findep(micro_batches=2, segments=2, order="AASS"))
     out.logits        # [B, T, V], the single-device model's logits
     out.transfers     # every A2E / E2A piece: rows and bytes
+    result = runtime.generate(prompts, max_new_tokens=16, schedule=schedule)  # Engine.generate's contract (decode.py)
 
 Placement: the embedding, attention, routers, shared experts, dense layers and LM head are replicated over the
 attention mesh (attention is data parallel: a micro-batch's sequences are split over its devices); the routed
-experts of every MoE layer are stacked into expert slots and split over the expert mesh (groups.py).
+experts of every MoE layer are stacked into expert slots and split over the expert mesh (groups.py), each expert
+device receiving its own slots only; `from_checkpoint` reads a checkpoint straight into that layout (placement.py).
+
+Decoding: a prefill with a KV cache and each decode step run the same schedule over the same micro-batches; every
+micro-batch keeps its cache on the attention group, split like its sequences (decode.py).
 
 Execution: the host walks the schedule's task list (DEPSchedule.tasks) in issue order and dispatches each task
 asynchronously: jitted programs on one group's mesh, and explicit jax.device_put transfers of exactly the routed
@@ -33,13 +38,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epsjax.compilation import ShapeBuckets
 from epsjax.dep import steps, transfer
+from epsjax.dep.decode import DEPEngine, DEPState
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
-from models.quantize import is_quantized
+from epsjax.engine import DecodeState, GenerateResult, SamplingParams, decode_inputs, prefill_inputs
 from models import MoETransformer
+from models.quantize import EXPERT_WEIGHTS, is_quantized
+from models.transformer import prefill_mask
 from sharding import DATA, EXPERT
 
-EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 _EXPERT_FILTER = nnx.Any(*(nnx.PathContains(name) for name in EXPERT_WEIGHTS))
 
 
@@ -54,9 +61,14 @@ class DEPOutput:
 
 @dataclasses.dataclass
 class _MicroBatch:
-    tokens: jax.Array
-    positions: jax.Array
-    valid: jax.Array
+    tokens: jax.Array                     # [ag * ma, T] split over the attention group, as every array below
+    positions: jax.Array                  # [ag * ma, T] rotary positions
+    valid: jax.Array                      # [ag * ma, T] tokens that route (False: padding)
+    mask: jax.Array                       # [ag * ma, T, S] attention mask (engine.prefill_inputs / decode_inputs)
+    write_index: jax.Array | int          # cache slot of the first new token (shared by the batch)
+    cache: list | None = None             # per layer, the KV cache [ag * ma, S, ...]; None: prefill without one
+    decode: bool = False                  # a decode step (one new token attends to the cache)
+    last_only: bool = False               # the head computes the last position's logits only
     x: jax.Array | None = None
     h: jax.Array | None = None
     moe_in: jax.Array | None = None
@@ -65,11 +77,22 @@ class _MicroBatch:
     order: jax.Array | None = None
     counts_device: jax.Array | None = None
     counts: np.ndarray | None = None
-    pieces: list | None = None
+    pieces: dict | None = None            # A2E pieces by segment, [a][e], until the segment's expert FFN
     returned: list | None = None          # E2A pieces (attention device, row, [n, D]) not yet in place
     shared: jax.Array | None = None
     expert_rows: dict = dataclasses.field(default_factory=dict)
     logits: jax.Array | None = None
+
+
+@dataclasses.dataclass
+class _Step:
+    """What one run of a schedule produced."""
+
+    logits: jax.Array                    # [rows, T, V] (T = 1 with last_only) over every micro-batch, in order
+    tokens_per_expert: np.ndarray        # [MoE layers, E]
+    transfers: transfer.TransferLog
+    seconds: float
+    issue_times: list[tuple[str, float]]
 
 
 class _Dispatcher:
@@ -126,8 +149,22 @@ def _placeholders(state):
     return jax.tree.map(lambda v: jnp.zeros((0,), v.dtype), state)
 
 
+def _prefill_glue(valid_BT, *, cache_len: int):
+    """The Engine's prefill inputs of one micro-batch (engine.prefill_inputs) and its attention mask."""
+    positions_BT, kv_valid_BS, active_B = prefill_inputs(valid_BT, cache_len)
+    return positions_BT, prefill_mask(valid_BT), kv_valid_BS, active_B, positions_BT[:, -1] + 1
+
+
+def _decode_glue(state: DecodeState):
+    """The Engine's decode inputs of one micro-batch (engine.decode_inputs), its positions, the tokens that route
+    (batch padding routes nothing) and the positions after the step."""
+    kv_valid_BS, mask_B1S = decode_inputs(state)
+    return (kv_valid_BS, mask_B1S, state.next_position_B[:, None], state.active_B[:, None],
+            state.next_position_B + 1)
+
+
 class DEPRuntime:
-    """A MoETransformer placed on DEPGroups; `prefill` runs it under a DEPSchedule.
+    """A MoETransformer placed on DEPGroups; `prefill` runs it under a DEPSchedule, `generate` decodes.
 
     backend: the pallas_kernels backend of the expert group's grouped FFN ("auto": the selector's choice).
     buckets: prompt lengths (left-padded further) and micro-batch sizes are rounded up to its ladders, so the
@@ -144,11 +181,13 @@ class DEPRuntime:
         if groups.placement.num_experts != cfg.num_experts:
             raise ValueError(f"groups place {groups.placement.num_experts} experts, {cfg.name} has {cfg.num_experts}")
         self.cfg, self.groups = cfg, groups
-        replicated = NamedSharding(groups.attention_mesh, P())
+        self._replicated = replicated = NamedSharding(groups.attention_mesh, P())
         self._batch = NamedSharding(groups.attention_mesh, P(DATA))
         self._slots = NamedSharding(groups.expert_mesh, P(EXPERT))
         self._expert_step = steps.ExpertStep(groups.expert_mesh, backend)
         self._mesh = groups.attention_mesh
+        self._prefill_glue = jax.jit(_prefill_glue, static_argnames=("cache_len",), out_shardings=self._batch)
+        self._decode_glue = jax.jit(_decode_glue, out_shardings=self._batch)
 
         graphdef, layers, top = nnx.split(model, nnx.PathContains("layers"), ...)
         self._top = (graphdef, _placeholders(layers), jax.device_put(top, replicated))
@@ -161,14 +200,39 @@ class DEPRuntime:
             g, expert_state, rest = nnx.split(layer, _EXPERT_FILTER, ...)
             weights = tuple(self._place_experts(getattr(layer.moe, name)[...]) for name in EXPERT_WEIGHTS)
             self._layers.append((g, (_placeholders(expert_state), jax.device_put(rest, replicated)), weights))
+        self._cache_spec = [layer.attn.cache_shapes(1, 1) for layer in model.layers]  # name -> (1, 1, ...)
         self._has_shared = any(layer.moe is not None and layer.moe.shared is not None for layer in model.layers)
-        self._moe_index = {l: i for i, l in enumerate(cfg.moe_layers)}
+        self._moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+
+    @classmethod
+    def from_checkpoint(cls, path, groups: DEPGroups, *, dtype: str | None = None, backend: str = "auto",
+                        buckets: ShapeBuckets | None = ShapeBuckets(), progress: bool = False,
+                        allow_nonfinite: bool = False) -> "DEPRuntime":
+        """The runtime of a Hugging Face checkpoint directory, each parameter read once and placed straight onto
+        its group (epsjax.dep.placement.load_placed): no device ever holds more than its share."""
+        from epsjax.dep.placement import load_placed
+
+        model = load_placed(path, groups, dtype=dtype, progress=progress, allow_nonfinite=allow_nonfinite)
+        return cls(model, groups, backend=backend, buckets=buckets)
 
     def _place_experts(self, w_E__):
-        """[E, ...] -> [eg * slots, ...] in slot order (empty slots zero), split over the expert mesh."""
-        table = self.groups.placement.expert_of_slot()
-        w = jnp.where((table >= 0).reshape((-1,) + (1,) * (w_E__.ndim - 1)), w_E__[np.maximum(table, 0)], 0)
-        return jax.device_put(w, self._slots)
+        """[E, ...] -> [eg * slots, ...] in slot order (empty slots zero), split over the expert mesh: each expert
+        device receives its own experts' rows only. Weights already laid out so (load_placed) stay where they are."""
+        placement, eg = self.groups.placement, self.groups.eg
+        if (w_E__.shape[0] == placement.num_slots and isinstance(w_E__, jax.Array)
+                and w_E__.sharding.is_equivalent_to(self._slots, w_E__.ndim)):
+            return w_E__
+        table = placement.expert_of_slot().reshape(eg, placement.slots)
+        shards = []
+        for e, device in enumerate(self.groups.expert_devices):
+            experts = table[e][table[e] >= 0]   # its filled slots come first
+            piece = jax.device_put(w_E__[experts], device)
+            if len(experts) < placement.slots:  # empty slots: zeros, made on the expert device
+                piece = jnp.concatenate([piece, jnp.zeros((placement.slots - len(experts),) + piece.shape[1:],
+                                                          piece.dtype, device=device)])
+            shards.append(piece)
+        return jax.make_array_from_single_device_arrays((placement.num_slots,) + tuple(w_E__.shape[1:]),
+                                                        self._slots, shards)
 
     # Running ----------------------------------------------------------------------------------------------------
 
@@ -186,16 +250,82 @@ class DEPRuntime:
         if T_run > T:  # more left padding: one program per length bucket
             tokens_BT = np.concatenate([np.full((B, T_run - T), self.cfg.pad_token_id, np.int32), tokens_BT], 1)
             mask_BT = np.concatenate([np.zeros((B, T_run - T), bool), mask_BT], 1)
-        ag, r1 = self.groups.ag, schedule.micro_batches
+        micro, _ = self._prefill_micro_batches(tokens_BT, mask_BT, schedule.micro_batches, cache_len=None)
+        step = self._execute(micro, schedule, serialize=serialize)
+        logits = step.logits[:B, T_run - T:]
+        logits.block_until_ready()
+        return DEPOutput(logits, step.tokens_per_expert, step.transfers, step.seconds, step.issue_times)
+
+    def engine(self, schedule: DEPSchedule = DEPSchedule.naive()) -> DEPEngine:
+        """This runtime under the Engine's contract (prefill with a KV cache, decode_step, generate), every step
+        run under `schedule`."""
+        return DEPEngine(self, schedule)
+
+    def generate(self, prompts, *, max_new_tokens: int = 16, sampling: SamplingParams = SamplingParams(),
+                 stop_at_eos: bool = True, schedule: DEPSchedule = DEPSchedule.naive()) -> GenerateResult:
+        """Engine.generate's contract (greedy or sampled, EOS, left padding, the same tokens as the single-device
+        Engine): the prefill and every decode step run as `schedule`, the KV cache on the attention group."""
+        return self.engine(schedule).generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                              stop_at_eos=stop_at_eos)
+
+    def prefill_with_cache(self, tokens_BT, mask_BT, *, cache_len: int, schedule: DEPSchedule):
+        """Runs checked, left-padded prompts [B, T], filling a KV cache of cache_len slots per micro-batch: the
+        last position's logits [B, V], the DEPState to decode from, and the step's record."""
+        B, T = tokens_BT.shape
+        micro, states = self._prefill_micro_batches(tokens_BT, mask_BT, schedule.micro_batches, cache_len=cache_len)
+        step = self._execute(micro, schedule)
+        states = tuple(dataclasses.replace(st, cache=mb.cache) for st, mb in zip(states, micro))
+        return step.logits[:B, -1], DEPState(states, B, cache_len, T, schedule), step
+
+    def decode_step(self, state: DEPState, tokens_B):
+        """One token per sequence (checked, [B] int32) through the model under the state's schedule: logits
+        [B, V], the next DEPState (`state` is consumed: its caches are donated) and the step's record."""
+        size = state.micro[0].kv_valid_BS.shape[0]
+        tokens = np.full((len(state.micro) * size, 1), self.cfg.pad_token_id, np.int32)
+        tokens[:state.batch, 0] = tokens_B
+        micro, glue = [], []
+        for m, st in enumerate(state.micro):
+            kv_valid, mask, positions, valid, next_positions = self._decode_glue(dataclasses.replace(st, cache=None))
+            glue.append((kv_valid, next_positions))
+            micro.append(_MicroBatch(jax.device_put(tokens[m * size:(m + 1) * size], self._batch), positions, valid,
+                                     mask, state.write_index, st.cache, decode=True, last_only=True))
+        step = self._execute(micro, state.schedule)
+        write_index = jax.device_put(np.int32(state.write_index + 1), self._replicated)
+        states = tuple(DecodeState(cache=mb.cache, kv_valid_BS=kv_valid, next_position_B=next_positions,
+                                   write_index=write_index, active_B=st.active_B)
+                       for mb, st, (kv_valid, next_positions) in zip(micro, state.micro, glue))
+        return (step.logits[:state.batch, -1],
+                DEPState(states, state.batch, state.cache_len, state.write_index + 1, state.schedule), step)
+
+    def _prefill_micro_batches(self, tokens_BT, mask_BT, r1: int, *, cache_len: int | None):
+        """The batch cut into r1 micro-batches of ag * ma sequences (the rows past B are padding: no token), each
+        split over the attention group, with the Engine's prefill inputs and (with cache_len) an empty KV cache;
+        and each micro-batch's DecodeState after the prefill (its cache still to be filled)."""
+        B, T = tokens_BT.shape
+        ag = self.groups.ag
         ma = math.ceil(B / (r1 * ag))
         ma = ma if self.buckets is None else self.buckets.batch_size(ma)
-        pad = r1 * ag * ma - B
-        tokens = np.concatenate([tokens_BT, np.full((pad, T_run), self.cfg.pad_token_id, np.int32)])
-        valid = np.concatenate([mask_BT, np.zeros((pad, T_run), bool)])
-        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-        size = ag * ma
-        micro = [_MicroBatch(*(jax.device_put(a[m * size:(m + 1) * size], self._batch)
-                               for a in (tokens, positions, valid))) for m in range(r1)]
+        size, pad = ag * ma, r1 * ag * ma - B
+        tokens = np.concatenate([tokens_BT, np.full((pad, T), self.cfg.pad_token_id, np.int32)])
+        valid = np.concatenate([mask_BT, np.zeros((pad, T), bool)])
+        micro, states = [], []
+        write_index = jax.device_put(np.int32(T), self._replicated)
+        for m in range(r1):
+            tokens_m, valid_m = (jax.device_put(a[m * size:(m + 1) * size], self._batch) for a in (tokens, valid))
+            positions, mask, kv_valid, active, next_positions = self._prefill_glue(valid_m, cache_len=cache_len or T)
+            cache = None if cache_len is None else self._empty_cache(size, cache_len)
+            micro.append(_MicroBatch(tokens_m, positions, valid_m, mask, 0, cache, last_only=cache_len is not None))
+            states.append(DecodeState(cache=None, kv_valid_BS=kv_valid, next_position_B=next_positions,
+                                      write_index=write_index, active_B=active))
+        return micro, states
+
+    def _empty_cache(self, rows: int, length: int) -> list[dict]:
+        """A micro-batch's KV cache, zeros [rows, length, ...] per layer, split over the attention group."""
+        return [{name: jnp.zeros((rows, length) + shape[2:], self.cfg.jnp_dtype, device=self._batch)
+                 for name, shape in spec.items()} for spec in self._cache_spec]
+
+    def _execute(self, micro: list[_MicroBatch], schedule: DEPSchedule, *, serialize: bool = False) -> _Step:
+        """Walks the schedule's tasks over the micro-batches (asynchronously, or blocking after each task)."""
         pack = steps.Pack(tuple(self.groups.placement.owner().tolist()),
                           tuple(self.groups.placement.slot().tolist()), self.groups.eg, self.groups.placement.slots,
                           schedule.segments)
@@ -216,9 +346,9 @@ class DEPRuntime:
                 dispatch(task)
         else:
             _Dispatcher(tasks, dispatch, lambda t: self._waits_on(t, micro[t.micro])).run()
-        logits = jnp.concatenate([mb.logits for mb in micro])[:B, T_run - T:]
+        logits = jnp.concatenate([mb.logits for mb in micro])
         logits.block_until_ready()
-        return DEPOutput(logits, tokens_per_expert, log, time.perf_counter() - start, issued)
+        return _Step(logits, tokens_per_expert, log, time.perf_counter() - start, issued)
 
     @staticmethod
     def _waits_on(task: TaskRef, mb: _MicroBatch) -> list:
@@ -233,47 +363,58 @@ class DEPRuntime:
     def _run(self, task: TaskRef, mb: _MicroBatch, pack: steps.Pack, log: transfer.TransferLog,
              tokens_per_expert: np.ndarray):
         """Dispatches one task; returns what it produced (for serialize)."""
-        groups, l = self.groups, task.layer
+        groups, layer = self.groups, task.layer
         if task.kind == "embed":
             mb.x = steps.embed(*self._top, mb.tokens, mesh=self._mesh)
             return mb.x
         if task.kind == "head":
-            mb.logits = steps.head(*self._top, mb.x, mesh=self._mesh)
+            mb.logits = steps.head(*self._top, mb.x, mesh=self._mesh, last_only=mb.last_only)
             return mb.logits
-        graphdef, state, weights = self._layers[l] if l >= 0 else (None, None, None)
+        graphdef, state, weights = self._layers[layer] if layer >= 0 else (None, None, None)
+        cache = None if mb.cache is None or task.kind not in ("dense", "attention") else mb.cache[layer]
         if task.kind == "dense":
-            mb.x = steps.dense(graphdef, state, mb.x, mb.positions, mb.valid, mesh=self._mesh)
+            mb.x, cache = steps.dense(graphdef, state, mb.x, mb.positions, mb.valid, mb.mask, cache, mb.write_index,
+                                      mesh=self._mesh, decode=mb.decode)
+            if mb.cache is not None:
+                mb.cache[layer] = cache
             return mb.x
         if task.kind == "attention":
-            (mb.h, mb.moe_in, mb.weights, mb.x_sorted, mb.order, mb.counts_device) = steps.attention(
-                graphdef, *state, mb.x, mb.positions, mb.valid, mesh=self._mesh, pack=pack)
+            mb.h, mb.moe_in, ids, mb.weights, cache = steps.attention(
+                graphdef, *state, mb.x, mb.positions, mb.mask, cache, mb.write_index, mesh=self._mesh,
+                decode=mb.decode)
+            if mb.cache is not None:
+                mb.cache[layer] = cache
+            mb.x_sorted, mb.order, mb.counts_device = steps.sort_rows(mb.moe_in, ids, mb.valid, mesh=self._mesh,
+                                                                      pack=pack)
             mb.counts_device.copy_to_host_async()
             return mb.h, mb.moe_in, mb.x_sorted
         if task.kind == "shared":
             mb.shared = steps.shared(graphdef, *state, mb.moe_in, mesh=self._mesh)
             return mb.shared
         if task.kind == "a2e":
-            mb.counts = np.asarray(mb.counts_device)  # [ag, eg, r2, slots]: waits for this attention task only
-            tokens_per_expert[self._moe_index[l]] += self._expert_counts(mb.counts)
-            mb.pieces = transfer.a2e(log, l, task.micro, mb.x_sorted, mb.counts, groups.attention_devices,
-                                     groups.expert_devices)
-            mb.returned = []
-            return [p for row in mb.pieces for per_j in row for p in per_j if p is not None]
+            if mb.counts is None:  # the layer's first A2E (of all segments, or of segment 0) reads the counts
+                mb.counts = np.asarray(mb.counts_device)  # [ag, eg, r2, slots]: waits for this attention task only
+                tokens_per_expert[self._moe_index[layer]] += self._expert_counts(mb.counts)
+                mb.pieces, mb.returned = {}, []
+            pieces = transfer.a2e(log, layer, task.micro, task.segment, mb.x_sorted, mb.counts,
+                                  groups.attention_devices, groups.expert_devices)
+            mb.pieces.update(pieces)
+            return [p for per_j in pieces.values() for per_a in per_j for per_e in per_a for _, p in per_e]
         if task.kind == "experts":
             j = task.segment
-            buffers = transfer.gather_segment(mb.pieces, mb.counts, j, groups.expert_devices,
+            buffers = transfer.gather_segment(mb.pieces.pop(j), mb.counts, j, groups.expert_devices,
                                               mb.x_sorted.shape[1], mb.x_sorted.dtype)
             R = buffers[0].shape[0]
             rows = jax.make_array_from_single_device_arrays((groups.eg * R, buffers[0].shape[1]), self._slots,
                                                             buffers)
             counts_EAS = np.ascontiguousarray(mb.counts[:, :, j, :].transpose(1, 0, 2))  # [eg, ag, slots]
             for e in range(groups.eg):
-                log.add("counts", l, task.micro, j, -1, e, 0, counts_EAS[e].nbytes)
+                log.add("counts", layer, task.micro, j, -1, e, 0, counts_EAS[e].nbytes)
             counts_EAS = jax.device_put(counts_EAS, self._slots)
             mb.expert_rows[j] = steps.experts(*weights, rows, counts_EAS, step=self._expert_step)
             return mb.expert_rows[j]
         if task.kind == "e2a":
-            pieces = transfer.e2a(log, l, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts,
+            pieces = transfer.e2a(log, layer, task.micro, task.segment, mb.expert_rows.pop(task.segment), mb.counts,
                                   groups.attention_devices, groups.expert_devices)
             mb.returned.extend(pieces)
             return [piece for _, _, piece in pieces]

@@ -4,7 +4,7 @@ Streams (one representative device per group: devices of a group do the same wor
 of its busiest device):
 
     AG/compute   embed, dense layers, attention, shared experts, combine, LM head      (attention devices)
-    AG->EG/a2e   attention -> expert rows                                               (link, one direction)
+    AG->EG/a2e   attention -> expert rows, per micro-batch or per segment               (link, one direction)
     EG/compute   grouped expert FFN per segment                                         (expert devices)
     EG->AG/e2a   expert -> attention rows                                               (link, other direction)
 
@@ -36,7 +36,8 @@ class DEPProblem:
 
     layer_kinds: "dense" / "moe" per layer. shared: MoE layers have shared experts. seq_len: S tokens per
     sequence. attention_devices: ag (each contributes r1 * ma * S tokens per step). models: linear task models.
-    memory: the limits. Search space: r1 <= max_micro_batches, r2 <= max_segments, ma <= max_micro_batch_size.
+    memory: the limits. Search space: r1 <= max_micro_batches, r2 <= max_segments, ma <= max_micro_batch_size,
+    orders, and A2E whole or per segment (solver.shapes).
     """
 
     layer_kinds: tuple[str, ...]
@@ -72,21 +73,33 @@ class Plan:
 
     def describe(self) -> str:
         s = self.schedule
-        return f"{s.name}: ma={self.micro_batch_size} r1={s.micro_batches} r2={s.segments} {s.order}"
+        a2e = " A2E/seg" if s.segment_a2e else ""
+        return f"{s.name}: ma={self.micro_batch_size} r1={s.micro_batches} r2={s.segments} {s.order}{a2e}"
 
     def as_dict(self) -> dict:
         s = self.schedule
         return {"schedule": s.name, "ma": self.micro_batch_size, "r1": s.micro_batches, "r2": s.segments,
-                "order": s.order}
+                "order": s.order, "segment_a2e": s.segment_a2e}
 
 
 def durations(plan: Plan, seq_len: int, seconds: Seconds) -> dict[str, float]:
-    """Each task kind's duration under the plan: micro-batch tasks at x = ma * S tokens, segment tasks at x / r2."""
+    """Each task kind's duration under the plan: micro-batch tasks at x = ma * S tokens, segment tasks at x / r2
+    (experts, e2a, and a2e when segmented)."""
     x = plan.micro_batch_size * seq_len
+    r2 = plan.schedule.segments
     out = {kind: seconds(kind, x) for kind in MICRO_KINDS}
-    out.update(experts=seconds("experts", x / plan.schedule.segments),
-               e2a=seconds("e2a", x / plan.schedule.segments))
+    out.update(experts=seconds("experts", x / r2), e2a=seconds("e2a", x / r2),
+               a2e=seconds("a2e", x / plan.schedule.a2e_tasks))
     return out
+
+
+def task_tokens(plan: Plan, seq_len: int, kind: str) -> float:
+    """Tokens per attention device one task of this kind carries."""
+    s = plan.schedule
+    x = plan.micro_batch_size * seq_len
+    if kind in ("experts", "e2a"):
+        return x / s.segments
+    return x / s.a2e_tasks if kind == "a2e" else x
 
 
 def build_schedule(problem: DEPProblem, plan: Plan, seconds: Seconds | None = None, *,
@@ -100,14 +113,12 @@ def build_schedule(problem: DEPProblem, plan: Plan, seconds: Seconds | None = No
     head = problem.head if head is None else head
     d = durations(plan, problem.seq_len, seconds)
     s = plan.schedule
-    tokens_per_micro = plan.micro_batch_size * problem.seq_len
     sched = Schedule(name=f"{plan.describe()}", tokens=problem.tokens(plan),
                      meta={**plan.as_dict(), "seq_len": problem.seq_len, "layers": len(kinds),
                            "attention_devices": problem.attention_devices})
     for t in s.tasks(kinds, shared=problem.shared, embed=embed, head=head):
-        tokens = tokens_per_micro / (s.segments if t.kind in ("experts", "e2a") else 1)
         sched.add(t.name, t.kind, t.stream, d[t.kind], t.deps, layer=t.layer, micro=t.micro, segment=t.segment,
-                  tokens=tokens)
+                  tokens=task_tokens(plan, problem.seq_len, t.kind))
     return sched
 
 
@@ -123,7 +134,7 @@ def step_time(problem: DEPProblem, plan: Plan, seconds: Seconds | None = None) -
     d = durations(plan, problem.seq_len, seconds or problem.models.seconds)
     s = plan.schedule
     r1, r2, shared = s.micro_batches, s.segments, problem.shared
-    aass = s.order == "AASS"
+    aass, split = s.order == "AASS", s.segment_a2e
     dA, dX, dS, dG, dY, dC = d["attention"], d["a2e"], d["shared"], d["experts"], d["e2a"], d["combine"]
     # state: [AG free, A2E free, EG free, E2A free, ready of micro-batch 0 .. r1 - 1]
     st = [0.0] * (4 + r1)
@@ -139,12 +150,15 @@ def step_time(problem: DEPProblem, plan: Plan, seconds: Seconds | None = None) -
         for m in range(r1):
             settle(m)
             st[0] = eA = max(st[0], st[4 + m]) + dA
-            st[1] = eX = max(st[1], eA) + dX
+            sent = []  # end of the A2E task each segment waits for
+            for _ in range(r2 if split else 1):
+                st[1] = max(st[1], eA) + dX
+                sent.append(st[1])
             if shared and not aass:
                 st[0] = shared_end[m] = max(st[0], eA) + dS
             back = 0.0
-            for _ in range(r2):
-                st[2] = eG = max(st[2], eX) + dG
+            for j in range(r2):
+                st[2] = eG = max(st[2], sent[j if split else 0]) + dG
                 st[3] = back = max(st[3], eG) + dY
             st[4 + m], attn_end[m] = back, eA
         if shared and aass:

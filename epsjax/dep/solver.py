@@ -2,14 +2,18 @@
 exhaustive search it is checked against.
 
 The problem (epsjax/dep/simulate.py DEPProblem): maximise  tokens(plan) / makespan(plan)  over
-ma in 1..ma_max(r1, r2) (memory), r1 in 1..R1, r2 in 1..R2, order in {AASS, ASAS}; makespan is the simulated
-step with task durations alpha + beta * x from the linear models.
+ma in ceil(r2 / S)..ma_max(r1, r2) (no empty token segment; memory), r1 in 1..R1, r2 in 1..R2, order in
+{AASS, ASAS}, and A2E whole or segmented (segment_a2e, for r2 >= 2: with r2 = 1 both are the same schedule);
+makespan is the simulated step with task durations alpha + beta * x from the linear models. Segmented A2E lets
+segment 0's expert FFN start before the whole micro-batch's rows have arrived but pays the link's latency alpha
+once per segment, so the solver searches both and picks by step time: FinDEP's space holds the unsegmented
+schedules it had before.
 
 Two facts make it small:
 
-1. For fixed (r1, r2, order) the best ma is the largest that fits. Every task's duration is alpha + beta * x with
-   alpha, beta >= 0 and x proportional to ma; the makespan is a maximum over paths of the task graph of sums of
-   durations, so makespan(ma) = max_p (A_p + B_p * ma) with A_p, B_p >= 0, and
+1. For a fixed shape (r1, r2, order, segment_a2e) the best ma is the largest that fits. Every task's duration is
+   alpha + beta * x with alpha, beta >= 0 and x proportional to ma; the makespan is a maximum over paths of the
+   task graph of sums of durations, so makespan(ma) = max_p (A_p + B_p * ma) with A_p, B_p >= 0, and
    tokens / makespan = c / max_p (A_p / ma + B_p) is non-decreasing in ma. The memory use grows with ma, so
    ma* = ma_max(r1, r2).
 2. Each remaining candidate has a cheap upper bound on its throughput: the makespan is at least the busy time of
@@ -37,7 +41,7 @@ class Solution:
     plan: Plan | None            # None: nothing fits in memory
     throughput: float            # tokens / s (linear models)
     makespan: float              # seconds of one step
-    candidates: int              # (r1, r2, order) triples in the space (exhaustive: plans)
+    candidates: int              # (r1, r2, order, segment_a2e) shapes in the space (exhaustive: plans)
     evaluated: int               # step times computed
     seconds: float               # solver wall time
 
@@ -48,16 +52,24 @@ class Solution:
 
 
 def shapes(problem: DEPProblem, space: str = "findep") -> list[DEPSchedule]:
-    """The (r1, r2, order) schedules of a space: naive (1, 1), pppipe (r1, 1, ASAS), findep (everything)."""
+    """The (r1, r2, order, segment_a2e) schedules of a space: naive (1, 1), pppipe (r1, 1, ASAS), findep
+    (everything; segmented A2E only for r2 >= 2)."""
     if space == "naive":
         return [DEPSchedule.naive()]
     if space == "pppipe":
         return [DEPSchedule.pppipe(r1) for r1 in range(1, problem.max_micro_batches + 1)]
     if space == "findep":
-        return [DEPSchedule.findep(r1, r2, order)
-                for r1, r2, order in itertools.product(range(1, problem.max_micro_batches + 1),
-                                                       range(1, problem.max_segments + 1), problem.orders)]
+        return [DEPSchedule.findep(r1, r2, order, split)
+                for r1, r2, order, split in itertools.product(range(1, problem.max_micro_batches + 1),
+                                                              range(1, problem.max_segments + 1), problem.orders,
+                                                              (False, True))
+                if r2 > 1 or not split]
     raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+
+
+def min_micro_batch(problem: DEPProblem, schedule: DEPSchedule) -> int:
+    """The smallest ma that gives every token segment a token (ma * S >= r2; decode has S = 1)."""
+    return max(1, -(-schedule.segments // problem.seq_len))
 
 
 def lower_bound(problem: DEPProblem, plan: Plan) -> float:
@@ -75,10 +87,14 @@ def lower_bound(problem: DEPProblem, plan: Plan) -> float:
                     + d["combine"]) + tail)
     if not moe:
         return ag_busy
+    # One micro-batch's routed rows through a layer: a flow shop of identical segments over the links and the
+    # expert group, whose makespan is the sum of one segment's stages plus (r2 - 1) times the longest stage
+    # (A2E counts once when it is not segmented).
+    stages = (d["a2e"], d["experts"], d["e2a"]) if s.segment_a2e else (d["experts"], d["e2a"])
+    routed = (0.0 if s.segment_a2e else d["a2e"]) + sum(stages) + (r2 - 1) * max(stages)
     chain = (lead + dense * d["dense"] - first_moe * d["dense"] + tail
-             + moe * (d["attention"] + d["combine"]
-                      + max(dS, d["a2e"] + max(r2 * d["experts"] + d["e2a"], d["experts"] + r2 * d["e2a"]))))
-    a2e = lead + d["attention"] + moe * r1 * d["a2e"] + d["experts"] + d["e2a"] + d["combine"] + tail
+             + moe * (d["attention"] + d["combine"] + max(dS, routed)))
+    a2e = lead + d["attention"] + moe * r1 * s.a2e_tasks * d["a2e"] + d["experts"] + d["e2a"] + d["combine"] + tail
     eg = lead + d["attention"] + d["a2e"] + moe * r1 * r2 * d["experts"] + d["e2a"] + d["combine"] + tail
     e2a = lead + d["attention"] + d["a2e"] + d["experts"] + moe * r1 * r2 * d["e2a"] + d["combine"] + tail
     return max(ag_busy, chain, a2e, eg, e2a)
@@ -90,7 +106,7 @@ def solve(problem: DEPProblem, space: str = "findep") -> Solution:
     candidates = []
     for schedule in shapes(problem, space):
         ma = problem.max_micro_batch(schedule.micro_batches, schedule.segments)
-        if ma >= 1:
+        if ma >= min_micro_batch(problem, schedule):
             plan = Plan(schedule, ma)
             candidates.append((problem.tokens(plan) / max(lower_bound(problem, plan), 1e-30), plan))
     candidates.sort(key=lambda c: -c[0])
@@ -111,7 +127,8 @@ def exhaustive(problem: DEPProblem, space: str = "findep") -> Solution:
     start = time.perf_counter()
     best, best_tp, best_span, count = None, 0.0, float("inf"), 0
     for schedule in shapes(problem, space):
-        for ma in range(1, problem.max_micro_batch(schedule.micro_batches, schedule.segments) + 1):
+        for ma in range(min_micro_batch(problem, schedule),
+                        problem.max_micro_batch(schedule.micro_batches, schedule.segments) + 1):
             plan = Plan(schedule, ma)
             span = simulate_plan(problem, plan).makespan
             count += 1

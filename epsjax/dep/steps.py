@@ -3,14 +3,17 @@
 Attention group (mesh "data" axis = ag devices, micro-batch [ag * ma, T] split over it, weights replicated):
 
     embed      tokens -> x                                                    MoETransformer.embed
-    dense      a dense layer, whole                                           DecoderLayer.__call__
-    attention  x -> h, moe input, routing; then, per device (shard_map), the T_l * K rows sorted by
-               (expert device, segment, slot) with their counts [ag, eg, r2, slots]   DecoderLayer.attention,
-               .moe_input, MoEBlock.route
+    dense      a dense layer, whole (and its KV cache)                        DecoderLayer.__call__
+    attention  x -> h (writing the layer's KV cache), moe input, routing   DecoderLayer.attention, .moe_input,
+               MoEBlock.route; then (sort_rows), per device, the T_l * K rows sorted by (expert device, segment,
+               slot) with their counts [ag, eg, r2, slots]
     shared     the shared experts on the moe input                            MoEBlock.add_shared(x, 0)
     combine    returned rows -> un-sorted, weighted by the router (per device), + shared -> layer output
                sharding.expert_compute.combine, DecoderLayer.moe_output
     head       last norm + LM head                                            MoETransformer.logits
+
+A prefill and a decode step run the same programs (decode: one new token per sequence attending to the cache);
+the attention group keeps each micro-batch's KV cache, [ag * ma, S, ...] split like the micro-batch.
 
 Expert group (mesh "expert" axis = eg devices, expert weights [eg * slots, D, F] split over it):
 
@@ -34,14 +37,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 import pallas_kernels
 from models.attention import AttentionContext
 from models.moe import LocalExperts
-from models.transformer import prefill_mask
 from sharding import DATA, EXPERT
 from sharding.expert_compute import combine
 
 
-def _context(positions_BT, valid_BT) -> AttentionContext:
-    return AttentionContext(positions_BT=positions_BT, mask_BTS=prefill_mask(valid_BT), write_index=0,
-                            attend_to_cache=False)
+def _context(positions_BT, mask_BTS, write_index, decode: bool) -> AttentionContext:
+    """A prefill (the prompt attends to itself, causal) or a decode step (the new token attends to the cache), as
+    the Engine's forward builds it."""
+    return AttentionContext(positions_BT=positions_BT, mask_BTS=mask_BTS, write_index=write_index,
+                            attend_to_cache=decode, causal=not decode)
 
 
 def _exclusive_cumsum(x):
@@ -62,7 +66,10 @@ class Pack:
         """Local [T, D], [T, K], [T] -> sorted rows [T*K, D], order [T*K], counts [1, eg, r2, slots]."""
         T, K = ids_TK.shape
         keys = self.devices * self.segments * self.slots                  # the sentinel key of invalid rows
-        segment_T = (jnp.arange(T, dtype=jnp.int32) * self.segments) // T  # contiguous token segments
+        # r2 contiguous segments of the valid tokens, equal up to one token: split by position, left padding
+        # (which routes nothing) would leave the first segments empty and nothing to pipeline
+        rank_T = jnp.cumsum(valid_T.astype(jnp.int32)) - 1
+        segment_T = (rank_T * self.segments) // jnp.maximum(jnp.sum(valid_T.astype(jnp.int32)), 1)
         owner_E, slot_E = jnp.asarray(self.owner, jnp.int32), jnp.asarray(self.slot, jnp.int32)
         key_TK = (owner_E[ids_TK] * self.segments + segment_T[:, None]) * self.slots + slot_E[ids_TK]
         key_M = jnp.where(valid_T[:, None], key_TK, keys).reshape(-1)     # [T*K]
@@ -118,37 +125,56 @@ def _data_parallel(mesh, body, replicated, batched):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
 def embed(graphdef, layers, top, tokens_BT, *, mesh):
-    return _data_parallel(mesh, lambda l, t, tokens: nnx.merge(graphdef, l, t).embed(tokens), (layers, top),
+    return _data_parallel(mesh, lambda ls, ts, tokens: nnx.merge(graphdef, ls, ts).embed(tokens), (layers, top),
                           (tokens_BT,))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def head(graphdef, layers, top, x_BTD, *, mesh):
-    return _data_parallel(mesh, lambda l, t, x: nnx.merge(graphdef, l, t).logits(x), (layers, top), (x_BTD,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "last_only"))
+def head(graphdef, layers, top, x_BTD, *, mesh, last_only: bool = False):
+    return _data_parallel(mesh, lambda ls, ts, x: nnx.merge(graphdef, ls, ts).logits(x, last_logits_only=last_only),
+                          (layers, top), (x_BTD,))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def dense(graphdef, state, x_BTD, positions_BT, valid_BT, *, mesh):
-    def body(state, x_BTD, positions_BT, valid_BT):
+# A layer's attention reads the micro-batch's step inputs: positions [B, T], the attention mask [B, T, S]
+# (engine.prefill_inputs / decode_inputs) and its KV cache [B, S, ...] (None: no cache), which it updates at
+# write_index (replicated; the cache is donated); decode (static): the new tokens attend to the cache.
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "decode"), donate_argnames=("cache_layer",))
+def dense(graphdef, state, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer, write_index, *, mesh,
+          decode: bool):
+    def body(state, write_index, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer):
         layer = nnx.merge(graphdef, state)
-        out_BTD, _, _ = layer(x_BTD, valid_BT, _context(positions_BT, valid_BT), None, LocalExperts())
-        return out_BTD
+        ctx = _context(positions_BT, mask_BTS, write_index, decode)
+        out_BTD, cache_layer, _ = layer(x_BTD, valid_BT, ctx, cache_layer, LocalExperts())
+        return out_BTD, cache_layer
 
-    return _data_parallel(mesh, body, (state,), (x_BTD, positions_BT, valid_BT))
+    return _data_parallel(mesh, body, (state, write_index), (x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "pack"))
-def attention(graphdef, experts, rest, x_BTD, positions_BT, valid_BT, *, mesh, pack: Pack):
-    def body(experts, rest, x_BTD, positions_BT, valid_BT):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "decode"), donate_argnames=("cache_layer",))
+def attention(graphdef, experts, rest, x_BTD, positions_BT, mask_BTS, cache_layer, write_index, *, mesh,
+              decode: bool):
+    def body(experts, rest, write_index, x_BTD, positions_BT, mask_BTS, cache_layer):
         layer = nnx.merge(graphdef, experts, rest)
-        h_BTD, _ = layer.attention(x_BTD, _context(positions_BT, valid_BT), None)
+        h_BTD, cache_layer = layer.attention(x_BTD, _context(positions_BT, mask_BTS, write_index, decode),
+                                             cache_layer)
         moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
         ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
-        B, T, D = moe_in_BTD.shape
-        x_sorted_MD, order_M, counts = pack(moe_in_BTD.reshape(B * T, D), ids_TK, valid_BT.reshape(B * T))
-        return h_BTD, moe_in_BTD, weights_TK, x_sorted_MD, order_M, counts
+        return h_BTD, moe_in_BTD, ids_TK, weights_TK, cache_layer
 
-    return _data_parallel(mesh, body, (experts, rest), (x_BTD, positions_BT, valid_BT))
+    return _data_parallel(mesh, body, (experts, rest, write_index),
+                          (x_BTD, positions_BT, mask_BTS, cache_layer))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "pack"))
+def sort_rows(moe_in_BTD, ids_TK, valid_BT, *, mesh, pack: Pack):
+    """Per attention device, the routed rows sorted by (expert device, segment, slot) and their counts (a program
+    of its own, so the attention compiles once whatever the schedule's segments)."""
+    def body(moe_in_BTD, ids_TK, valid_BT):
+        B, T, D = moe_in_BTD.shape
+        return pack(moe_in_BTD.reshape(B * T, D), ids_TK, valid_BT.reshape(B * T))
+
+    return _data_parallel(mesh, body, (), (moe_in_BTD, ids_TK, valid_BT))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))

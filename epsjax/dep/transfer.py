@@ -1,20 +1,23 @@
-"""A2E and E2A: exactly the routed rows, one jax.device_put per (attention device, expert device) pair.
+"""A2E and E2A: exactly the routed rows, sent straight from the device that holds them to the one that needs them.
 
 On attention device a, the micro-batch's T_l * K (token, k) rows are sorted by (expert device e, segment j,
-expert slot) and counted: counts[a, e, j, s] (attention.py's pack). The host reads the counts (a [ag, eg, r2,
+expert slot) and counted: counts[a, e, j, s] (steps.sort_rows). The host reads the counts (a [ag, eg, r2,
 slots] int32 table, the only device->host traffic) and then:
 
     A2E(l, m)     for each (a, e, j) with n = sum_s counts[a, e, j, s] > 0:
                       rows a -> e = x_sorted_a[start : start + n]      n * D * itemsize bytes over the link
-                  (one piece per segment, so the expert side never re-slices what it received)
+                  (one piece per segment, so the expert side never re-slices what it received; segmented,
+                  A2E(l, m, j) sends segment j's pieces only)
                   plus counts[:, e, j, :] host -> expert device e per segment (ag * slots int32)
     E2A(l, m, j)  for each (e, a) with n = sum_s counts[a, e, j, s] > 0:
                       rows e -> a = y_j on e, source a's rows          n * D * itemsize bytes over the link
 
-Nothing is padded on the wire: a piece has exactly n rows (a static shape per n, so slicing compiles once per
-distinct n). The receiving side copies pieces into a buffer (expert side: rows of segment j from every source,
-padded to a bucket so the expert FFN compiles once per bucket; attention side: the micro-batch's sorted rows
-in their original order); those are local copies, not transfers.
+Nothing is padded on the wire: a piece of n rows goes as the power-of-two chunks of n's binary expansion (13 rows:
+8 + 4 + 1), one jax.device_put each, so slicing and placing compile once per chunk size (about log2 of the
+largest piece) instead of once per distinct n, which in decoding would be a new program for almost every step.
+The receiving side copies pieces into a buffer (expert side: rows of segment j from every source, padded to a
+bucket so the expert FFN compiles once per bucket; attention side: the micro-batch's sorted rows in their
+original order); those are local copies, not transfers.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class Transfer:
     kind: str        # "a2e" | "e2a" | "counts" (host -> expert device)
     layer: int
     micro: int
-    segment: int     # -1 for a2e (the whole micro-batch)
+    segment: int     # -1 for an a2e of the whole micro-batch
     source: int      # attention device index a (a2e) / expert device index e (e2a) / -1 (host)
     dest: int
     rows: int
@@ -72,6 +75,22 @@ def bucket(rows: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, int(rows) - 1).bit_length())
 
 
+def chunks(n: int) -> list[tuple[int, int]]:
+    """(offset, size) of n rows cut into the powers of two of n's binary expansion, largest first:
+    13 -> [(0, 8), (8, 4), (12, 1)]."""
+    out, at = [], 0
+    for bit in reversed(range(int(n).bit_length())):
+        if n >> bit & 1:
+            out.append((at, 1 << bit))
+            at += 1 << bit
+    return out
+
+
+def send(x_MD, start: int, n: int, device: jax.Device) -> list[tuple[int, jax.Array]]:
+    """x[start : start + n] (on x's device) onto `device`, one transfer per chunk: (offset in the n rows, piece)."""
+    return [(at, jax.device_put(take_rows(x_MD, start + at, rows=size), device)) for at, size in chunks(n)]
+
+
 def shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
     """The shard of a sharded array that lives on `device`."""
     for shard in array.addressable_shards:
@@ -80,36 +99,35 @@ def shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
     raise ValueError(f"{device} holds no shard of this array")
 
 
-def a2e(log: TransferLog, layer: int, micro: int, x_sorted, counts: np.ndarray, attention_devices,
-        expert_devices) -> list[list[list[jax.Array | None]]]:
-    """Sends every attention device's rows for each expert device, one piece per segment. Returns
-    pieces[a][e][j] ([n, D] on expert device e; None when n = 0). counts: [ag, eg, r2, slots] on the host."""
+def a2e(log: TransferLog, layer: int, micro: int, segment: int, x_sorted, counts: np.ndarray, attention_devices,
+        expert_devices) -> dict[int, list[list[jax.Array | None]]]:
+    """Sends every attention device's rows for each expert device, one piece per segment: of every segment
+    (segment = -1, the micro-batch's single A2E) or of one (segmented A2E). Returns pieces[j][a][e], the n rows
+    as `send`'s chunks on expert device e (an empty list when n = 0). counts: [ag, eg, r2, slots] on the host."""
     rows_aej = counts.sum(axis=-1)                                  # [ag, eg, r2]
-    pieces = []
+    r2 = counts.shape[2]
+    segments = range(r2) if segment < 0 else (segment,)
+    pieces = {j: [] for j in segments}
     for a, device_a in enumerate(attention_devices):
         x_a = shard_on(x_sorted, device_a)                          # [T_l * K, D] sorted by (e, j, slot)
         starts = np.concatenate([[0], np.cumsum(rows_aej[a].reshape(-1))]).reshape(-1)
-        per_e = []
+        for j in segments:
+            pieces[j].append([[] for _ in expert_devices])
         for e, device_e in enumerate(expert_devices):
-            per_j = []
-            for j in range(counts.shape[2]):
+            sent = 0
+            for j in segments:
                 n = int(rows_aej[a, e, j])
-                if n == 0:
-                    per_j.append(None)
-                    continue
-                piece = take_rows(x_a, int(starts[e * counts.shape[2] + j]), rows=n)   # on attention device a
-                per_j.append(jax.device_put(piece, device_e))                           # a -> e: n rows
-            sent = int(rows_aej[a, e].sum())
+                pieces[j][a][e] = send(x_a, int(starts[e * r2 + j]), n, device_e)       # a -> e: n rows
+                sent += n
             if sent:
-                log.add("a2e", layer, micro, -1, a, e, sent, sent * x_a.shape[1] * x_a.dtype.itemsize)
-            per_e.append(per_j)
-        pieces.append(per_e)
+                log.add("a2e", layer, micro, segment, a, e, sent, sent * x_a.shape[1] * x_a.dtype.itemsize)
     return pieces
 
 
-def gather_segment(pieces, counts: np.ndarray, segment: int, expert_devices, dim: int, dtype):
+def gather_segment(pieces_ae, counts: np.ndarray, segment: int, expert_devices, dim: int, dtype):
     """On each expert device e, segment j's rows from every source in (source, slot) order, padded with zero rows
-    to a common bucket R: a list of [R, D] arrays, one per expert device (local copies only)."""
+    to a common bucket R: a list of [R, D] arrays, one per expert device (local copies only). pieces_ae: segment
+    j's A2E pieces, [a][e]."""
     per_source = counts[:, :, segment].sum(axis=-1)                # [ag, eg] rows of segment j
     R = bucket(int(per_source.sum(axis=0).max()))
     buffers = []
@@ -117,17 +135,17 @@ def gather_segment(pieces, counts: np.ndarray, segment: int, expert_devices, dim
         buffer = jnp.zeros((R, dim), dtype, device=device_e)
         at = 0
         for a in range(counts.shape[0]):
-            if pieces[a][e][segment] is not None:
-                buffer = put_rows(buffer, pieces[a][e][segment], at)
-                at += int(per_source[a, e])
+            for offset, piece in pieces_ae[a][e]:
+                buffer = put_rows(buffer, piece, at + offset)
+            at += int(per_source[a, e])
         buffers.append(buffer)
     return buffers
 
 
 def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: np.ndarray, attention_devices,
         expert_devices) -> list[tuple[int, int, jax.Array]]:
-    """Sends segment j's computed rows back to their attention devices. Returns (a, row, piece): piece [n, D] is
-    on attention device a and belongs at `row` of a's sorted buffer (see `assemble`)."""
+    """Sends segment j's computed rows back to their attention devices. Returns (a, row, piece): each chunk of the
+    rows on attention device a and the row of a's sorted buffer it belongs at (see `assemble`)."""
     per_source = counts[:, :, segment].sum(axis=-1)                # [ag, eg]
     rows_ae = counts.sum(axis=(2, 3))
     before_seg = counts[:, :, :segment].sum(axis=(2, 3))
@@ -139,9 +157,9 @@ def e2a(log: TransferLog, layer: int, micro: int, segment: int, y_rows, counts: 
             n = int(per_source[a, e])
             if n == 0:
                 continue
-            piece = jax.device_put(take_rows(y_e, at, rows=n), device_a)   # e -> a: n rows
+            row = int(rows_ae[a, :e].sum() + before_seg[a, e])
+            out += [(a, row + offset, piece) for offset, piece in send(y_e, at, n, device_a)]   # e -> a: n rows
             log.add("e2a", layer, micro, segment, e, a, n, n * y_e.shape[1] * y_e.dtype.itemsize)
-            out.append((a, int(rows_ae[a, :e].sum() + before_seg[a, e]), piece))
             at += n
     return out
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from epsjax.dep import Deployment, ExpertPlacement, TaskCosts, Testbed, expert_bounds, fit_layers
-from epsjax.dep.perf import fit_linear, transfer_time
+from epsjax.dep.perf import MICRO_KINDS, SEGMENT_KINDS, fit_linear, transfer_time, zipf_shares
 from epsjax.scheduler.costs import CostModel
 from models import get_preset
 
@@ -95,3 +95,38 @@ def test_fit_layers_truncates_what_does_not_fit():
     bigger = TaskCosts(cfg.replace(num_layers=cfg.num_layers + 1), deployment, seq_len=1).memory()
     assert bigger.eg_fixed > 0.75 * bigger.eg_limit or bigger.ag_fixed > 0.75 * bigger.ag_limit
     assert fit_layers(get_preset("qwen3-30b-a3b"), Deployment.split(H20x8, 4, 4)).num_layers == 48
+
+
+def test_skewed_routing_loads_the_busiest_expert_device():
+    """Zipf(1.2) shares over DeepSeek-V2's 160 experts on 5 expert devices: the most loaded device gets more than
+    its fifth of the rows, receives that share of the A2E bytes, and sets the expert group's time."""
+    cfg = get_preset("deepseek-v2")
+    deployment = Deployment.split(H20x8, 3, 5)
+    uniform = TaskCosts(cfg, deployment, seq_len=1024)
+    assert zipf_shares(160, 0.0) == pytest.approx([1 / 160] * 160)
+    flat = TaskCosts(cfg, deployment, seq_len=1024, routing=tuple([7.0] * 160))   # any scale: normalised
+    assert flat.seconds("experts", 1000) == pytest.approx(uniform.seconds("experts", 1000), rel=1e-12)
+    skewed = TaskCosts(cfg, deployment, seq_len=1024, routing=zipf_shares(160, 1.2))
+    busiest = int(np.argmax(skewed.device_shares))
+    assert skewed.imbalance == pytest.approx(5 * skewed.device_shares[busiest]) and skewed.imbalance > 1.2
+    send = skewed.row_bytes(1000)
+    assert send[0, deployment.expert_devices[busiest]] == pytest.approx(
+        1000 * 6 * 5120 * 2 * skewed.device_shares[busiest])
+    assert skewed.seconds("experts", 1000) > uniform.seconds("experts", 1000)
+    assert skewed.seconds("a2e", 1000) > uniform.seconds("a2e", 1000)
+    assert skewed.memory().eg_step > uniform.memory().eg_step
+    with pytest.raises(ValueError, match="routing"):
+        TaskCosts(cfg, deployment, seq_len=1024, routing=(1.0, 2.0))
+
+
+@pytest.mark.parametrize("seq_len,context,zipf", [(1024, 0, None), (1, 4096, 1.2)])
+def test_task_durations_never_fall_with_more_tokens(seq_len, context, zipf):
+    """What the TTFT-bound search rests on (epsjax/dep/workloads.py within_budget): every duration is
+    nondecreasing in the tokens of its task, so a shape's step time is too."""
+    cfg = get_preset("qwen3-30b-a3b")
+    routing = None if zipf is None else zipf_shares(cfg.num_experts, zipf)
+    costs = TaskCosts(cfg, Deployment.split(Testbed("8xA10", "a10", 8), 4, 4), seq_len, context, routing=routing)
+    xs = np.unique(np.round(np.geomspace(1, 64 * seq_len, 40)))
+    for kind in MICRO_KINDS + SEGMENT_KINDS:
+        ts = [costs.seconds(kind, x) for x in xs]
+        assert all(b >= a * (1 - 1e-12) for a, b in zip(ts, ts[1:])), kind

@@ -18,7 +18,7 @@ from flax import nnx
 from epsjax.dep import DEPGroups, DEPSchedule
 from epsjax.dep.runtime import DEPRuntime, _Dispatcher
 from epsjax.engine import Engine
-from models import MoETransformer, get_preset
+from tests.dep.conftest import tiny_model
 
 T = 8
 SPLITS = ((3, 5), (4, 4))
@@ -27,6 +27,7 @@ SCHEDULES = {
     "pppipe": DEPSchedule.pppipe(2),
     "findep_aass": DEPSchedule.findep(2, 2, "AASS"),
     "findep_asas": DEPSchedule.findep(2, 3, "ASAS"),
+    "findep_segmented_a2e": DEPSchedule.findep(2, 2, "AASS", segment_a2e=True),
 }
 MODELS = ("tiny-deepseek-v2", "tiny-qwen3-moe")
 
@@ -40,13 +41,8 @@ def _inputs(batch):
 
 
 @functools.cache
-def _model(name):
-    return MoETransformer(get_preset(name), rngs=nnx.Rngs(0))
-
-
-@functools.cache
 def _reference(name, batch, skewed=False):
-    engine = Engine(_model(name))
+    engine = Engine(tiny_model(name))
     if skewed:
         engine.params = _skew(engine.params)
     logits, _, stats = engine.prefill(*_inputs(batch), all_logits=True, cache_len=T)
@@ -61,7 +57,7 @@ def _skew(state):
 
 @functools.cache
 def _runtime(name, ag, eg, skewed=False):
-    model = _model(name)
+    model = tiny_model(name)
     if skewed:
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, _skew(state))
@@ -97,6 +93,9 @@ def test_dep_matches_single_device(name, ag, eg, schedule):
     assert err < 1e-5, f"{name} {ag}+{eg} {schedule}: max |logits diff| = {err}"
     np.testing.assert_array_equal(out.tokens_per_expert, want_counts)
     _check_rows(runtime, out, want_counts)
+    # segmented A2E: one transfer per (segment, attention device, expert device), logged with its segment
+    segments = {r.segment for r in out.transfers.records if r.kind == "a2e"}
+    assert segments == (set(range(SCHEDULES[schedule].segments)) if SCHEDULES[schedule].segment_a2e else {-1})
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -142,14 +141,15 @@ def test_serialized_execution_gives_the_same_logits():
 
 def test_groups_must_cover_the_model_experts():
     with pytest.raises(ValueError, match="place 8 experts"):
-        DEPRuntime(_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
+        DEPRuntime(tiny_model("tiny-qwen3-moe"), DEPGroups.split(4, 4, 8))
 
 
 def test_prompt_lengths_in_one_bucket_share_their_programs():
     """The runtime rounds prompt lengths (more left padding) and micro-batch sizes up to ShapeBuckets' ladders: a
     second prompt length in the same bucket compiles no new step program (embedding, attention, combine, head),
     and the logits of the real positions are unchanged. (The expert step compiles per power-of-two bucket of the
-    rows it receives; the A2E / E2A copies one slice per distinct row count: they move exactly the routed rows.)"""
+    rows it receives; the A2E / E2A slice and place per power-of-two chunk size: they move exactly the routed rows,
+    see test_transfers_go_in_power_of_two_chunks.)"""
     from epsjax.dep import steps
 
     jitted = [getattr(steps, name) for name in ("embed", "head", "dense", "attention", "shared", "combine_layer")]
@@ -162,6 +162,42 @@ def test_prompt_lengths_in_one_bucket_share_their_programs():
     out = runtime.prefill(shorter_tokens, shorter_mask, schedule=schedule)
     assert runtime.buckets.length(tokens.shape[1]) == runtime.buckets.length(shorter_tokens.shape[1])
     assert [f._cache_size() for f in jitted] == before and out.logits.shape[:2] == shorter_tokens.shape
-    exact = DEPRuntime(_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
+    exact = DEPRuntime(tiny_model("tiny-deepseek-v2"), runtime.groups, buckets=None)
     want = np.asarray(exact.prefill(shorter_tokens, shorter_mask, schedule=schedule).logits)
     assert np.abs(np.asarray(out.logits) - want)[shorter_mask].max() < 1e-5
+
+
+def test_transfers_go_in_power_of_two_chunks():
+    """A piece of n rows is sent as the chunks of n's binary expansion, so slicing compiles once per chunk size
+    (at most log2(n) + 1 of them), and the chunks cover the n rows exactly once, in order."""
+    from epsjax.dep import transfer
+
+    assert transfer.chunks(13) == [(0, 8), (8, 4), (12, 1)]
+    assert transfer.chunks(8) == [(0, 8)] and transfer.chunks(1) == [(0, 1)] and transfer.chunks(0) == []
+    for n in range(1, 300):
+        parts = transfer.chunks(n)
+        assert [at for at, _ in parts] == list(np.cumsum([0] + [size for _, size in parts])[:-1])
+        assert sum(size for _, size in parts) == n and len(parts) == bin(n).count("1")
+    x = jnp.arange(40.0).reshape(20, 2)
+    device = jax.devices()[1]
+    sent = transfer.send(x, 3, 7, device)
+    assert [(at, p.shape[0]) for at, p in sent] == [(0, 4), (4, 2), (6, 1)]
+    assert all(p.devices() == {device} for _, p in sent)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p) for _, p in sent]), np.asarray(x[3:10]))
+
+
+def test_segments_split_the_valid_tokens():
+    """Pack's r2 segments are contiguous runs of the device's valid tokens, not of positions: with left padding a
+    split by position would leave the first segments empty. 6 tokens, the first 2 padding, 4 experts on 2 devices
+    (2 slots each), top-1: tokens 2, 3 form segment 0 and tokens 4, 5 segment 1. Keys (device, segment, slot):
+    token 2 -> expert 1 (0, 0, 1); token 3 -> expert 2 (1, 0, 0); token 4 -> expert 3 (1, 1, 1); token 5 -> expert 0
+    (0, 1, 0); so the sorted rows are tokens 2, 5, 3, 4, then the padding's (never sent)."""
+    from epsjax.dep import steps
+
+    pack = steps.Pack(owner=(0, 0, 1, 1), slot=(0, 1, 0, 1), devices=2, slots=2, segments=2)
+    x_TD = jnp.arange(6.0)[:, None]
+    ids_TK = jnp.array([[0], [0], [1], [2], [3], [0]])
+    valid_T = jnp.array([False, False, True, True, True, True])
+    x_sorted, _, counts = pack(x_TD, ids_TK, valid_T)
+    np.testing.assert_array_equal(np.asarray(x_sorted[:4, 0]), [2, 5, 3, 4])
+    np.testing.assert_array_equal(np.asarray(counts[0]), [[[0, 1], [1, 0]], [[1, 0], [0, 1]]])

@@ -31,6 +31,26 @@ def test_findep_aass_task_order():
         "shared[l0.m0]", "shared[l0.m1]", "combine[l0.m0]", "combine[l0.m1]"]
 
 
+def test_segmented_a2e_task_order():
+    """segment_a2e: one A2E per segment, each carrying segment j's rows; experts(j) waits for a2e(j) alone."""
+    schedule = DEPSchedule.findep(2, 2, "ASAS", segment_a2e=True)
+    assert _names(schedule) == [
+        "attention[l0.m0]", "a2e[l0.m0.s0]", "a2e[l0.m0.s1]", "shared[l0.m0]", "experts[l0.m0.s0]",
+        "e2a[l0.m0.s0]", "experts[l0.m0.s1]", "e2a[l0.m0.s1]",
+        "attention[l0.m1]", "a2e[l0.m1.s0]", "a2e[l0.m1.s1]", "shared[l0.m1]", "experts[l0.m1.s0]",
+        "e2a[l0.m1.s0]", "experts[l0.m1.s1]", "e2a[l0.m1.s1]",
+        "combine[l0.m0]", "combine[l0.m1]"]
+    by_name = {t.name: t for t in schedule.tasks(ONE_MOE, shared=True, embed=False, head=False)}
+    assert by_name["experts[l0.m1.s1]"].deps == ("a2e[l0.m1.s1]",)
+    assert by_name["a2e[l0.m1.s1]"].deps == ("attention[l0.m1]",)
+    assert (by_name["a2e[l0.m0.s1]"].segment, by_name["a2e[l0.m0.s1]"].stream) == (1, "AG->EG/a2e")
+    # Unsegmented, every segment's FFN waits for the micro-batch's one A2E.
+    whole = {t.name: t for t in DEPSchedule.findep(2, 2, "ASAS").tasks(ONE_MOE, shared=True, embed=False,
+                                                                        head=False)}
+    assert whole["experts[l0.m1.s1]"].deps == ("a2e[l0.m1]",)
+    assert DEPSchedule.findep(2, 3, "AASS", True).a2e_tasks == 3 and DEPSchedule.findep(2, 3, "AASS").a2e_tasks == 1
+
+
 def test_layers_chain_through_combine_and_dependencies_come_first():
     schedule = DEPSchedule.findep(3, 2, "ASAS")
     tasks = schedule.tasks(("dense", "moe", "moe", "dense", "moe"), shared=True)
@@ -60,6 +80,8 @@ def test_schedule_validation():
         DEPSchedule(0, 1)
     with pytest.raises(ValueError, match="order"):
         DEPSchedule(1, 1, "SAAS")
+    with pytest.raises(ValueError, match="segment_a2e"):
+        DEPSchedule(1, 2, "ASAS", "findep", 1)
     with pytest.raises(ValueError, match="layer kinds"):
         DEPSchedule.naive().tasks(("moe", "attention"), shared=False)
 
@@ -101,3 +123,20 @@ def test_segments_overlap_expert_ffn_with_e2a():
     assert step_time(problem, Plan(DEPSchedule.findep(1, 1, "ASAS"), 1)) == pytest.approx(8.0)
     assert step_time(problem, Plan(DEPSchedule.findep(1, 2, "ASAS"), 1)) == pytest.approx(6.0)   # 2 + 2 + 2
     assert step_time(problem, Plan(DEPSchedule.findep(1, 4, "ASAS"), 1)) == pytest.approx(5.0)   # 1 + 4 * 1
+
+
+def test_segmented_a2e_starts_the_expert_ffn_early():
+    """A2E, expert FFN and E2A cost 4 each per micro-batch (beta only). Whole A2E with r2 = 2: A2E [0,4], then
+    FFN [4,6] [6,8], E2A [6,8] [8,10] -> 10. Segmented: A2E [0,2] [2,4], FFN [2,4] [4,6], E2A [4,6] [6,8] -> 8.
+    With a latency alpha = 1 per A2E task the link pays it twice: A2E [0,3] [3,6], FFN [3,5] [6,8], E2A [5,7]
+    [8,10] -> 10, against 11 whole (A2E [0,5], FFN [5,7] [7,9], E2A [7,9] [9,11])."""
+    def problem(alpha):
+        models = LinearModels(tuple((k, Linear(alpha if k == "a2e" else 0.0,
+                                               4.0 if k in ("a2e", "experts", "e2a") else 0.0)) for k in UNIT))
+        return DEPProblem(ONE_MOE, False, 1, 1, models, _problem(UNIT).memory, embed=False, head=False)
+
+    for alpha, whole, split in ((0.0, 10.0, 8.0), (1.0, 11.0, 10.0)):
+        for segmented, makespan in ((False, whole), (True, split)):
+            plan = Plan(DEPSchedule.findep(1, 2, "ASAS", segmented), 1)
+            assert simulate_plan(problem(alpha), plan).makespan == pytest.approx(makespan)
+            assert step_time(problem(alpha), plan) == pytest.approx(makespan)

@@ -35,9 +35,9 @@ def problems(draw, max_layers=5, max_r=3, max_ma=6):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_layers=9, max_r=4), st.integers(1, 4), st.integers(1, 4), st.sampled_from(("AASS", "ASAS")),
-       st.integers(1, 5))
-def test_step_time_equals_the_simulator(problem, r1, r2, order, ma):
-    plan = Plan(DEPSchedule.findep(r1, r2, order), ma)
+       st.integers(1, 5), st.booleans())
+def test_step_time_equals_the_simulator(problem, r1, r2, order, ma, segment_a2e):
+    plan = Plan(DEPSchedule.findep(r1, r2, order, segment_a2e), ma)
     simulated = simulate_plan(problem, plan).makespan
     assert step_time(problem, plan) == pytest.approx(simulated, rel=1e-9, abs=1e-12)
     assert lower_bound(problem, plan) <= simulated * (1 + 1e-9) + 1e-12
@@ -49,14 +49,16 @@ def test_closed_form_over_long_runs_of_moe_layers(layers):
     rng = np.random.default_rng(layers)
     models = LinearModels(tuple((k, Linear(*rng.uniform(0.1, 2.0, 2))) for k in KINDS))
     problem = DEPProblem(("dense",) + ("moe",) * layers, True, 3, 2, models, MemoryModel(0, 1, 0, 0, 1, 0, 1e9, 1e9))
-    for r1, r2, order in ((1, 1, "ASAS"), (3, 2, "AASS"), (5, 4, "ASAS"), (8, 8, "AASS")):
-        plan = Plan(DEPSchedule.findep(r1, r2, order), 2)
+    for r1, r2, order, split in ((1, 1, "ASAS", False), (3, 2, "AASS", True), (5, 4, "ASAS", False),
+                                 (8, 8, "AASS", True)):
+        plan = Plan(DEPSchedule.findep(r1, r2, order, split), 2)
         assert step_time(problem, plan) == pytest.approx(simulate_plan(problem, plan).makespan, rel=1e-9)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.sampled_from(("naive", "pppipe", "findep")))
 def test_solver_matches_exhaustive_search(problem, space):
+    """Over FinDEP's whole space, segmented A2E included (shapes: both A2E forms for r2 >= 2)."""
     fast, full = solve(problem, space), exhaustive(problem, space)
     if full.plan is None:
         assert fast.plan is None
@@ -69,13 +71,33 @@ def test_solver_matches_exhaustive_search(problem, space):
 
 
 @settings(max_examples=40, deadline=None)
-@given(problems(), st.integers(1, 3), st.integers(1, 3), st.sampled_from(("AASS", "ASAS")))
-def test_throughput_never_falls_with_a_larger_micro_batch(problem, r1, r2, order):
+@given(problems(), st.integers(1, 3), st.integers(1, 3), st.sampled_from(("AASS", "ASAS")), st.booleans())
+def test_throughput_never_falls_with_a_larger_micro_batch(problem, r1, r2, order, segment_a2e):
     """The fact the solver rests on: with alpha, beta >= 0 the best ma is the largest that fits."""
-    schedule = DEPSchedule.findep(r1, r2, order)
+    schedule = DEPSchedule.findep(r1, r2, order, segment_a2e)
     rates = [problem.tokens(Plan(schedule, ma)) / max(simulate_plan(problem, Plan(schedule, ma)).makespan, 1e-30)
              for ma in range(1, 7)]
     assert all(b >= a * (1 - 1e-9) for a, b in zip(rates, rates[1:]))
+
+
+def test_findep_space_holds_both_a2e_forms():
+    problem = DEPProblem(("moe",), True, 1, 1, LinearModels(tuple((k, Linear(1.0, 1.0)) for k in KINDS)),
+                         MemoryModel(0, 1, 0, 0, 1, 0, 1e9, 1e9), max_micro_batches=2, max_segments=3)
+    space = shapes(problem, "findep")
+    # r1 in 1..2, orders AASS / ASAS; r2 = 1 once, r2 = 2, 3 whole and segmented: 2 * 2 * (1 + 2 * 2)
+    assert len(space) == len(set(space)) == 20
+    assert not [s for s in space if s.segment_a2e and s.segments == 1]
+    assert not [s for s in shapes(problem, "pppipe") + shapes(problem, "naive") if s.segment_a2e]
+
+
+def test_no_token_segment_is_left_empty():
+    """Decode (one token per sequence): memory allows ma <= 2, so r2 = 3 or 4 would leave a segment without a
+    token; neither the solver nor the exhaustive search plans one, though splitting would look cheaper."""
+    models = LinearModels(tuple((k, Linear(0.0 if k in SEGMENT_KINDS else 1.0, 5.0)) for k in KINDS))
+    problem = DEPProblem(("moe",), False, 1, 1, models, MemoryModel(0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1e9),
+                         max_micro_batches=1, max_segments=4)
+    for solution in (solve(problem), exhaustive(problem)):
+        assert solution.plan.micro_batch_size == 2 and solution.plan.schedule.segments == 2
 
 
 def test_nothing_fits():
