@@ -173,6 +173,8 @@ class ExpertCacheEngine:
         self.layer = 0
         self.current: set[Key] | None = None   # the running layer's demanded experts
         self.stats = CacheStats()
+        self._current_E = np.zeros(num_experts, bool)  # the running layer's chosen experts (with self.current)
+        policy.bind(num_layers, num_experts)
         self._check_budget()
 
     # Queries --------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class ExpertCacheEngine:
         self.current = set(needed)
         self.stats.layers += 1
         pending = self.low.pending()  # prefetches this router (or an earlier one) did not choose are mispredictions
-        chosen_E = np.zeros(self.num_experts, bool)
+        chosen_E = self._current_E = np.zeros(self.num_experts, bool)
         chosen_E[[e for _, e in needed]] = True
         in_current = (pending[:, 0] == layer) & chosen_E[pending[:, 1]]
         dropped = (pending[:, 0] <= layer) & ~in_current
@@ -345,14 +347,34 @@ class ExpertCacheEngine:
         """A free slot, or the slot of an evicted expert whose next use is later than `limit`."""
         if self.free:
             return self.free.pop(0)
-        candidates = [k for k, s in self.status.items()
-                      if s == RESIDENT and k not in self.pinned and self.next_use(k) > limit]
-        if not candidates:
+        # Array work over the resident experts (this runs per load): candidates, their next uses, the policy's rank.
+        layers, experts = np.nonzero(self.slot_of >= 0)
+        next_use = self._next_use_array(layers, experts)
+        ok = next_use > limit
+        if self.pinned:
+            pinned_LE = np.zeros(self.slot_of.shape, bool)
+            pinned = np.array(list(self.pinned), np.int64).reshape(-1, 2)
+            pinned_LE[pinned[:, 0], pinned[:, 1]] = True
+            ok &= ~pinned_LE[layers, experts]
+        if not ok.any():
             return None
-        victim = self.policy.victim(candidates, self.next_use)
+        i = self.policy.victim_index(layers[ok], experts[ok], next_use[ok])
+        victim = (int(layers[ok][i]), int(experts[ok][i]))
         slot = self.slot[victim]
         self._evict(victim, free=False)
         return slot
+
+    def _next_use_array(self, layers, experts) -> np.ndarray:
+        """next_use of many keys at once (the same rule)."""
+        next_use = np.full(len(layers), math.inf)
+        if self.pred is not None:
+            ok = (layers >= self.layer) & (self.pred[layers, experts] > 0)
+            if self.current is not None:
+                ok &= layers != self.layer
+            next_use = np.where(ok, (layers - self.layer).astype(np.float64), math.inf)
+        if self.current is not None:
+            next_use[(layers == self.layer) & self._current_E[experts]] = 0.0
+        return next_use
 
     def _evict(self, key: Key, free: bool = True) -> None:
         if key not in self.slot:

@@ -215,3 +215,21 @@ def test_budget_violation_is_detected():
     with pytest.raises(BudgetExceeded):
         ExpertCacheEngine(num_layers=1, num_experts=4, num_slots=4, transfers=InstantTransfers(), policy=LRU(),
                           bytes_per_expert=10, budget_bytes=30)
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "predictor"])
+def test_vectorised_victim_equals_the_rank_order(name):
+    # The cache engine ranks candidates with arrays (victim_index); it must pick what victim() picks.
+    rng = np.random.default_rng(0)
+    policy = make_policy(name)
+    policy.bind(3, 5)
+    for _ in range(200):
+        key = (int(rng.integers(3)), int(rng.integers(5)))
+        (policy.record_use if rng.random() < 0.7 else policy.record_load)(key)
+        layers, experts = np.nonzero(rng.random((3, 5)) < 0.6)
+        if not len(layers):
+            continue
+        next_use = rng.choice([0.0, 1.0, 2.0, np.inf], size=len(layers))
+        lookup = {(int(a), int(b)): u for a, b, u in zip(layers, experts, next_use)}
+        i = policy.victim_index(layers, experts, next_use)
+        assert (int(layers[i]), int(experts[i])) == policy.victim(list(lookup), lookup.get)
