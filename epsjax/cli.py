@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-p", type=_finite_float, default=1.0)
     gen.add_argument("--seed", type=_nonnegative_int, default=0)
+    gen.add_argument("--no-token-healing", action="store_true",
+                     help="keep a text prompt's last token as tokenized (default: re-choose it among the tokens that "
+                          "start with its text, so a prompt ending in a space or a word fragment reads naturally)")
     gen.add_argument("--backend", default="auto",
                      help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of "
                           "every stage)")
@@ -202,6 +205,46 @@ def _prompt_ids(text: str, tokenizer) -> list[int]:
     return ids
 
 
+def _heal_prompts(engine, tokenizer, prompts, sampling):
+    """Token healing: a text prompt's last token is often a fragment that never precedes what follows it in
+    training (e.g. the lone space of "def ", where text has " name" as one token), and conditions the model on
+    something it has rarely seen. Each prompt whose last token is a prefix of other tokens is cut before it, and
+    its last token is re-chosen by the model among the tokens that start with that text (greedy, or sampled as
+    --temperature says); the continuation follows the healed prompt. --no-token-healing turns it off."""
+    import numpy as np
+
+    vocab = [tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())]
+    cut = [p for p in prompts if len(p) >= 2]
+    if not cut:
+        return prompts
+    ids = [np.asarray(p[:-1]) for p in cut]
+    tokens_BT, mask_BT, cache_len = engine.request_shapes(ids, 1)
+    logits_BV, _, _ = engine.prefill(tokens_BT, mask_BT, cache_len=cache_len, pad_rows=tokens_BT.shape[0] - len(ids))
+    logits_BV = np.asarray(logits_BV, np.float64)
+    rng = np.random.default_rng(sampling.seed)
+    healed, row = [], 0
+    for p in prompts:
+        if len(p) < 2:
+            healed.append(p)
+            continue
+        tail = vocab[p[-1]]
+        allowed = np.array([i for i, t in enumerate(vocab[:logits_BV.shape[1]]) if t.startswith(tail)])
+        scores = logits_BV[row, allowed]
+        row += 1
+        if len(allowed) <= 1:
+            healed.append(p)
+            continue
+        if sampling.temperature == 0:
+            choice = int(allowed[np.argmax(scores)])
+        else:
+            z = np.exp((scores - scores.max()) / sampling.temperature)
+            choice = int(rng.choice(allowed, p=z / z.sum()))
+        print(f"healed     prompt {len(healed)}: last token {tail!r} -> {vocab[choice]!r} (token healing, among "
+              f"{len(allowed)} tokens that start with it)")
+        healed.append(list(p[:-1]) + [choice])
+    return healed
+
+
 def _looks_like_ids(text: str) -> bool:
     parts = text.replace(",", " ").split()
     return bool(parts) and all(p.lstrip("-").isdigit() for p in parts)
@@ -241,12 +284,15 @@ def _generate(args) -> int:
     if args.devices and jax.devices()[0].platform != "cpu":
         raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
     tokenizer = _tokenizer(args)
+    text_prompts = False
     if args.text:
         if tokenizer is None:
             raise UsageError("--text needs a model directory with a tokenizer.json; give token ids with --prompt")
         prompts = [tokenizer.encode(t).ids for t in args.text]
+        text_prompts = True
     elif args.prompt:
         prompts = [_prompt_ids(p, tokenizer) for p in args.prompt]
+        text_prompts = tokenizer is not None and not all(_looks_like_ids(p) for p in args.prompt)
     else:
         rng = np.random.default_rng(args.seed)
         prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
@@ -325,6 +371,8 @@ def _generate(args) -> int:
     print(f"devices    {len(devices)} x {devices[0].device_kind}")
     print(f"plan       {plan}")
 
+    if text_prompts and not args.no_token_healing:
+        prompts = _heal_prompts(engine, tokenizer, prompts, sampling)
     start = time.perf_counter()
     with CompileCounter() as compiled:
         if args.warmup:

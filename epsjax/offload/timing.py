@@ -20,6 +20,7 @@ off the compute stream (it is charged in full before the first layer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -111,7 +112,22 @@ class DecodeCosts:
     def h2d_seconds(self) -> float:
         return self.costs.host_to_device(self.expert_bytes)
 
+    # The pieces are priced once per instance (a replay asks for them at every layer of every step).
+
     def attention(self) -> float:
+        return self._attention
+
+    def finish(self) -> float:
+        return self._finish
+
+    def dense_layer(self) -> float:
+        return self._dense_layer
+
+    def head(self) -> float:
+        return self._head
+
+    @functools.cached_property
+    def _attention(self) -> float:
         """Norms, projections, the core over the KV cache (its bytes read once) and residuals, router, sort."""
         cfg, c, B = self.cfg, self.costs, self.batch
         t = layer_costs.attention_time(c, cfg, B, seq_len=1, context=self.context)
@@ -120,24 +136,28 @@ class DecodeCosts:
 
     def experts(self, rows_per_expert) -> float:
         """One grouped-FFN wave: rows [n] of the experts it runs (their weights are read once each)."""
-        rows = np.asarray(rows_per_expert)
-        if rows.size == 0:
-            return 0.0
-        model = self.costs.gemm_model(self.costs.hw.grouped_backend if self.costs.hw.grouped_backend in
-                                      self.costs.backends else self.costs.backends[0])
-        return model.ffn_time(rows, self.cfg.d_model, self.cfg.expert_ffn_dim)
+        key = tuple(sorted(int(r) for r in rows_per_expert))
+        cache = self.__dict__.setdefault("_experts_cache", {})
+        if key not in cache:
+            model = self.costs.gemm_model(self.costs.hw.grouped_backend if self.costs.hw.grouped_backend in
+                                          self.costs.backends else self.costs.backends[0])
+            cache[key] = model.ffn_time(np.asarray(key), self.cfg.d_model, self.cfg.expert_ffn_dim) if key else 0.0
+        return cache[key]
 
-    def finish(self) -> float:
+    @functools.cached_property
+    def _finish(self) -> float:
         """Un-permute and combine, shared experts (DeepSeek) or the dense residual MLP (Arctic)."""
         cfg, c, B = self.cfg, self.costs, self.batch
         return (layer_costs.unpermute_time(c, cfg, B)
                 + layer_costs.dense_ffn_time(c, B, cfg.d_model, layer_costs.side_ffn_width(cfg)))
 
-    def dense_layer(self) -> float:
+    @functools.cached_property
+    def _dense_layer(self) -> float:
         cfg, c = self.cfg, self.costs
         return self.attention() + layer_costs.dense_ffn_time(c, self.batch, cfg.d_model, cfg.dense_ffn_dim)
 
-    def head(self) -> float:
+    @functools.cached_property
+    def _head(self) -> float:
         return layer_costs.lm_head_time(self.costs, self.cfg, self.batch)
 
     def device_step(self, rows_LE: np.ndarray) -> float:
