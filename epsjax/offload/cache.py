@@ -46,6 +46,7 @@ from epsjax.offload.policies import EvictionPolicy
 
 Key = tuple[int, int]
 LOADING, RESIDENT = "loading", "resident"
+VECTORISE_ABOVE_KEYS = 512  # (layer, expert) keys above which the engine's bookkeeping uses arrays
 
 
 class Transfers(Protocol):
@@ -175,6 +176,9 @@ class ExpertCacheEngine:
         self.stats = CacheStats()
         self._current_E = np.zeros(num_experts, bool)  # the running layer's chosen experts (with self.current)
         policy.bind(num_layers, num_experts)
+        # Array bookkeeping pays once there are many keys (Qwen3-30B: 48 x 128); below that, numpy's per-call cost
+        # exceeds a short Python loop (measured: scripts/profile_offload.py), so small caches keep the loops.
+        self.vectorised = num_layers * num_experts > VECTORISE_ABOVE_KEYS
         self._check_budget()
 
     # Queries --------------------------------------------------------------------------------------------------
@@ -332,6 +336,12 @@ class ExpertCacheEngine:
         # Vectorised (this runs after every layer): each remaining layer's `quota` best experts, layer-major, in
         # score order, less those resident, loading or queued as misses.
         quotas = plec_quotas(self._demand_L[start:], self.num_slots)
+        if not self.vectorised:
+            keys = [(start + offset, int(e)) for offset, quota in enumerate(quotas)
+                    for e in self._order_LE[start + offset, :quota]]
+            high = set(self.high)
+            self.low.set([k for k in keys if k not in self.status and k not in high])
+            return
         take = np.arange(self.num_experts)[None, :] < quotas[:, None]  # [L', E] rank < quota
         layers = np.nonzero(take)[0] + start
         experts = self._order_LE[start:][take]
@@ -347,6 +357,15 @@ class ExpertCacheEngine:
         """A free slot, or the slot of an evicted expert whose next use is later than `limit`."""
         if self.free:
             return self.free.pop(0)
+        if not self.vectorised:
+            candidates = [k for k, s in self.status.items()
+                          if s == RESIDENT and k not in self.pinned and self.next_use(k) > limit]
+            if not candidates:
+                return None
+            victim = self.policy.victim(candidates, self.next_use)
+            slot = self.slot[victim]
+            self._evict(victim, free=False)
+            return slot
         # Array work over the resident experts (this runs per load): candidates, their next uses, the policy's rank.
         layers, experts = np.nonzero(self.slot_of >= 0)
         next_use = self._next_use_array(layers, experts)

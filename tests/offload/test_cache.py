@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from epsjax.offload.cache import BudgetExceeded, ExpertCacheEngine, plec_quotas
+from epsjax.offload import cache as cache_module
 from epsjax.offload.policies import LFU, LRU, PredictorAware, make_policy
 from epsjax.offload.transfers import InstantTransfers
 
@@ -62,6 +63,13 @@ class RandomTransfers:
 
     def wait_staging(self):
         self.installing = self.installing[1:]
+
+
+@pytest.fixture(autouse=True, params=["loops", "arrays"])
+def bookkeeping(request, monkeypatch):
+    """Every test here runs with both bookkeeping paths of the engine (Python loops for few keys, arrays above)."""
+    monkeypatch.setattr(cache_module, "VECTORISE_ABOVE_KEYS", 0 if request.param == "arrays" else 10**9)
+    return request.param
 
 
 def make_engine(transfers, *, L=2, E=4, S=3, policy="predictor", **kw):
