@@ -1,7 +1,6 @@
 """The token scheduler: re-splitting two batches by routing path (worked example, random pools, time), and decode
 state that moves with regrouped sequences (same tokens as without regrouping)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -45,17 +44,15 @@ def test_form_batches_reduces_active_experts_against_arrival_order():
     assert after < 0.85 * before, (before, after)
 
 
-def test_split_two_takes_under_10_ms():
+def test_split_two_on_two_batches_of_32_with_512_bit_paths():
+    # The size ExpertFlow's scheduler works at per step (its time is a benchmark's job: bench_offload.py reports
+    # split_two's milliseconds; a timed assertion here would only measure how busy the CI machine is).
     rng = np.random.default_rng(1)
-    paths = clustered_paths(rng, 64, E=64, L=8)  # two batches of 32, 512-bit paths
-    scheduler.split_two(paths)
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        scheduler.split_two(paths)
-        times.append(time.perf_counter() - start)
-    assert np.median(times) < 0.010, times
-
+    paths = clustered_paths(rng, 64, E=64, L=8)
+    a, b = scheduler.split_two(paths)
+    assert len(a) == len(b) == 32
+    arrival = [np.arange(32), np.arange(32, 64)]
+    assert scheduler.union_cost(paths, [a, b]) < scheduler.union_cost(paths, arrival)
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(2, 24), st.integers(0, 2**31 - 1))
