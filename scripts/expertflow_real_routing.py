@@ -38,6 +38,7 @@ if "JAX_PLATFORMS" not in os.environ and not os.path.exists("/dev/nvidiactl"):
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -66,8 +67,6 @@ def windows(ids: np.ndarray, n: int, length: int, seed: int) -> np.ndarray:
 
 def perplexity(model, tokens_NT, batch: int = 16) -> float:
     experts = LocalExperts(backend="ragged_dot")
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
     step = jax.jit(lambda state, t: corpus.forward_losses(nnx.merge(graphdef, state), t, experts)[0])
     losses = [float(step(state, tokens_NT[i:i + batch])) for i in range(0, len(tokens_NT) - batch + 1, batch)]
@@ -108,6 +107,16 @@ def cache_table(ids, pred_ids, pred_scores, E, *, batch_size, settings) -> dict:
     return out
 
 
+def mapped(cfg, ids, tokens, pred_ids, pred_scores, small_E):
+    """The routing, the forecast's ids and its scores mapped onto a published model (traces.map_routing; each
+    predicted expert's score goes to every sub-expert it stands for)."""
+    L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k
+    big = traces.map_routing(ids, tokens, small_experts=small_E, num_layers=L, num_experts=E, top_k=K)
+    big_pred = traces.map_routing(pred_ids, tokens, small_experts=small_E, num_layers=L, num_experts=E, top_k=K)
+    src = (np.arange(L) * ids.shape[2]) // L  # the small layer each large layer takes (as map_routing)
+    return big, big_pred, np.repeat(pred_scores[:, :, src], K // pred_ids.shape[-1], axis=-1)
+
+
 def timing_table(ids, tokens, pred_ids, pred_scores, small_E, *, batch_size, budgets, prompt_len, max_batches,
                  predictor_seconds) -> list[dict]:
     rows = []
@@ -115,13 +124,8 @@ def timing_table(ids, tokens, pred_ids, pred_scores, small_E, *, batch_size, bud
     bar = tqdm(combos, desc="timing model", unit="config")
     for name, hw in bar:
         cfg = get_preset(name)
-        L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k
-        big = traces.map_routing(ids, tokens, small_experts=small_E, num_layers=L, num_experts=E, top_k=K)
-        big_pred = traces.map_routing(pred_ids, tokens, small_experts=small_E, num_layers=L, num_experts=E,
-                                      top_k=K)
-        Kq = K // pred_ids.shape[-1]
-        src = (np.arange(L) * ids.shape[2]) // L
-        big_scores = np.repeat(pred_scores[:, :, src], Kq, axis=-1)
+        L, E = len(cfg.moe_layers), cfg.num_experts
+        big, big_pred, big_scores = mapped(cfg, ids, tokens, pred_ids, pred_scores, small_E)
         costs = CostModel.build(hw, "bfloat16")
         context = prompt_len + ids.shape[1] // 2
         dc = timing.DecodeCosts(cfg, costs, batch=batch_size, context=context)
@@ -155,12 +159,8 @@ def scheduler_table(ids, tokens, pred_ids, pred_scores, small_E, *, batch_size, 
     out = []
     for name in ("mixtral-8x7b", "qwen3-30b-a3b"):
         cfg = get_preset(name)
-        L, E, K = len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k
-        big = traces.map_routing(ids, tokens, small_experts=small_E, num_layers=L, num_experts=E, top_k=K)
-        big_pred = traces.map_routing(pred_ids, tokens, small_experts=small_E, num_layers=L, num_experts=E,
-                                      top_k=K)
-        src = (np.arange(L) * ids.shape[2]) // L
-        big_scores = np.repeat(pred_scores[:, :, src], K // pred_ids.shape[-1], axis=-1)
+        E = cfg.num_experts
+        big, big_pred, big_scores = mapped(cfg, ids, tokens, pred_ids, pred_scores, small_E)
         dc = timing.DecodeCosts(cfg, CostModel.build("a100"), batch=batch_size, context=prompt_len + ids.shape[1] // 2)
         slots = timing.offload_slots(cfg, budget, max_inflight=2)
         for regroup in (False, True):
@@ -199,7 +199,7 @@ def main() -> int:
     held_ids = corpus.encode(tok, corpus.read_texts(held_files))
     train_tokens = windows(train_ids, args.train_seqs, args.seq_len, args.seed)
     held_tokens = windows(held_ids, args.held_seqs, args.seq_len, args.seed + 1)
-    random_model = MoETransformer(cfg, rngs=__import__("flax").nnx.Rngs(args.seed))
+    random_model = MoETransformer(cfg, rngs=nnx.Rngs(args.seed))
 
     print("1. perplexity on held-out files", flush=True)
     out["perplexity"] = {"trained": perplexity(model, held_tokens),

@@ -137,9 +137,6 @@ class PrefetchQueue:
         self.head += 1
         return key
 
-    def __iter__(self):
-        return (tuple(k) for k in self.pending().tolist())
-
 
 class ExpertCacheEngine:
     """Slot bookkeeping, prefetch and miss queues, and statistics for a pool of `num_slots` device slots.

@@ -154,7 +154,7 @@ def _sample_rows(logits_BV, key, owners_B: np.ndarray, step: int, sampling):
     """Next tokens [B]: greedy as the Engine; with temperature > 0 each sequence draws from its own stream
     (key, its index, step), so a token does not depend on which batch its sequence sits in."""
     if sampling.temperature == 0:
-        return np.asarray(jnp.argmax(logits_BV, axis=-1), np.int32)
+        return np.asarray(sample(logits_BV, key, sampling), np.int32)
     keys = jax.vmap(lambda o: jax.random.fold_in(jax.random.fold_in(key, o), step))(
         jnp.asarray(np.maximum(owners_B, 0)))
     return np.asarray(jax.vmap(lambda row_V, k: sample(row_V[None], k, sampling)[0])(logits_BV, keys), np.int32)

@@ -17,6 +17,7 @@ import numpy as np
 
 from epsjax.offload.cache import CacheStats, ExpertCacheEngine
 from epsjax.offload.policies import make_policy
+from epsjax.offload.predictor import routing_targets
 from epsjax.offload.transfers import InstantTransfers
 
 
@@ -100,10 +101,7 @@ def replay(ids_NTLK, *, batch_size: int, num_slots: int, policy: str = "lru", fo
         for t in range(prompt_len, T):
             if regroup:
                 pool = np.concatenate(members)
-                paths = np.zeros((len(pool), L * E), bool)
-                rows = np.repeat(np.arange(len(pool)), L * K)
-                cols = (np.arange(L)[None, :, None] * E + pred_ids_NTLK[pool, t]).reshape(-1)
-                paths[rows, cols] = True
+                paths = routing_targets(pred_ids_NTLK[pool, t], E).reshape(len(pool), L * E).astype(bool)
                 a, b = split_two(paths)
                 members = [pool[a], pool[b]]
             for seqs in members:

@@ -134,6 +134,11 @@ _ASSUMED = {
 _HOPPER_SMS = "NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022): H100 SXM5 has 132 SMs"
 
 
+def _assumed_but(*overridden: str) -> list[tuple[str, str]]:
+    """The shared assumptions' sources, less those a preset states itself."""
+    return [(k, v) for k, v in _ASSUMED.items() if k not in overridden]
+
+
 def _presets() -> dict[str, Hardware]:
     p = {}
     p["h100"] = Hardware(
@@ -182,7 +187,7 @@ def _presets() -> dict[str, Hardware]:
         sources=(("compute/memory/links", "NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column"),
                  ("sms", "NVIDIA A100 Tensor Core GPU Architecture whitepaper (2020): 108 SMs"),
                  ("network_gbs", "deployment assumption: one 200 Gb/s HDR NIC per GPU (DGX A100 design)"),
-                 *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
+                 *_assumed_but("network_gbs")))
     p["a6000"] = p["a100"].replace(
         name="a6000", device_kind_pattern=r"A6000", sms=84,
         # RTX A6000 datasheet: FP32 38.7 TFLOPS, tensor 309.7 TFLOPS (with sparsity) -> ~154.8 dense FP16/BF16;
@@ -193,18 +198,17 @@ def _presets() -> dict[str, Hardware]:
         sources=(("compute/memory/links", "NVIDIA RTX A6000 datasheet (tensor TFLOPS halved: sparsity figure)"),
                  ("sms", "NVIDIA Ampere GA102 whitepaper: 84 SMs on RTX A6000"),
                  ("network_gbs", "deployment assumption: 100 GbE per GPU"),
-                 *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
+                 *_assumed_but("network_gbs")))
     p["a40"] = p["a6000"].replace(
         name="a40", device_kind_pattern=r"A40\b", sms=84,
         # A40 datasheet: BF16 149.7 TFLOPS dense (299.4 sparse), FP32 37.4 TFLOPS, 48 GB GDDR6 (ECC) at 696 GB/s,
         # PCIe Gen4 x16 64 GB/s; its NVLink bridge joins two cards only (112.5 GB/s): modelled as PCIe-only.
         # 84 SMs (GA102 full configuration). ExpertFlow-style single-GPU offloading testbeds use such cards.
-        tflops=(("bfloat16", 149.7), ("float16", 149.7), ("float32", 37.4)),
-        hbm_gb=48, hbm_gbs=696, nvlink_gbs=0, pcie_gbs=64, network_gbs=12.5,
+        tflops=(("bfloat16", 149.7), ("float16", 149.7), ("float32", 37.4)), hbm_gb=48, hbm_gbs=696,
         sources=(("compute/memory/links", "NVIDIA A40 datasheet (tensor TFLOPS: the dense figure)"),
                  ("sms", "NVIDIA Ampere GA102 whitepaper: 84 SMs (full GA102, as RTX A6000)"),
                  ("network_gbs", "deployment assumption: 100 GbE per GPU"),
-                 *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
+                 *_assumed_but("network_gbs")))
     p["a10"] = p["a6000"].replace(
         name="a10", device_kind_pattern=r"A10\b", sms=72,
         # A10 datasheet: BF16 125 TFLOPS dense (250 sparse), FP32 31.2 TFLOPS, 24 GB GDDR6 at 600 GB/s,
@@ -214,7 +218,7 @@ def _presets() -> dict[str, Hardware]:
         sources=(("compute/memory/links", "NVIDIA A10 Tensor Core GPU datasheet"),
                  ("sms", "NVIDIA A10 product brief: 72 SMs (uncertain: not on the short datasheet)"),
                  ("network_gbs", "deployment assumption: 100 GbE per GPU"),
-                 *[(k, v) for k, v in _ASSUMED.items() if k != "network_gbs"]))
+                 *_assumed_but("network_gbs")))
     return p
 
 
