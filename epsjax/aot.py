@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import sharding
+from epsjax import sharding
 from epsjax import placement
-from models import ModelConfig, get_preset
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets, tokamax_gemm
-from sharding import hlo_report
+from epsjax.models import ModelConfig, get_preset
+from epsjax.pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets, tokamax_gemm
+from epsjax.sharding import hlo_report
 
 KERNEL_MODELS = ("mixtral-8x7b", "deepseek-v2", "deepseek-v2-lite")
 GPU_BACKENDS = ("mosaic_gpu", "pallas_triton", "jax_triton", "tokamax")

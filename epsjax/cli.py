@@ -152,9 +152,9 @@ def _load_model(args, mesh=None, rule_set=None):
 
     from epsjax import placement
     from epsjax.checkpoint import load_checkpoint, read_config
-    from models import MoETransformer, get_preset
+    from epsjax.models import MoETransformer, get_preset
 
-    from models.quantize import quantize_experts
+    from epsjax.models.quantize import quantize_experts
 
     quantize = getattr(args, "quantize", None)
     if quantize is not None and mesh is not None:
@@ -264,12 +264,12 @@ def _generate(args) -> int:
     import jax
     import numpy as np
 
-    import pallas_kernels
-    import sharding
+    from epsjax import pallas_kernels
+    from epsjax import sharding
     from epsjax import placement
     from epsjax.checkpoint import read_config
     from epsjax.engine import Engine, SamplingParams
-    from models import LocalExperts, get_preset
+    from epsjax.models import LocalExperts, get_preset
 
     from epsjax.compilation import CompileCounter, enable_compilation_cache
 
@@ -431,7 +431,7 @@ def _dep_engine(args, cfg, prompts, prompt_len: int, devices):
     from epsjax.dep.workloads import for_batch
     from epsjax.scheduler.hardware import hardware_for_device_kind
     from flax import nnx
-    from models import MoETransformer
+    from epsjax.models import MoETransformer
 
     if args.quantize:
         raise UsageError(f"--quantize {args.quantize} runs on one device for now; --strategy dep takes float experts")
@@ -475,7 +475,7 @@ def _info(args) -> int:
     import jax.numpy as jnp
 
     from epsjax.checkpoint import read_config
-    from models import get_preset, list_presets
+    from epsjax.models import get_preset, list_presets
 
     if args.list:
         for name in list_presets():

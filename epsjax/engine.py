@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from epsjax.compilation import CompileCounter, ShapeBuckets
-from models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
-from models.transformer import decode_mask, prefill_mask
-from pallas_kernels.errors import EpsjaxError
+from epsjax.models import ExpertCompute, LocalExperts, MoEStats, MoETransformer
+from epsjax.models.transformer import decode_mask, prefill_mask
+from epsjax.pallas_kernels.errors import EpsjaxError
 
 
 DECODE_CHUNK = 32  # decode steps per device call in generate: the host sees the tokens once per chunk

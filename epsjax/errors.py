@@ -12,8 +12,8 @@ The README's "Errors" table lists what each means and what to do.
 
 from epsjax.checkpoint import CheckpointError
 from epsjax.engine import RequestError
-from models.config import ConfigError
-from pallas_kernels.errors import EpsjaxError, KernelError
-from sharding.errors import PlanError
+from epsjax.models.config import ConfigError
+from epsjax.pallas_kernels.errors import EpsjaxError, KernelError
+from epsjax.sharding.errors import PlanError
 
 __all__ = ["CheckpointError", "ConfigError", "EpsjaxError", "KernelError", "PlanError", "RequestError"]

@@ -15,11 +15,11 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from models import ModelConfig, MoETransformer
-import sharding
-from sharding.expert_placement import ExpertPlacement
-from sharding.rules import Rules, rules_for_model
-from sharding.errors import PlanError
+from epsjax.models import ModelConfig, MoETransformer
+from epsjax import sharding
+from epsjax.sharding.expert_placement import ExpertPlacement
+from epsjax.sharding.rules import Rules, rules_for_model
+from epsjax.sharding.errors import PlanError
 
 ParamPath = tuple
 

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import RMSNorm, param
-from models.rope import apply_rotary, rotary_angles
-from sharding import axes
+from epsjax.models.config import ModelConfig
+from epsjax.models.layers import RMSNorm, param
+from epsjax.models.rope import apply_rotary, rotary_angles
+from epsjax.sharding import axes
 
 _MASKED = -1e30  # finite, so fully masked rows (padding queries) stay NaN-free
 _LATENT_NORM_EPS = 1e-6  # DeepSeek-V2's q_a/kv_a norms use this whatever rms_norm_eps says

@@ -12,7 +12,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from pallas_kernels.errors import EpsjaxError
+from epsjax.pallas_kernels.errors import EpsjaxError
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 

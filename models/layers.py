@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sharding import axes
+from epsjax.sharding import axes
 
 _INIT_STD = 0.02
 

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
-from models.config import ModelConfig
-from models.layers import GatedMLP, param
-from models.router import Router
-from sharding import axes
-from sharding.errors import PlanError
-from sharding.expert_compute import ExpertCompute, MoEStats, combine, sort_by_expert
+from epsjax import pallas_kernels
+from epsjax.models.config import ModelConfig
+from epsjax.models.layers import GatedMLP, param
+from epsjax.models.router import Router
+from epsjax.sharding import axes
+from epsjax.sharding.errors import PlanError
+from epsjax.sharding.expert_compute import ExpertCompute, MoEStats, combine, sort_by_expert
 
 
 def apply_capacity(ids_TK, valid_T, num_experts: int, capacity: int):

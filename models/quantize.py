@@ -8,7 +8,7 @@ dtype: the routed experts hold nearly all of an MoE's weights.
 
 from __future__ import annotations
 
-from pallas_kernels import fp8
+from epsjax.pallas_kernels import fp8
 
 EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 SCHEMES = ("fp8",)

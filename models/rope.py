@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import RopeConfig
+from epsjax.models.config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> np.ndarray:

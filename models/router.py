@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import RouterConfig
-from models.layers import param
-from sharding import axes
+from epsjax.models.config import RouterConfig
+from epsjax.models.layers import param
+from epsjax.sharding import axes
 
 
 def route(logits_TE, router: RouterConfig):

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import AttentionContext, make_attention
-from models.config import ModelConfig
-from models.layers import Embedding, GatedMLP, make_norm, param
-from models.moe import ExpertCompute, MoEBlock, MoEStats
-from sharding import axes
+from epsjax.models.attention import AttentionContext, make_attention
+from epsjax.models.config import ModelConfig
+from epsjax.models.layers import Embedding, GatedMLP, make_norm, param
+from epsjax.models.moe import ExpertCompute, MoEBlock, MoEStats
+from epsjax.sharding import axes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,14 +8,14 @@
 Semantics (shared by every backend) are documented in :mod:`pallas_kernels.semantics`.
 """
 
-from pallas_kernels.api import expert_ffn, group_gemm
-from pallas_kernels.chunked_gemm import ChunkTiling
-from pallas_kernels.dense_gemm import DenseTiling
-from pallas_kernels.errors import EpsjaxError, KernelError
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
-from pallas_kernels.group_gemm_triton import TritonTiling
-from pallas_kernels.selector import BACKENDS, Choice, select_backend
-from pallas_kernels.semantics import expert_ffn_reference, group_gemm_reference
+from epsjax.pallas_kernels.api import expert_ffn, group_gemm
+from epsjax.pallas_kernels.chunked_gemm import ChunkTiling
+from epsjax.pallas_kernels.dense_gemm import DenseTiling
+from epsjax.pallas_kernels.errors import EpsjaxError, KernelError
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
+from epsjax.pallas_kernels.selector import BACKENDS, Choice, select_backend
+from epsjax.pallas_kernels.semantics import expert_ffn_reference, group_gemm_reference
 
 __all__ = [
     "BACKENDS", "ChunkTiling", "EpsjaxError", "KernelError", "Choice", "DenseTiling", "MosaicTiling", "TritonTiling", "expert_ffn", "expert_ffn_reference", "group_gemm",

@@ -20,15 +20,15 @@ tokamax         openxla/tokamax's ragged_dot (its Mosaic GPU kernels on Hopper; 
 
 from __future__ import annotations
 
-from pallas_kernels import selector, semantics
-from pallas_kernels.errors import KernelError
+from epsjax.pallas_kernels import selector, semantics
+from epsjax.pallas_kernels.errors import KernelError
 
 _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
 
 
 def _module(name: str):
     """The implementation module of a backend (imported lazily)."""
-    from pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
+    from epsjax.pallas_kernels import (chunked_gemm, dense_gemm, group_gemm_jax_triton, group_gemm_mgpu,
                                 group_gemm_triton, ragged_dot, tokamax_gemm)
 
     return {
@@ -101,7 +101,7 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
       jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
       at a time).
     """
-    from pallas_kernels import fp8
+    from epsjax.pallas_kernels import fp8
 
     if fp8.is_quantized(w_gate):  # FP8 W8A8 experts: quantized rows, e4m3 products, float32 accumulation
         if backend == "reference":

@@ -34,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics
+from epsjax.pallas_kernels import semantics
 
 # Weight column pieces: XLA:CPU copies each dynamic slice of a weight tensor before a product; pieces of this many
 # columns keep the copy in cache (a [1024, 512] float32 piece is 2 MB) instead of streaming whole matrices through

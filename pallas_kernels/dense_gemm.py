@@ -30,7 +30,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics
+from epsjax.pallas_kernels import semantics
 
 
 # Bucket sizes as multiples of the mean rows per slot. Balanced routing puts the fullest expert 5-20% above the
@@ -195,7 +195,7 @@ def _indirection(group_offset, slot_of_expert):
 
 
 def _default_fallback(op):
-    from pallas_kernels import ragged_dot  # the XLA grouped GEMM
+    from epsjax.pallas_kernels import ragged_dot  # the XLA grouped GEMM
 
     return ragged_dot.group_gemm if op == "group_gemm" else ragged_dot.expert_ffn
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import semantics, targets
-from pallas_kernels.errors import KernelError
+from epsjax.pallas_kernels import semantics, targets
+from epsjax.pallas_kernels.errors import KernelError
 
 FP8 = jnp.float8_e4m3fn
 # |fp8 layer output - float output| <= FP8_TOLERANCE * max |float output|, for the expert FFN (three GEMMs).
@@ -87,7 +87,7 @@ def _k_major(w):
 def uses_fp8_kernel(backend: str, d: int, f: int) -> bool:
     """Whether the expert FFN runs on the FP8 Mosaic GroupGemm: ``backend="mosaic_gpu"``, or ``"auto"`` on a
     Hopper GPU where the kernel takes the shapes."""
-    from pallas_kernels import group_gemm_mgpu
+    from epsjax.pallas_kernels import group_gemm_mgpu
 
     if backend == "mosaic_gpu":
         return True
@@ -96,7 +96,7 @@ def uses_fp8_kernel(backend: str, d: int, f: int) -> bool:
 
 def _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, *, tiling, interpret, **groups):
     """The W8A8 FFN on the Mosaic GroupGemm's 8-bit wgmma: the fused gate/up kernel, then down."""
-    from pallas_kernels import group_gemm_mgpu
+    from epsjax.pallas_kernels import group_gemm_mgpu
 
     out_dtype = x.dtype if jnp.dtype(x.dtype).itemsize == 2 else jnp.bfloat16
     x_q = quantize_rows(x)
@@ -115,7 +115,7 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
     ``backend="mosaic_gpu"`` (or ``"auto"`` on Hopper) runs the FP8 GroupGemm (``interpret=True`` off GPU);
     any other backend (and ``tiling``, ``interpret``) names the float backend for the dequantized products."""
     check_fp8_args(x, w_gate, w_up, w_down)
-    from pallas_kernels import api
+    from epsjax.pallas_kernels import api
 
     if uses_fp8_kernel(backend, *w_gate.qvalue.shape[1:]):
         return _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, tiling=tiling, interpret=interpret,

@@ -26,9 +26,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics, targets, work_list
-from pallas_kernels.triton_kernel import triton_kernel
-from pallas_kernels.group_gemm_triton import TritonTiling
+from epsjax.pallas_kernels import semantics, targets, work_list
+from epsjax.pallas_kernels.triton_kernel import triton_kernel
+from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
 
 
 def importable() -> bool:

@@ -63,7 +63,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import semantics, targets, work_list
+from epsjax.pallas_kernels import semantics, targets, work_list
 
 _SWIZZLE_BYTES = 128
 MAX_SMEM_BYTES = 232448  # sm_90 dynamic shared memory per block (227 KiB)

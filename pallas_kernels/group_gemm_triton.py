@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
-from pallas_kernels import semantics, work_list
+from epsjax.pallas_kernels import semantics, work_list
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics, targets
+from epsjax.pallas_kernels import semantics, targets
 
 
 @functools.partial(jax.jit, static_argnames=("direct",))

@@ -47,7 +47,7 @@ import re
 
 import jax.numpy as jnp
 
-from pallas_kernels import targets
+from epsjax.pallas_kernels import targets
 
 BACKENDS = ("reference", "ragged_dot", "dense", "chunked", "pallas_triton", "mosaic_gpu", "jax_triton", "tokamax")
 GPU_ONLY = ("pallas_triton", "mosaic_gpu", "jax_triton")  # compiled kernels; the first two also interpret
@@ -101,14 +101,14 @@ def available(backend: str, plat: str) -> bool:
     if backend == "reference":
         return False  # a test oracle, never a choice
     if backend == "tokamax":  # chosen only where a table measured it (on GPU: off GPU it runs the reference)
-        from pallas_kernels import tokamax_gemm
+        from epsjax.pallas_kernels import tokamax_gemm
 
         return plat in ("gpu", "cuda") and tokamax_gemm.importable()
     if backend in GPU_ONLY:
         if plat not in ("gpu", "cuda"):
             return False
         if backend == "jax_triton":
-            from pallas_kernels import group_gemm_jax_triton
+            from epsjax.pallas_kernels import group_gemm_jax_triton
 
             return group_gemm_jax_triton.importable()
     return True
@@ -180,7 +180,7 @@ def _rules(tpe, k, n, dtype, kind, plat, skewed, exclude, op) -> Choice:
         if not skewed and tpe >= CPU_DENSE_MIN_TOKENS:
             return pick("dense", "chunked", reason="CPU, balanced load")
         return pick("chunked", "dense", reason="CPU")
-    from pallas_kernels import group_gemm_mgpu
+    from epsjax.pallas_kernels import group_gemm_mgpu
 
     if targets.is_hopper_kind(kind) and group_gemm_mgpu.supports(dtype, k, n, op=op):
         grouped, regime = ("mosaic_gpu", "pallas_triton", "ragged_dot"), "Hopper GroupGemm regime"
@@ -198,7 +198,7 @@ def candidate_tilings(backend: str) -> tuple:
     name), None (the backend's default) first. ``scripts/aot_check.py`` compiles each for sm_90a and its test
     asserts that none spills registers or serializes wgmma; a tiling a kernel refuses for an op (the Mosaic
     resource model) is skipped there."""
-    from pallas_kernels import chunked_gemm, group_gemm_mgpu, group_gemm_triton
+    from epsjax.pallas_kernels import chunked_gemm, group_gemm_mgpu, group_gemm_triton
 
     mosaic, triton = group_gemm_mgpu.MosaicTiling, group_gemm_triton.TritonTiling
     candidates = {
@@ -232,7 +232,7 @@ def tiling_from_dict(backend: str, fields: dict | None):
 
 
 def tiling_class(backend: str):
-    from pallas_kernels import chunked_gemm, dense_gemm, group_gemm_mgpu, group_gemm_triton
+    from epsjax.pallas_kernels import chunked_gemm, dense_gemm, group_gemm_mgpu, group_gemm_triton
 
     classes = {
         "dense": dense_gemm.DenseTiling,

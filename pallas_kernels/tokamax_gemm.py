@@ -18,9 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics, targets
-from pallas_kernels.errors import KernelError
-from pallas_kernels.ragged_dot import permute_to_slots
+from epsjax.pallas_kernels import semantics, targets
+from epsjax.pallas_kernels.errors import KernelError
+from epsjax.pallas_kernels.ragged_dot import permute_to_slots
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import semantics
+from epsjax.pallas_kernels import semantics
 
 
 @jax.tree_util.register_dataclass

@@ -46,11 +46,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import sharding  # noqa: E402
+from epsjax import sharding  # noqa: E402
 from epsjax import aot  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
-from models import get_preset  # noqa: E402
-from pallas_kernels import group_gemm_mgpu, targets  # noqa: E402
+from epsjax.models import get_preset  # noqa: E402
+from epsjax.pallas_kernels import group_gemm_mgpu, targets  # noqa: E402
 
 EP_MODEL = "deepseek-v2-lite"
 EP_PLANS = (sharding.ExpertPlan(1), sharding.ExpertPlan(2, "experts"), sharding.ExpertPlan(4, "experts"),

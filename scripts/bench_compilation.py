@@ -58,7 +58,7 @@ def worker(mode: str, n: int) -> dict:
 
     from epsjax.compilation import CompileCounter, ShapeBuckets
     from epsjax.engine import Engine
-    from models import MoETransformer, get_preset
+    from epsjax.models import MoETransformer, get_preset
 
     cfg = get_preset("tiny-mixtral")
     model = MoETransformer(cfg, rngs=nnx.Rngs(0))

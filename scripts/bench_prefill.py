@@ -90,10 +90,10 @@ def main(argv=None) -> list[dict]:
     import jax
     import numpy as np
 
-    import sharding
+    from epsjax import sharding
     from epsjax import placement
     from epsjax.engine import Engine
-    from models import get_preset
+    from epsjax.models import get_preset
 
     devices = jax.devices()[:args.devices] if args.devices else jax.devices()
     if args.checkpoint:
@@ -187,8 +187,8 @@ def measure_traffic(cfg, mesh, rule_set, plan, engine, tokens, seq) -> dict:
     import jax
     import numpy as np
 
-    import sharding
-    from sharding import ragged_emulation, transports
+    from epsjax import sharding
+    from epsjax.sharding import ragged_emulation, transports
 
     record = []
     jax.clear_caches()  # a program lowered for an earlier measurement would append to that measurement's record
@@ -227,7 +227,7 @@ def moe_layer_report(cfg, mesh, experts, n_tokens: int) -> str:
     import jax
     import jax.numpy as jnp
 
-    from sharding import hlo_report
+    from epsjax.sharding import hlo_report
 
     E, D, F, K, dt = cfg.num_experts, cfg.d_model, cfg.expert_ffn_dim, cfg.router.top_k, cfg.jnp_dtype
     args = (jax.ShapeDtypeStruct((n_tokens, D), dt), jax.ShapeDtypeStruct((n_tokens, K), jnp.int32),

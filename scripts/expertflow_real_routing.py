@@ -50,7 +50,7 @@ from epsjax.offload.predictor import PredictorConfig, train_predictor  # noqa: E
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
 from epsjax.scheduler.costs import CostModel  # noqa: E402
-from models import LocalExperts, MoETransformer, get_preset  # noqa: E402
+from epsjax.models import LocalExperts, MoETransformer, get_preset  # noqa: E402
 
 # ExpertFlow (He et al., arXiv:2410.17954) as the issue quotes it: predictor batch recall > 90%, cache hit ratio
 # 91.9% against LRU's 76.6%, up to 93.72% GPU memory saved and 2-10x decode speed over offloading baselines.

@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def best_seconds(fn, *args, repeats: int = 5) -> float:
-    from pallas_kernels.timing import best_seconds as best  # after main() set the platform flags
+    from epsjax.pallas_kernels.timing import best_seconds as best  # after main() set the platform flags
 
     return best(fn, *args, repeats=repeats)
 

@@ -37,10 +37,10 @@ from tqdm import tqdm
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pallas_kernels as pk  # noqa: E402
+from epsjax import pallas_kernels as pk  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector, tokamax_gemm  # noqa: E402
-from pallas_kernels.timing import best_seconds  # noqa: E402
+from epsjax.pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector, tokamax_gemm  # noqa: E402
+from epsjax.pallas_kernels.timing import best_seconds  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

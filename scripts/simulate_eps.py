@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from epsjax.scheduler import (CostModel, Layout, Plan, Workload, build_layer, gantt, search_plan,  # noqa: E402
                               simulate, simulate_step, write_trace)
 from epsjax.scheduler.step import weight_bytes_per_device  # noqa: E402
-from models.config import get_preset  # noqa: E402
+from epsjax.models.config import get_preset  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from epsjax.dep.perf import TESTBEDS  # noqa: E402
 from epsjax.dep.simulate import build_schedule, simulate_plan  # noqa: E402
 from epsjax.dep.workloads import pingpong_rule  # noqa: E402
 from epsjax.scheduler.simulator import KIND_COLORS, Timeline, chrome_trace, simulate  # noqa: E402
-from models.config import get_preset  # noqa: E402
+from epsjax.models.config import get_preset  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

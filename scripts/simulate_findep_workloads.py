@@ -40,7 +40,7 @@ from epsjax.dep import Deployment, TaskCosts, fit_layers, problem_for  # noqa: E
 from epsjax.dep.perf import TESTBEDS, zipf_shares  # noqa: E402
 from epsjax.dep.solver import shapes  # noqa: E402
 from epsjax.dep import workloads  # noqa: E402
-from models.config import get_preset  # noqa: E402
+from epsjax.models.config import get_preset  # noqa: E402
 from simulate_findep import SETTINGS, Setting  # noqa: E402
 
 SCHEDULES = ("rule", "pppipe", "findep_whole", "findep")

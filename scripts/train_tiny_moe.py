@@ -43,9 +43,9 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epsjax.checkpoint import save_checkpoint  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
-from models import LocalExperts, MoETransformer, get_preset  # noqa: E402
-from models.attention import AttentionContext  # noqa: E402
-from models.transformer import prefill_mask  # noqa: E402
+from epsjax.models import LocalExperts, MoETransformer, get_preset  # noqa: E402
+from epsjax.models.attention import AttentionContext  # noqa: E402
+from epsjax.models.transformer import prefill_mask  # noqa: E402
 
 END_OF_TEXT = "<|endoftext|>"
 HELD_OUT_EVERY = 10  # every 10th file (sorted by path) is held out

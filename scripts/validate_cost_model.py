@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 
 from epsjax.scheduler import CostModel, hardware_for_device_kind  # noqa: E402
 from epsjax.scheduler import layer_costs as lc  # noqa: E402
-from models.config import get_preset  # noqa: E402
-from models.moe import LocalExperts  # noqa: E402
+from epsjax.models.config import get_preset  # noqa: E402
+from epsjax.models.moe import LocalExperts  # noqa: E402
 
 TOKENS_PER_EXPERT = (64, 256, 1024, 2048, 4096, 8192)
 TINY_TOKENS_PER_EXPERT = (8, 32)

@@ -8,13 +8,13 @@ Creating or loading a model's parameters in their shards needs the model, so it 
 epsjax.placement (create_sharded_model, param_shardings, shard_model).
 """
 
-from sharding.ep_moe import TRANSPORTS, EPExperts, device_reach
-from sharding.errors import PlanError
-from sharding.expert_placement import ExpertPlacement, replicate_hot_experts
-from sharding.expert_compute import ExpertCompute, MoEStats
-from sharding.mesh import AXES, DATA, EXPERT, TENSOR, initialize_distributed, make_mesh
-from sharding.plan import ExpertPlan
-from sharding.rules import RULE_SETS, Rules, batch_sharding, get_rules, rules_for_model
+from epsjax.sharding.ep_moe import TRANSPORTS, EPExperts, device_reach
+from epsjax.sharding.errors import PlanError
+from epsjax.sharding.expert_placement import ExpertPlacement, replicate_hot_experts
+from epsjax.sharding.expert_compute import ExpertCompute, MoEStats
+from epsjax.sharding.mesh import AXES, DATA, EXPERT, TENSOR, initialize_distributed, make_mesh
+from epsjax.sharding.plan import ExpertPlan
+from epsjax.sharding.rules import RULE_SETS, Rules, batch_sharding, get_rules, rules_for_model
 
 __all__ = ["AXES", "DATA", "EXPERT", "EPExperts", "ExpertCompute", "ExpertPlacement", "ExpertPlan", "MoEStats",
            "PlanError", "RULE_SETS", "Rules", "TENSOR", "TRANSPORTS", "batch_sharding", "device_reach", "get_rules",

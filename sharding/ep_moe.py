@@ -37,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import pallas_kernels
-from sharding import ragged_emulation, transports
-from sharding.expert_compute import MoEStats
-from sharding.expert_placement import ExpertPlacement
-from sharding.errors import PlanError
-from sharding.mesh import axis_size
-from sharding.plan import ExpertPlan
-from sharding.rules import Rules, check_mesh, get_rules
+from epsjax import pallas_kernels
+from epsjax.sharding import ragged_emulation, transports
+from epsjax.sharding.expert_compute import MoEStats
+from epsjax.sharding.expert_placement import ExpertPlacement
+from epsjax.sharding.errors import PlanError
+from epsjax.sharding.mesh import axis_size
+from epsjax.sharding.plan import ExpertPlan
+from epsjax.sharding.rules import Rules, check_mesh, get_rules
 
 TRANSPORTS = ("auto", "ragged", "padded")
 

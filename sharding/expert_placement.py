@@ -22,7 +22,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from sharding.errors import PlanError
+from epsjax.sharding.errors import PlanError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh
-from sharding.errors import PlanError
+from epsjax.sharding.errors import PlanError
 
 DATA = "data"
 TENSOR = "tensor"

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import pallas_kernels
-from sharding.errors import PlanError
+from epsjax import pallas_kernels
+from epsjax.sharding.errors import PlanError
 
 SPLITS = ("experts", "tokens")
 

@@ -34,9 +34,9 @@ import math
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding import axes
-from sharding.mesh import AXES, DATA, EXPERT, TENSOR
-from sharding.errors import PlanError
+from epsjax.sharding import axes
+from epsjax.sharding.mesh import AXES, DATA, EXPERT, TENSOR
+from epsjax.sharding.errors import PlanError
 
 MeshAxes = tuple[str, ...]
 

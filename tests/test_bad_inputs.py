@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-import pallas_kernels as pk
-import sharding
+from epsjax import pallas_kernels as pk
+from epsjax import sharding
 from epsjax.checkpoint import CheckpointError, load_checkpoint, read_config
 from epsjax.engine import Engine, RequestError, SamplingParams
 from epsjax.errors import EpsjaxError
-from models import ConfigError, get_preset
-from models.transformer import MoETransformer
+from epsjax.models import ConfigError, get_preset
+from epsjax.models.transformer import MoETransformer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 FIXTURE = FIXTURES / "qwen3_moe"

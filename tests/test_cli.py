@@ -181,7 +181,7 @@ def test_generate_with_experts_that_do_not_divide_the_ep_size(tmp_path):
     from flax import nnx
 
     from epsjax.checkpoint import save_checkpoint
-    from models import MoETransformer, get_preset
+    from epsjax.models import MoETransformer, get_preset
 
     save_checkpoint(MoETransformer(get_preset("tiny-mixtral", num_experts=6), rngs=nnx.Rngs(3)), tmp_path / "m")
     common = ("generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--batch", "4", "--prompt-len", "8")

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 from epsjax.checkpoint import load_checkpoint
 from epsjax.engine import Engine
-from models import LocalExperts
+from epsjax.models import LocalExperts
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 FAMILIES = ["mixtral", "deepseek_v2_lora", "deepseek_v2_nolora", "qwen3_moe", "dbrx"]

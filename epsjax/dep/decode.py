@@ -19,7 +19,7 @@ import numpy as np
 
 from epsjax.dep.schedule import DEPSchedule
 from epsjax.engine import DecodeState, Engine, RequestError
-from models import MoEStats
+from epsjax.models import MoEStats
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh
 
-import sharding
-from sharding.expert_placement import ExpertPlacement
+from epsjax import sharding
+from epsjax.sharding.expert_placement import ExpertPlacement
 
 
 def expert_bounds(num_experts: int, devices: int) -> tuple[int, ...]:

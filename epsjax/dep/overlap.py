@@ -87,8 +87,8 @@ def main(out_path: pathlib.Path | None = None) -> list[dict]:
 
     from epsjax.dep import DEPGroups, DEPSchedule
     from epsjax.dep.runtime import DEPRuntime
-    from models import MoETransformer, get_preset
-    from models.config import RouterConfig
+    from epsjax.models import MoETransformer, get_preset
+    from epsjax.models.config import RouterConfig
 
     # A toy model whose attention and expert FFN take comparable time on this CPU.
     cfg = get_preset("tiny-qwen3-moe").replace(d_model=512, num_heads=16, num_kv_heads=4, head_dim=64,

@@ -48,7 +48,7 @@ from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.costs import CostModel
 from epsjax.scheduler.hardware import Hardware, get_hardware
 from epsjax.scheduler.schedules import expert_ffn_time
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 GB = 1e9
 MICRO_KINDS = ("embed", "dense", "attention", "shared", "combine", "a2e", "head")

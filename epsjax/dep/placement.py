@@ -27,9 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from epsjax.checkpoint import CheckpointError, load_checkpoint, read_config
 from epsjax.dep.groups import DEPGroups
-from models import MoETransformer
-from models.quantize import EXPERT_WEIGHTS
-from sharding import EXPERT
+from epsjax.models import MoETransformer
+from epsjax.models.quantize import EXPERT_WEIGHTS
+from epsjax.sharding import EXPERT
 
 
 def is_routed_expert(path: tuple) -> bool:

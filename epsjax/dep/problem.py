@@ -12,7 +12,7 @@ from epsjax.dep.perf import Deployment, LinearModels, TaskCosts
 from epsjax.dep.schedule import layer_kinds
 from epsjax.dep.simulate import DEPProblem
 from epsjax.scheduler import layer_costs as lc
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 
 def fit_layers(cfg: ModelConfig, deployment: Deployment, *, weight_fraction: float = 0.75) -> ModelConfig:

@@ -42,10 +42,10 @@ from epsjax.dep.decode import DEPEngine, DEPState
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
 from epsjax.engine import DecodeState, GenerateResult, SamplingParams, decode_inputs, prefill_inputs
-from models import MoETransformer
-from models.quantize import EXPERT_WEIGHTS, is_quantized
-from models.transformer import prefill_mask
-from sharding import DATA, EXPERT
+from epsjax.models import MoETransformer
+from epsjax.models.quantize import EXPERT_WEIGHTS, is_quantized
+from epsjax.models.transformer import prefill_mask
+from epsjax.sharding import DATA, EXPERT
 
 _EXPERT_FILTER = nnx.Any(*(nnx.PathContains(name) for name in EXPERT_WEIGHTS))
 

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-import pallas_kernels
-from models.attention import AttentionContext
-from models.moe import LocalExperts
-from sharding import DATA, EXPERT
-from sharding.expert_compute import combine
+from epsjax import pallas_kernels
+from epsjax.models.attention import AttentionContext
+from epsjax.models.moe import LocalExperts
+from epsjax.sharding import DATA, EXPERT
+from epsjax.sharding.expert_compute import combine
 
 
 def _context(positions_BT, mask_BTS, write_index, decode: bool) -> AttentionContext:

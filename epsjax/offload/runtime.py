@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-import pallas_kernels
+from epsjax import pallas_kernels
 from epsjax.compilation import ShapeBuckets
 from epsjax.engine import (DecodeState, Engine, GenerateResult, RequestError, SamplingParams, decode_inputs,
                            prefill_inputs)
@@ -42,11 +42,11 @@ from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
 from epsjax.offload.store import ExpertStore, device_memory_kind
 from epsjax.offload.transfers import DeviceTransfers
-from models.quantize import is_quantized
-from models import MoEStats, MoETransformer
-from models.attention import AttentionContext
-from models.transformer import prefill_mask
-from sharding.expert_compute import combine, sort_by_expert
+from epsjax.models.quantize import is_quantized
+from epsjax.models import MoEStats, MoETransformer
+from epsjax.models.attention import AttentionContext
+from epsjax.models.transformer import prefill_mask
+from epsjax.sharding.expert_compute import combine, sort_by_expert
 
 MODES = ("device", "on_demand", "lru", "expertflow")
 _EXPERT_PARAMS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")

@@ -27,7 +27,7 @@ import numpy as np
 
 from epsjax.scheduler import layer_costs
 from epsjax.scheduler.costs import CostModel
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 Key = tuple[int, int]
 

@@ -100,7 +100,7 @@ def build_model(preset: str, overrides: dict | None = None, *, seed: int = 0, ch
     """A model from a preset (random weights from `seed`, fields overridden) or from an HF checkpoint directory."""
     from flax import nnx
 
-    from models import MoETransformer, get_preset
+    from epsjax.models import MoETransformer, get_preset
 
     if checkpoint:
         from epsjax.checkpoint import load_checkpoint

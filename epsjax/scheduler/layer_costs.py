@@ -9,7 +9,7 @@ are computed whole on every device.
 
 from __future__ import annotations
 
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 from epsjax.scheduler.costs import CostModel
 

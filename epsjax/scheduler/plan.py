@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pallas_kernels.selector import tiling_from_dict
-from sharding.plan import ExpertPlan
+from epsjax.pallas_kernels.selector import tiling_from_dict
+from epsjax.sharding.plan import ExpertPlan
 
 SPLITS = ("experts", "tokens")
 Tiling = tuple[tuple[str, object], ...]  # hashable tiling fields, e.g. (("capacities", (2048,)),)

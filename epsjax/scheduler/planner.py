@@ -17,7 +17,7 @@ import time
 from typing import Mapping
 
 import numpy as np
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 from epsjax.scheduler.costs import CostModel
 from epsjax.scheduler.hardware import Hardware, get_hardware, hardware_for_device_kind

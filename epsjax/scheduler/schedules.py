@@ -40,7 +40,7 @@ import statistics
 from typing import Literal
 
 import numpy as np
-from models.config import ModelConfig
+from epsjax.models.config import ModelConfig
 
 from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.costs import CostModel
@@ -185,7 +185,7 @@ def usable_backends(costs: CostModel, d: int, f: int) -> tuple[str, ...]:
     (pallas_kernels.group_gemm_mgpu.supports)."""
     try:
         import jax.numpy as jnp
-        from pallas_kernels import group_gemm_mgpu
+        from epsjax.pallas_kernels import group_gemm_mgpu
     except ImportError:  # kernels unavailable: trust the cost model's list
         return costs.backends
     out = []

@@ -3,8 +3,8 @@
 Keyed by config.json's `model_type`. Each module provides config_from_hf, config_to_hf and tensor_rules.
 """
 
-from models.config import ConfigError
-from models.families import arctic, dbrx, deepseek_v2, mixtral, qwen3_moe
+from epsjax.models.config import ConfigError
+from epsjax.models.families import arctic, dbrx, deepseek_v2, mixtral, qwen3_moe
 
 FAMILIES = {"mixtral": mixtral, "deepseek_v2": deepseek_v2, "qwen3_moe": qwen3_moe, "dbrx": dbrx, "arctic": arctic}
 

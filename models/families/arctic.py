@@ -5,8 +5,8 @@ transformers has no Arctic class; names follow the Hub checkpoint (remote code `
 
 from __future__ import annotations
 
-from models.config import ConfigError, ModelConfig
-from models.families import common, mixtral
+from epsjax.models.config import ConfigError, ModelConfig
+from epsjax.models.families import common, mixtral
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from models.config import ConfigError
+from epsjax.models.config import ConfigError
 
 Path = tuple  # e.g. ("layers", 0, "attn", "q_DNH")
 _MISSING = object()

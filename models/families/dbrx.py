@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
-from models.families import common
+from epsjax.models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
+from epsjax.models.families import common
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:

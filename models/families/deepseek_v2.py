@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.config import ConfigError, MLAConfig, ModelConfig, RopeConfig, RouterConfig
-from models.families import common, mixtral, qwen3_moe
+from epsjax.models.config import ConfigError, MLAConfig, ModelConfig, RopeConfig, RouterConfig
+from epsjax.models.families import common, mixtral, qwen3_moe
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:

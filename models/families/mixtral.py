@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
-from models.families import common
+from epsjax.models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
+from epsjax.models.families import common
 
 
 def config_from_hf(hf: dict, *, dtype: str, name: str = "mixtral") -> ModelConfig:

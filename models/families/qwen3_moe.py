@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
-from models.families import common, mixtral
+from epsjax.models.config import ConfigError, ModelConfig, RopeConfig, RouterConfig
+from epsjax.models.families import common, mixtral
 
 
 def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import pallas_kernels as pk
-import sharding
+from epsjax import pallas_kernels as pk
+from epsjax import sharding
 from epsjax import aot
-from pallas_kernels import group_gemm_mgpu, targets
+from epsjax.pallas_kernels import group_gemm_mgpu, targets
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WHY_NOT = targets.aot_available()
@@ -169,7 +169,7 @@ def test_ep_experts_ask_for_the_latency_hiding_scheduler_on_gpu(h100):
 
 def test_fp8_expert_ffn_builds_with_the_hopper_kernels(h100):
     """FP8 W8A8 experts on an H100: e4m3 weights in the program, the products through the Mosaic GroupGemm."""
-    from pallas_kernels import fp8
+    from epsjax.pallas_kernels import fp8
 
     mesh = Mesh(np.array(h100[:1]), ("x",))
     rep = NamedSharding(mesh, P())
@@ -187,7 +187,7 @@ def test_fp8_expert_ffn_builds_with_the_hopper_kernels(h100):
 
 
 def test_tokamax_builds_its_hopper_kernel_for_a_compile_only_device(h100):
-    from pallas_kernels import tokamax_gemm
+    from epsjax.pallas_kernels import tokamax_gemm
 
     mesh = Mesh(np.array(h100[:1]), ("x",))
     rep = NamedSharding(mesh, P())

@@ -5,7 +5,7 @@ import functools
 
 from flax import nnx
 
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 
 
 @functools.cache

@@ -19,7 +19,7 @@ import pytest
 from epsjax.dep import DEPGroups, DEPSchedule
 from epsjax.dep.runtime import DEPRuntime
 from epsjax.engine import Engine, RequestError, SamplingParams, _until_eos
-from models import get_preset
+from epsjax.models import get_preset
 from tests.dep.conftest import tiny_model
 
 PROMPTS = [[5, 17, 33], [7], [250, 1], [9, 8, 7, 6], [44, 45]]

@@ -6,7 +6,7 @@ import pytest
 from epsjax.dep import Deployment, ExpertPlacement, TaskCosts, Testbed, expert_bounds, fit_layers
 from epsjax.dep.perf import MICRO_KINDS, SEGMENT_KINDS, fit_linear, transfer_time, zipf_shares
 from epsjax.scheduler.costs import CostModel
-from models import get_preset
+from epsjax.models import get_preset
 
 H20x8 = Testbed("8xH20", "h20", 8)
 H20x32 = Testbed("32xH20", "h20", 32)

@@ -20,7 +20,7 @@ from epsjax.dep import DEPGroups
 from epsjax.dep.placement import is_routed_expert
 from epsjax.dep.runtime import DEPRuntime
 from tests.dep.conftest import tiny_model
-from models.quantize import EXPERT_WEIGHTS
+from epsjax.models.quantize import EXPERT_WEIGHTS
 
 NAME = "tiny-deepseek-v2"
 

@@ -10,7 +10,7 @@ from epsjax.dep.perf import MICRO_KINDS, SEGMENT_KINDS, Linear, LinearModels, Me
 from epsjax.dep.simulate import DEPProblem, Plan, simulate_plan, step_time
 from epsjax.dep.solver import lower_bound, shapes
 from epsjax.dep.problem import fit_layers, problem_for
-from models import get_preset
+from epsjax.models import get_preset
 
 KINDS = MICRO_KINDS + SEGMENT_KINDS
 coefficient = st.floats(0.0, 5.0, allow_nan=False) | st.just(0.0)

@@ -7,7 +7,7 @@ import pytest
 
 from jax.sharding import PartitionSpec as P
 
-import pallas_kernels as pk
+from epsjax import pallas_kernels as pk
 
 from . import kernel_cases as kc
 

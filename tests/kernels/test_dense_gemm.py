@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pallas_kernels as pk
-from pallas_kernels import dense_gemm
-from pallas_kernels.dense_gemm import DenseTiling
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels import dense_gemm
+from epsjax.pallas_kernels.dense_gemm import DenseTiling
 
 from . import kernel_cases as kc
 

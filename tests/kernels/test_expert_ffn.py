@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pallas_kernels as pk
-from pallas_kernels.chunked_gemm import ChunkTiling
-from pallas_kernels.dense_gemm import DenseTiling
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
-from pallas_kernels.group_gemm_triton import TritonTiling
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels.chunked_gemm import ChunkTiling
+from epsjax.pallas_kernels.dense_gemm import DenseTiling
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
 
 from . import kernel_cases as kc
 
@@ -57,7 +57,7 @@ def test_all_tokens_to_one_expert_and_padding(backend, tiling, interpret, dtype,
 
 def test_gate_up_fusion_matches_unfused():
     # The fused gate/up kernel equals silu(group_gemm(x, Wg)) * group_gemm(x, Wu).
-    from pallas_kernels import group_gemm_triton
+    from epsjax.pallas_kernels import group_gemm_triton
 
     sizes = jnp.array([30, 0, 40, 20, 0], jnp.int32)
     x, w_gate, w_up, _ = kc.random_ffn_operands(2, M, 24, 40, NUM_SLOTS, "float32")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pallas_kernels as pk
-from pallas_kernels import fp8
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels import fp8
 
 from . import kernel_cases as kc
 
@@ -79,7 +79,7 @@ KERNEL_TILING = pk.MosaicTiling(64, 128, 128, 2, num_sms=2)
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_fp8_group_gemm_kernel_matches_the_dequantized_product(data):
-    from pallas_kernels import group_gemm_mgpu, semantics
+    from epsjax.pallas_kernels import group_gemm_mgpu, semantics
 
     sizes = data.draw(kc.group_sizes(M, NUM_GROUPS), label="group_sizes")
     kw = data.draw(kc.indirection(NUM_GROUPS, NUM_SLOTS), label="indirection")
@@ -98,7 +98,7 @@ def test_fp8_ffn_on_the_mosaic_kernel_matches_its_oracle_and_the_float_ffn(dtype
     x, w_gate, w_up, w_down = kc.random_ffn_operands(1, M, KERNEL_D, KERNEL_F, NUM_SLOTS, dtype)
     quantized = tuple(fp8.quantize_weights(w) for w in (w_gate, w_up, w_down))
     sizes = jnp.asarray(sizes, jnp.int32)
-    from pallas_kernels import semantics
+    from epsjax.pallas_kernels import semantics
 
     out = pk.expert_ffn(x, *quantized, sizes, backend="mosaic_gpu", tiling=KERNEL_TILING, interpret=True)
 

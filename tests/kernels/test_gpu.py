@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
-import pallas_kernels as pk
-from pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
-from pallas_kernels.group_gemm_triton import TritonTiling
-from pallas_kernels.timing import best_seconds
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, group_gemm_triton, selector, targets
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
+from epsjax.pallas_kernels.timing import best_seconds
 
 from . import kernel_cases as kc
 

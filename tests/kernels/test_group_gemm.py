@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pallas_kernels as pk
-from pallas_kernels.chunked_gemm import ChunkTiling
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
-from pallas_kernels.group_gemm_triton import TritonTiling
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels.chunked_gemm import ChunkTiling
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
 
 from . import kernel_cases as kc
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels as pk
-from models import LocalExperts
-from pallas_kernels import ChunkTiling, DenseTiling, MosaicTiling, TritonTiling
+from epsjax import pallas_kernels as pk
+from epsjax.models import LocalExperts
+from epsjax.pallas_kernels import ChunkTiling, DenseTiling, MosaicTiling, TritonTiling
 
 from . import kernel_cases as kc
 

@@ -5,7 +5,7 @@ import json
 import pathlib
 import sys
 
-from pallas_kernels import selector
+from epsjax.pallas_kernels import selector
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "profile_gemm.py"
 

@@ -5,10 +5,10 @@ import json
 import jax.numpy as jnp
 import pytest
 
-import pallas_kernels as pk
-from pallas_kernels import selector
-from pallas_kernels.chunked_gemm import ChunkTiling
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels import selector
+from epsjax.pallas_kernels.chunked_gemm import ChunkTiling
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
 
 CPU_NATIVE = {"dense", "chunked"}
 LOADS = [dict(tokens_per_expert=t, max_tokens_per_expert=mx) for t in (0.5, 1, 16, 64, 500, 5000, 20000)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pallas_kernels as pk
-from pallas_kernels import selector, tokamax_gemm
+from epsjax import pallas_kernels as pk
+from epsjax.pallas_kernels import selector, tokamax_gemm
 
 from . import kernel_cases as kc
 

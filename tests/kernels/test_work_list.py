@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import work_list
+from epsjax.pallas_kernels import work_list
 
 from . import kernel_cases as kc
 

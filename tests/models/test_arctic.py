@@ -6,7 +6,7 @@ from flax import nnx
 
 from epsjax.checkpoint import load_checkpoint, save_checkpoint
 from epsjax.engine import Engine
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 from tests.models.arctic_reference import arctic_logits
 
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import MoETransformer, get_preset
-from models import attention
-from models.attention import masked_softmax
-from models.transformer import prefill_mask
-from models import LocalExperts
+from epsjax.models import MoETransformer, get_preset
+from epsjax.models import attention
+from epsjax.models.attention import masked_softmax
+from epsjax.models.transformer import prefill_mask
+from epsjax.models import LocalExperts
 
 
 def plain_attention(q_BTNH, k_BSKH, v_BSKV, mask_BTS, scale):

@@ -8,9 +8,9 @@ from flax import nnx
 
 from epsjax.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from epsjax.engine import Engine
-from models import MoETransformer, get_preset
-from models.quantize import EXPERT_WEIGHTS, is_quantized, quantize_experts
-from pallas_kernels import fp8
+from epsjax.models import MoETransformer, get_preset
+from epsjax.models.quantize import EXPERT_WEIGHTS, is_quantized, quantize_experts
+from epsjax.pallas_kernels import fp8
 
 FAMILIES = ("tiny-mixtral", "tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-dbrx", "tiny-arctic")
 
@@ -70,10 +70,10 @@ def test_load_checkpoint_quantizes_the_experts_as_they_stream(tmp_path):
 
 
 def test_runtimes_without_fp8_support_refuse_quantized_experts():
-    import sharding
+    from epsjax import sharding
     from epsjax.dep import DEPGroups, DEPRuntime
     from epsjax.offload import OffloadEngine
-    from models.transformer import prefill_mask
+    from epsjax.models.transformer import prefill_mask
 
     cfg = get_preset("tiny-mixtral", num_layers=1)
     model = quantize_experts(MoETransformer(cfg, rngs=nnx.Rngs(0)))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from epsjax.engine import SamplingParams, sample
-from models import LocalExperts, RouterConfig
-from models.router import route
+from epsjax.models import LocalExperts, RouterConfig
+from epsjax.models.router import route
 
 
 def test_group_limited_routing_worked_example():

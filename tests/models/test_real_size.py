@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from epsjax.engine import Engine
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 
 
 @pytest.mark.slow

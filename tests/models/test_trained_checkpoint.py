@@ -16,7 +16,7 @@ from epsjax.cli import main
 from epsjax.engine import Engine
 from epsjax.offload import metrics, traces
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
-from models import MoETransformer
+from epsjax.models import MoETransformer
 
 CHECKPOINT = Path(__file__).parents[2] / "checkpoints" / "pystdlib-moe"
 PREDICTOR = Path(__file__).parents[2] / "scripts" / "results" / "expertflow_pystdlib_predictor"

@@ -7,7 +7,7 @@ from flax import nnx
 from epsjax.offload import traces
 from epsjax.offload.predictor import PredictorConfig, train_predictor
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 
 PRESET = "tiny-mixtral"
 

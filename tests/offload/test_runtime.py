@@ -10,7 +10,7 @@ from flax import nnx
 
 from epsjax.engine import Engine
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine
-from models import LocalExperts, MoETransformer, get_preset
+from epsjax.models import LocalExperts, MoETransformer, get_preset
 from tests.offload.conftest import prompts_from
 
 STEPS = 6

@@ -8,7 +8,7 @@ import pytest
 
 from epsjax.offload import simulate, timing, traces
 from epsjax.scheduler.costs import CostModel
-from models import get_preset
+from epsjax.models import get_preset
 
 
 @dataclasses.dataclass

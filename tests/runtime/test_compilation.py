@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import sharding
+from epsjax import sharding
 from epsjax import placement
 from epsjax.compilation import CompileCounter, ShapeBuckets
 from epsjax.engine import Engine, RequestError
 from epsjax.offload.runtime import OFFLOAD_PROGRAMS_PER_SHAPE, OffloadConfig, OffloadEngine
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 # Programs generate compiles besides prefill, decode loop and sampler, once per process (PRNG key set-up and the

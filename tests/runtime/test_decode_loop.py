@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from epsjax.engine import Engine, SamplingParams, sample
-from models import MoETransformer, get_preset
+from epsjax.models import MoETransformer, get_preset
 
 PROMPTS = [[5, 17, 33, 2, 90], [7, 7, 101], [250, 1, 64, 64, 3, 9, 12]]
 

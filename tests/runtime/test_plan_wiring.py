@@ -4,9 +4,9 @@ import json
 import sys
 from pathlib import Path
 
-import sharding
+from epsjax import sharding
 from epsjax import placement
-from models import get_preset
+from epsjax.models import get_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

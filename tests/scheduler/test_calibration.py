@@ -12,7 +12,7 @@ import pytest
 from epsjax.scheduler import CostModel, predict_prefill, search_for
 from epsjax.scheduler.calibration import FIELDS, calibrated, calibration_path, load_calibration
 from epsjax.scheduler.hardware import hardware_for_device_kind
-from models import get_preset
+from epsjax.models import get_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 H100 = "NVIDIA H100 80GB HBM3"

@@ -40,7 +40,7 @@ def test_padding():
     assert grouped_rows(np.array([100, 0, 150, 50]), 128) == (3 + 2) * 128
     assert grouped_rows(np.array([0, 0]), 128) == 0
     # DenseGemm buckets as pallas_kernels.dense_gemm.DenseTiling: cdiv(M, S) * (1, 2, 4) rounded up to 8.
-    from pallas_kernels.dense_gemm import DenseTiling
+    from epsjax.pallas_kernels.dense_gemm import DenseTiling
 
     for rows in ([100, 100, 100, 100], [100, 0, 150, 50], [1, 1, 1, 397], [7, 9, 0, 0]):
         rows = np.array(rows)

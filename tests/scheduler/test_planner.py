@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from epsjax.scheduler import Plan, Planner, RoutingHistogram, layout_for, plan_for, search_for
-from models.config import get_preset
-from pallas_kernels.group_gemm_mgpu import MosaicTiling
-from sharding.expert_compute import MoEStats
-from sharding.plan import ExpertPlan
+from epsjax.models.config import get_preset
+from epsjax.pallas_kernels.group_gemm_mgpu import MosaicTiling
+from epsjax.sharding.expert_compute import MoEStats
+from epsjax.sharding.plan import ExpertPlan
 
 
 def test_plan_for_returns_expert_plan():

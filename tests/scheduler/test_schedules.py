@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from epsjax.scheduler import CostModel, Layout, Plan, Workload, build_layer, search_plan, simulate
 from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.schedules import destination_hits, stage_gemm_times
-from models.config import get_preset
+from epsjax.models.config import get_preset
 
 COSTS = CostModel.build("h800", use_profiles=False)
 MODELS = {"deepseek-v2": "dp", "mixtral-8x7b": "tp", "dbrx": "tp", "arctic": "tp", "qwen3-30b-a3b": "dp"}

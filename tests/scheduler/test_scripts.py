@@ -47,7 +47,7 @@ def test_validate_cost_model_plumbing(tmp_path):
     """On CPU only the plumbing is checked: the prediction formula and one tiny measured case."""
     module = load_script("validate_cost_model")
     from epsjax.scheduler import CostModel
-    from models.config import get_preset
+    from epsjax.models.config import get_preset
 
     sizes = module.group_sizes("skewed", 64, 8)
     assert sizes.sum() == 512 and sizes.max() > 64

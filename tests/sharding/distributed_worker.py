@@ -9,7 +9,7 @@ import numpy as np
 def main(process_id: int, port: int, out: str) -> None:
     import jax
 
-    import sharding
+    from epsjax import sharding
     from epsjax import placement
 
     sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def config():
-    from models import get_preset
+    from epsjax.models import get_preset
 
     return get_preset("tiny-mixtral", num_layers=2)
 
@@ -39,7 +39,7 @@ def test_two_processes_match_single_process(tmp_path):
     from flax import nnx
 
     from epsjax.engine import Engine
-    from models import MoETransformer
+    from epsjax.models import MoETransformer
 
     out = tmp_path / "logits.npy"
     port = _free_port()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import sharding
-from models import LocalExperts
-from sharding import ragged_emulation, transports
-from sharding.ep_moe import destination_of_experts, from_words, stage_route, to_words, token_rows
+from epsjax import sharding
+from epsjax.models import LocalExperts
+from epsjax.sharding import ragged_emulation, transports
+from epsjax.sharding.ep_moe import destination_of_experts, from_words, stage_route, to_words, token_rows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -119,7 +119,7 @@ def test_ep_matches_single_device_full_grid(case):
 
 
 def test_per_stage_backends_and_tilings():
-    from pallas_kernels.chunked_gemm import ChunkTiling
+    from epsjax.pallas_kernels.chunked_gemm import ChunkTiling
 
     plan = sharding.ExpertPlan(2, "experts", backends=("chunked", "ragged_dot"), tilings=(ChunkTiling(8), None))
     _check("dp_ep", dict(data=2, expert=4), plan, routings=("random", "one_expert"))

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sharding
-from models import LocalExperts
-from sharding import ExpertPlacement, PlanError, ragged_emulation, replicate_hot_experts
+from epsjax import sharding
+from epsjax.models import LocalExperts
+from epsjax.sharding import ExpertPlacement, PlanError, ragged_emulation, replicate_hot_experts
 
 
 def _zipf(num_experts, s, seed=None):
@@ -115,8 +115,8 @@ def test_a_placed_model_refuses_an_expert_compute_without_its_placement():
 
     from epsjax import placement
     from epsjax.checkpoint import CheckpointError, save_checkpoint
-    from models import MoETransformer, get_preset
-    from models.transformer import prefill_mask
+    from epsjax.models import MoETransformer, get_preset
+    from epsjax.models.transformer import prefill_mask
 
     cfg = get_preset("tiny-mixtral", num_experts=6, num_layers=1)
     mesh = sharding.make_mesh(expert=4)

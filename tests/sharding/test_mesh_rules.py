@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-import sharding
+from epsjax import sharding
 from epsjax import placement
 from epsjax.checkpoint import load_checkpoint, save_checkpoint
-from models import MoETransformer, get_preset
-from sharding import axes
+from epsjax.models import MoETransformer, get_preset
+from epsjax.sharding import axes
 
 
 def test_make_mesh_names_and_sizes():

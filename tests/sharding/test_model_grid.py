@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import sharding
+from epsjax import sharding
 from epsjax import placement
-from sharding import ragged_emulation
+from epsjax.sharding import ragged_emulation
 from epsjax.engine import Engine
-from models import LocalExperts, MoETransformer, get_preset
-from models.transformer import prefill_mask
+from epsjax.models import LocalExperts, MoETransformer, get_preset
+from epsjax.models.transformer import prefill_mask
 
 FAMILIES = ("tiny-mixtral", "tiny-deepseek-v2", "tiny-qwen3-moe", "tiny-dbrx", "tiny-arctic")
 # (rule set, EP size) -> mesh over the 8 devices. Axes a rule set does not use for attention act as data

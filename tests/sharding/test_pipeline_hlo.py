@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import sharding
-from sharding import hlo_report
+from epsjax import sharding
+from epsjax.sharding import hlo_report
 
 E, D, F, K, T = 16, 32, 64, 2, 128
 

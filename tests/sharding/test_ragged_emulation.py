@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sharding
-from sharding import ragged_emulation
+from epsjax import sharding
+from epsjax.sharding import ragged_emulation
 
 
 def _run(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, devices=2):
