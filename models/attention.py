@@ -28,7 +28,7 @@ _LATENT_NORM_EPS = 1e-6  # DeepSeek-V2's q_a/kv_a norms use this whatever rms_no
 class AttentionContext:
     positions_BT: jax.Array        # [B, T] int32 rotary positions of the new tokens
     mask_BTS: jax.Array            # [B, T, S] bool, S = T (prefill) or the cache length (decode)
-    write_index: jax.Array | int   # first cache slot the new tokens are written to
+    write_index: jax.Array | int   # first cache slot the new tokens are written to: [] or per row [B]
     attend_to_cache: bool          # static: decode-style attention over the whole cache
     causal: bool = False           # static: mask_BTS never lets query t see key s > t (prefill_mask's promise)
 
@@ -43,12 +43,20 @@ ATTENTION_BLOCK = 512
 
 
 def write_cache(cache_layer: dict | None, new: dict, write_index) -> dict | None:
-    """Writes the new tokens' entries ([B, T, ...] each) into the cache ([B, S, ...] each) at write_index."""
+    """Writes the new tokens' entries ([B, T, ...] each) into the cache ([B, S, ...] each) at write_index: one slot
+    for the whole batch (a scalar, as a prefill writes from 0) or each row's own ([B]: decode slots, where every
+    sequence has its own length)."""
     if cache_layer is None:
         return None
-    return {name: jax.lax.dynamic_update_slice_in_dim(cache_layer[name], new[name].astype(cache_layer[name].dtype),
-                                                      write_index, axis=1)
-            for name in cache_layer}
+
+    def put(cache, entries):
+        entries = entries.astype(cache.dtype)
+        if jnp.ndim(write_index) == 0:
+            return jax.lax.dynamic_update_slice_in_dim(cache, entries, write_index, axis=1)
+        return jax.vmap(lambda row, e, w: jax.lax.dynamic_update_slice_in_dim(row, e, w, axis=0))(
+            cache, entries, write_index)
+
+    return {name: put(cache_layer[name], new[name]) for name in cache_layer}
 
 
 def masked_softmax(scores, mask):

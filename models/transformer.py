@@ -75,10 +75,11 @@ def prefill_mask(valid_BT):
 
 
 def decode_mask(kv_valid_BS, write_index, num_new: int):
-    """[B, T, S] for T new tokens written at slots write_index.. : a query sees valid slots up to its own."""
+    """[B, T, S] for T new tokens written at slots write_index.. (one index [] or each row's own [B]): a query sees
+    the valid slots up to its own."""
     S = kv_valid_BS.shape[1]
-    query_slot_T = write_index + jnp.arange(num_new)
-    return (jnp.arange(S)[None, :] <= query_slot_T[:, None])[None] & kv_valid_BS[:, None, :]
+    query_slot_BT = jnp.reshape(write_index, (-1, 1)) + jnp.arange(num_new)  # [B or 1, T]
+    return (jnp.arange(S) <= query_slot_BT[..., None]) & kv_valid_BS[:, None, :]
 
 
 class MoETransformer(nnx.Module):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from epsjax.engine import Engine, SamplingParams, sample
+from epsjax.engine import Engine, SamplingParams
+from tests.runtime.reference_sampler import sample
 from epsjax.models import MoETransformer, get_preset
 
 PROMPTS = [[5, 17, 33, 2, 90], [7, 7, 101], [250, 1, 64, 64, 3, 9, 12]]
@@ -20,14 +21,19 @@ def model():
 
 
 def host_loop(engine: Engine, prompts, max_new_tokens: int, sampling: SamplingParams, eos: int | None):
-    """The reference: one decode_step per token, sampling on the host's schedule of keys, EOS per sequence."""
+    """The reference: one decode_step per token, each sequence sampling from its own stream (fold_in(key(seed),
+    token index)) as a batch of one would, EOS per sequence."""
     tokens_BT, mask_BT = engine.pad_prompts(prompts)
     T = tokens_BT.shape[1]
     cache_len = min(engine.cfg.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)
-    key = jax.random.key(sampling.seed)
     logits, state, stats = engine.prefill(tokens_BT, mask_BT, cache_len=cache_len)
     per_expert = np.asarray(stats.tokens_per_expert, np.int64)
-    nxt = np.asarray(sample(logits, jax.random.fold_in(key, 0), sampling))
+
+    def draw(logits, step):
+        return np.array([np.asarray(sample(logits[i:i + 1], jax.random.fold_in(jax.random.key(sampling.seed), step),
+                                           sampling))[0] for i in range(len(prompts))])
+
+    nxt = draw(logits, 0)
     out, finished = [[] for _ in prompts], np.zeros(len(prompts), bool)
     for step in range(max_new_tokens):
         for i, t in enumerate(nxt):
@@ -38,7 +44,7 @@ def host_loop(engine: Engine, prompts, max_new_tokens: int, sampling: SamplingPa
             break
         logits, state, stats = engine.decode_step(state, nxt)
         per_expert += np.asarray(stats.tokens_per_expert)
-        nxt = np.asarray(sample(logits, jax.random.fold_in(key, step + 1), sampling))
+        nxt = draw(logits, step + 1)
     return out, per_expert
 
 
