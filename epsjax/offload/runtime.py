@@ -36,8 +36,9 @@ from jax.sharding import SingleDeviceSharding
 
 from epsjax import pallas_kernels
 from epsjax.compilation import ShapeBuckets
-from epsjax.engine import (DecodeState, Engine, GenerateResult, RequestError, SamplingParams, decode_inputs,
-                           prefill_inputs)
+from epsjax.engine import (DecodeState, cache_shape, decode_inputs, insert_rows, longest, next_decode_state,
+                           prefill_inputs, release_rows)
+from epsjax.generation import GenerateResult, Generator, RequestError, SamplingParams
 from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
 from epsjax.offload.store import ExpertStore, device_memory_kind
@@ -152,6 +153,15 @@ def _decode_inputs(state: DecodeState):
     return *decode_inputs(state), state.next_position_B[:, None], state.active_B[:, None]
 
 
+@functools.partial(jax.jit, static_argnames=("cache_spec", "dtype", "num_slots", "cache_len"))
+def _empty_decode_state(*, cache_spec, dtype, num_slots: int, cache_len: int) -> DecodeState:
+    """num_slots free slots of cache_len entries (cache_spec: per layer, (name, shape) pairs)."""
+    return DecodeState(cache=[{name: jnp.zeros(shape, dtype) for name, shape in layer} for layer in cache_spec],
+                       kv_valid_BS=jnp.zeros((num_slots, cache_len), bool),
+                       next_position_B=jnp.zeros((num_slots,), jnp.int32),
+                       write_index_B=jnp.zeros((num_slots,), jnp.int32), active_B=jnp.zeros((num_slots,), bool))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, state, tokens_BT):
     return nnx.merge(graphdef, state).embed(tokens_BT)
@@ -202,8 +212,10 @@ def _finish(graphdef, state, h_BTD, moe_in_BTD, y_sorted_MD, order, weights_TK):
 # The runtime -------------------------------------------------------------------------------------------------------
 
 
-class OffloadEngine(Engine):
-    """An Engine (same prefill / decode_step / generate contract) whose routed experts are offloaded.
+class OffloadEngine(Generator):
+    """An Engine (same prefill / decode_step / generate / slots contract) whose routed experts are offloaded: the
+    generator over itself as the executor (run_prefill, run_step a layer at a time from the host, insert,
+    release; no on-device loop).
 
     predictor: a `epsjax.offload.predictor.RoutingPredictor` (required by mode "expertflow").
     record_routing: keep every MoE layer's routing (ids [B*T, K] per layer) of each forward in `routing_log`.
@@ -212,13 +224,12 @@ class OffloadEngine(Engine):
     model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device).
     """
 
-    _decode_tokens = Engine._decode_tokens_on_host  # each step runs layer by layer from the host
+    batch_multiple = 1
 
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
                  predictor=None, device: jax.Device | None = None, record_routing: bool = False,
                  buckets: ShapeBuckets | None = ShapeBuckets()):
         self.cfg = model.cfg
-        self.buckets = buckets  # generate's shape ladders (Engine), which bound the per-layer programs too
         if is_quantized(model):
             raise ValueError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
                              "device without offloading for now")
@@ -251,6 +262,8 @@ class OffloadEngine(Engine):
         self.record_routing = record_routing
         self.routing_log: list[np.ndarray] = []
         self._backends: dict[int, tuple] = {}
+        self.schedule_log: dict | None = None
+        super().__init__(self, buckets=buckets)  # the generator drives this engine's own executor methods
 
     def _make_cache(self) -> ExpertCacheEngine:
         c, store = self.config, self.store
@@ -285,23 +298,31 @@ class OffloadEngine(Engine):
         """Device bytes of the parameters that stay on the device (all but the routed experts)."""
         return sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(nnx.state(self._shell)))
 
-    # Engine contract ------------------------------------------------------------------------------------------
+    # Executor contract (epsjax.generation) ---------------------------------------------------------------------
 
-    def prefill(self, tokens_BT, mask_BT=None, *, cache_len: int | None = None, all_logits: bool = False,
-                pad_rows: int = 0):
-        tokens_BT, mask_BT, cache_len = self.check_prefill_inputs(tokens_BT, mask_BT, cache_len, pad_rows)
+    cache_shape = staticmethod(lambda state: cache_shape(state.decode))
+    longest = staticmethod(lambda state: longest(state.decode))
+
+    def check_state(self, state) -> None:
+        if not isinstance(state, OffloadState):
+            raise RequestError(f"state must be the OffloadState prefill or decode_step returned, got "
+                               f"{type(state).__name__}")
+
+    def _cache_spec(self, rows: int, cache_len: int):
+        return tuple(tuple(sorted(layer.attn.cache_shapes(rows, cache_len).items())) for layer in self._shell.layers)
+
+    def run_prefill(self, tokens_BT, mask_BT, *, cache_len: int, all_logits: bool = False):
         B, T = tokens_BT.shape
         pred = self._predict(tokens_BT, mask_BT, last_only=False)
         # one program per (batch, prompt, cache) bucket for the glue, not one per eager op
-        cache_spec = tuple(tuple(sorted(layer.attn.cache_shapes(B, cache_len).items())) for layer in self._shell.layers)
         mask_dev = jnp.asarray(mask_BT)
         positions_BT, mask_BTS, empty_cache, kv_valid_BS, active_B = _prefill_inputs(
-            mask_dev, cache_spec=cache_spec, dtype=self.cfg.jnp_dtype, cache_len=cache_len)
+            mask_dev, cache_spec=self._cache_spec(B, cache_len), dtype=self.cfg.jnp_dtype, cache_len=cache_len)
         logits, cache, stats = self._forward(
             jnp.asarray(tokens_BT, jnp.int32), positions_BT, mask_dev, mask_BTS, empty_cache, write_index=0,
             attend_to_cache=False, last_logits_only=not all_logits, pred_LE=pred, valid_host=mask_BT)
         decode = DecodeState(cache=cache, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
-                             write_index=jnp.asarray(T, jnp.int32), active_B=active_B)
+                             write_index_B=jnp.full((B,), T, jnp.int32), active_B=active_B)
         W = self._window
         recent = np.zeros((B, W), np.int32)
         recent_valid = np.zeros((B, W), bool)
@@ -310,43 +331,60 @@ class OffloadEngine(Engine):
         state = OffloadState(decode=decode, recent_BW=recent, recent_valid_BW=recent_valid)
         return (logits if all_logits else logits[:, -1]), state, stats
 
-    def decode_step(self, state: OffloadState, tokens_B):
+    def run_step(self, state: OffloadState, tokens_B):
         d = state.decode
-        write_index = int(d.write_index)
-        tokens_B = self.check_decode_inputs(tokens_B, d.kv_valid_BS.shape, write_index)
+        tokens_B = np.asarray(tokens_B, np.int32)
+        active_B1 = np.asarray(d.active_B)[:, None]  # batch padding and free slots route nothing
         recent = np.concatenate([state.recent_BW[:, 1:], tokens_B[:, None]], axis=1)
-        active_B1 = np.asarray(d.active_B)[:, None]  # batch padding routes nothing
         recent_valid = np.concatenate([state.recent_valid_BW[:, 1:], active_B1], axis=1)
         pred = self._predict(recent, recent_valid, last_only=True)
         kv_valid_BS, mask_BTS, positions_B1, valid_B1 = _decode_inputs(d)
         logits, cache, stats = self._forward(
-            jnp.asarray(tokens_B)[:, None], positions_B1, valid_B1, mask_BTS, d.cache, write_index=d.write_index,
+            jnp.asarray(tokens_B)[:, None], positions_B1, valid_B1, mask_BTS, d.cache, write_index=d.write_index_B,
             attend_to_cache=True, last_logits_only=False, pred_LE=pred, valid_host=active_B1)
-        decode = DecodeState(cache=cache, kv_valid_BS=kv_valid_BS, next_position_B=d.next_position_B + 1,
-                             write_index=d.write_index + 1, active_B=d.active_B)
+        decode = next_decode_state(d, cache, kv_valid_BS)
         return logits[:, -1], OffloadState(decode=decode, recent_BW=recent, recent_valid_BW=recent_valid), stats
+
+    def empty_state(self, num_slots: int, cache_len: int) -> OffloadState:
+        decode = _empty_decode_state(cache_spec=self._cache_spec(num_slots, cache_len), dtype=self.cfg.jnp_dtype,
+                                     num_slots=num_slots, cache_len=cache_len)
+        W = self._window
+        return OffloadState(decode=decode, recent_BW=np.zeros((num_slots, W), np.int32),
+                            recent_valid_BW=np.zeros((num_slots, W), bool))
+
+    def insert(self, state: OffloadState, new: OffloadState, src_rows, slots) -> OffloadState:
+        recent, recent_valid = state.recent_BW.copy(), state.recent_valid_BW.copy()
+        recent[slots], recent_valid[slots] = new.recent_BW[src_rows], new.recent_valid_BW[src_rows]
+        return OffloadState(decode=insert_rows(state.decode, new.decode, jnp.asarray(src_rows), jnp.asarray(slots)),
+                            recent_BW=recent, recent_valid_BW=recent_valid)
+
+    def release(self, state: OffloadState, slots) -> OffloadState:
+        recent_valid = state.recent_valid_BW.copy()
+        recent_valid[slots] = False
+        return OffloadState(decode=release_rows(state.decode, jnp.asarray(slots)), recent_BW=state.recent_BW,
+                            recent_valid_BW=recent_valid)
 
     def generate(self, prompts, *, max_new_tokens: int = 16, sampling: SamplingParams = SamplingParams(),
                  stop_at_eos: bool = True, schedule_tokens: bool = False) -> GenerateResult:
         """The Engine's generate; with `schedule_tokens`, ExpertFlow's token scheduler: the prompts decode as two
         batches that alternate steps, and before every step their sequences are re-split by predicted routing
         path so each batch activates fewer experts (scheduler.generate_two_batches; KV caches move with their
-        sequences). Greedy tokens equal the unscheduled run's; with temperature > 0 each sequence samples from
-        its own random stream (independent of its batch), so the draws differ from the unscheduled run's.
+        sequences). Every request samples from its own stream (epsjax.generation), so the tokens equal the
+        unscheduled run's, greedy or sampled.
         After a scheduled call, `schedule_log` holds the distinct experts per batch-step and the split times."""
         if not schedule_tokens:
             return super().generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                     stop_at_eos=stop_at_eos)
         from epsjax.offload.scheduler import generate_two_batches  # the scheduler builds on this module
 
-        ids = self.check_request(prompts, max_new_tokens, sampling)
+        ids, params, max_new = self.check_request(prompts, max_new_tokens, sampling)
         if self.predictor is None:
             raise RequestError("schedule_tokens regroups sequences by predicted routing path and needs the engine's "
                                "routing predictor (mode 'expertflow', or pass predictor=)")
         if len(ids) < 2:
             raise RequestError(f"schedule_tokens re-splits two batches and needs at least 2 prompts, got {len(ids)}")
         result, self.schedule_log = generate_two_batches(
-            self, ids, max_new_tokens=max_new_tokens, sampling=sampling,
+            self, ids, max_new_tokens=max_new, sampling=params,
             eos=self.cfg.eos_token_id if stop_at_eos else None, regroup=True)
         return result
 

@@ -8,22 +8,24 @@ similarity of paths (the half nearest centroid 1 relative to centroid 2 forms gr
 swap lowers the exact union cost. `form_batches` applies it to adjacent pairs of a larger pool.
 
 `regroup_states` moves the sequences' decode state with them: KV cache rows, valid-slot masks, rotary positions and
-the predictor's recent tokens. Prompts are left-padded, so a batch shares one write index; when two batches' write
-indices differ, the one behind is shifted right (its first slots become padding), which changes no attention score
-(keys carry their rotary positions; padding slots are masked).
+the predictor's recent tokens, and their sampling rows. Every row keeps its own write position (decode slots), so
+rows of batches with different prompt lengths move unchanged.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from epsjax.engine import DecodeState, GenerateResult, SamplingParams, sample
+from epsjax.generation import GenerateResult, RequestError, SamplingParams, SlotRows, advance
 from epsjax.offload.metrics import topk_chosen
 from epsjax.offload.runtime import OffloadState
+
+_advance_rows = jax.jit(advance)
 
 
 def union_cost(paths_NP: np.ndarray, groups) -> int:
@@ -104,42 +106,24 @@ def timed_split(paths_NP) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 @jax.jit
-def _regroup(cache_a, cache_b, kv_a_BS, kv_b_BS, pos_a_B, pos_b_B, shift_a, shift_b, idx_a, idx_b):
-    def shifted(x, shift):
-        return jnp.roll(x, shift, axis=1)  # slots rolled in from the end are unwritten, so padding
-
-    joined = jax.tree.map(lambda xa, xb: jnp.concatenate([shifted(xa, shift_a), shifted(xb, shift_b)]),
-                          cache_a, cache_b)
-    kv = jnp.concatenate([shifted(kv_a_BS, shift_a), shifted(kv_b_BS, shift_b)])
-    pos = jnp.concatenate([pos_a_B, pos_b_B])
-    def take(idx):
-        return jax.tree.map(lambda x: x[idx], joined), kv[idx], pos[idx]
-
-    return take(idx_a), take(idx_b)
+def _regroup(decode_a, decode_b, idx_a, idx_b):
+    joined = jax.tree.map(lambda xa, xb: jnp.concatenate([xa, xb]), decode_a, decode_b)
+    return jax.tree.map(lambda x: x[idx_a], joined), jax.tree.map(lambda x: x[idx_b], joined)
 
 
 def regroup_states(state_a, state_b, idx_a, idx_b):
     """Re-splits two decode states (OffloadState) into two: new batch a holds the sequences idx_a of the joint batch
-    (a's sequences first, then b's), new batch b holds idx_b. Both keep the later of the two write indices."""
+    (a's sequences first, then b's), new batch b holds idx_b. Every row keeps its own write position, so rows
+    move with their caches unchanged."""
     da, db = state_a.decode, state_b.decode
     if da.kv_valid_BS.shape[1] != db.kv_valid_BS.shape[1]:
-        raise ValueError(f"batches have different cache lengths {da.kv_valid_BS.shape[1]} and "
-                         f"{db.kv_valid_BS.shape[1]}")
-    wa, wb = int(da.write_index), int(db.write_index)
-    w = max(wa, wb)
-    (ca, kva, pa), (cb, kvb, pb) = _regroup(da.cache, db.cache, da.kv_valid_BS, db.kv_valid_BS, da.next_position_B,
-                                            db.next_position_B, jnp.int32(w - wa), jnp.int32(w - wb),
-                                            jnp.asarray(idx_a), jnp.asarray(idx_b))
+        raise RequestError(f"batches have different cache lengths {da.kv_valid_BS.shape[1]} and "
+                           f"{db.kv_valid_BS.shape[1]}")
+    new_a, new_b = _regroup(da, db, jnp.asarray(idx_a), jnp.asarray(idx_b))
     recent = np.concatenate([state_a.recent_BW, state_b.recent_BW])
     recent_valid = np.concatenate([state_a.recent_valid_BW, state_b.recent_valid_BW])
-    write = jnp.asarray(w, jnp.int32)
-    active = np.concatenate([np.asarray(da.active_B), np.asarray(db.active_B)])
-    def make(c, kv, p, idx):
-        return OffloadState(decode=DecodeState(cache=c, kv_valid_BS=kv, next_position_B=p, write_index=write,
-                                               active_B=jnp.asarray(active[idx])),
-                            recent_BW=recent[idx], recent_valid_BW=recent_valid[idx])
-
-    return make(ca, kva, pa, idx_a), make(cb, kvb, pb, idx_b)
+    return (OffloadState(decode=new_a, recent_BW=recent[idx_a], recent_valid_BW=recent_valid[idx_a]),
+            OffloadState(decode=new_b, recent_BW=recent[idx_b], recent_valid_BW=recent_valid[idx_b]))
 
 
 def next_token_paths(predictor, state, tokens_B) -> np.ndarray:
@@ -150,73 +134,73 @@ def next_token_paths(predictor, state, tokens_B) -> np.ndarray:
     return topk_chosen(probs_BLE, predictor.config.top_k).reshape(len(tokens_B), -1)
 
 
-def _sample_rows(logits_BV, key, owners_B: np.ndarray, step: int, sampling):
-    """Next tokens [B]: greedy as the Engine; with temperature > 0 each sequence draws from its own stream
-    (key, its index, step), so a token does not depend on which batch its sequence sits in."""
-    if sampling.temperature == 0:
-        return np.asarray(sample(logits_BV, key, sampling), np.int32)
-    keys = jax.vmap(lambda o: jax.random.fold_in(jax.random.fold_in(key, o), step))(
-        jnp.asarray(np.maximum(owners_B, 0)))
-    return np.asarray(jax.vmap(lambda row_V, k: sample(row_V[None], k, sampling)[0])(logits_BV, keys), np.int32)
-
-
-def generate_two_batches(engine, ids, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+def generate_two_batches(engine, ids, *, max_new_tokens: int | Sequence[int],
+                         sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                          eos: int | None = None, regroup: bool = True, split: int | None = None,
                          cache_len: int | None = None):
     """Decodes prompts `ids` as two batches (ids[:split], ids[split:]; default split len // 2) that alternate
     steps on one OffloadEngine, as ExpertFlow's pending pool. With `regroup`, before every decode step the two
     batches' sequences are re-split by their predicted next-token routing paths (split_two) and their decode
-    state (KV rows, positions, the predictor's recent tokens) moves with them.
+    state (KV rows, positions, the predictor's recent tokens) and sampling rows move with them. max_new_tokens
+    and sampling: one for all prompts or one per prompt; each request samples from its own stream
+    (epsjax.generation), so its tokens equal the unscheduled generate's, greedy or sampled.
 
     Returns (GenerateResult, log) with the tokens per prompt in input order, and log = {"distinct_experts": per
     batch-step, summed over MoE layers (from the routers), "split_seconds": per re-split}."""
     n = len(ids)
     split = n // 2 if split is None else split
     if not 0 < split < n:
-        raise ValueError(f"two batches need 0 < split < {n} prompts, got split={split}")
+        raise RequestError(f"two batches need 0 < split < {n} prompts, got split={split}")
+    max_new = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    params = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
+    every = SlotRows.build(params, max_new, eos, n + 1)  # row n: a finished row for batch padding
     groups = [list(ids[:split]), list(ids[split:])]
-    # Each batch is padded as generate pads a request (its own prompt length: their write indices may differ,
-    # and regroup_states shifts the one behind); one cache length holds both.
-    shapes = [engine.request_shapes(group, max_new_tokens) for group in groups]
+    # Each batch is padded as generate pads a request; one cache length holds both.
+    shapes = [engine.request_shapes(group, max(max_new)) for group in groups]
     cache_len = cache_len or max(c for _, _, c in shapes)
-    key = jax.random.key(sampling.seed)
-    states, nexts, owners = [], [], []
+    states, rows, owners = [], [], []
+    out = [[] for _ in range(n)]
     tokens_per_expert, prompt_tokens = 0, 0
+
+    def record(owner, tokens_B, emitted_B):
+        for o, tok, em in zip(owner, np.asarray(tokens_B), np.asarray(emitted_B)):
+            if o >= 0 and em:
+                out[o].append(int(tok))
+
     start = time.perf_counter()
     for (tokens, mask, _), group, offset in zip(shapes, groups, (0, split)):
         B = tokens.shape[0]
         logits, state, stats = engine.prefill(tokens, mask, cache_len=cache_len, pad_rows=B - len(group))
         owner = np.full(B, -1)
         owner[:len(group)] = np.arange(offset, offset + len(group))
+        tokens_B, emitted_B, batch_rows = _advance_rows(logits, jax.tree.map(lambda x: x[np.where(owner >= 0, owner, n)],
+                                                                        every))
+        record(owner, tokens_B, emitted_B)
         states.append(state)
         owners.append(owner)
-        nexts.append(_sample_rows(logits, key, owner, 0, sampling))
+        rows.append(batch_rows)
         tokens_per_expert = tokens_per_expert + np.asarray(stats.tokens_per_expert, np.int64)
         prompt_tokens += int(mask.sum())
     prefill_seconds = time.perf_counter() - start
-    out = [[] for _ in range(n)]
-    done = np.zeros(n, bool)
     log = {"distinct_experts": [], "split_seconds": []}
     start = time.perf_counter()
-    for step in range(max_new_tokens):
-        for owner, nxt in zip(owners, nexts):
-            for o, tok in zip(owner, nxt):
-                if o >= 0 and not done[o]:
-                    out[o].append(int(tok))
-                    done[o] = eos is not None and int(tok) == eos
-        if step == max_new_tokens - 1 or done.all():
+    for _ in range(max(max_new) - 1):
+        if all(np.asarray(r.finished_B).all() for r in rows):
             break
         if regroup:
-            paths = np.concatenate([next_token_paths(engine.predictor, s, x) & (o >= 0)[:, None]
-                                    for s, x, o in zip(states, nexts, owners)])
+            paths = np.concatenate([next_token_paths(engine.predictor, s, np.asarray(r.last_B)) & (o >= 0)[:, None]
+                                    for s, r, o in zip(states, rows, owners)])
             ia, ib, seconds = timed_split(paths)
             log["split_seconds"].append(seconds)
             states = list(regroup_states(states[0], states[1], ia, ib))
-            joint_next, joint_owner = np.concatenate(nexts), np.concatenate(owners)
-            nexts, owners = [joint_next[ia], joint_next[ib]], [joint_owner[ia], joint_owner[ib]]
+            joint_rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), rows[0], rows[1])
+            rows = [jax.tree.map(lambda x: x[ia], joint_rows), jax.tree.map(lambda x: x[ib], joint_rows)]
+            joint_owner = np.concatenate(owners)
+            owners = [joint_owner[ia], joint_owner[ib]]
         for k in range(2):
-            logits, states[k], stats = engine.decode_step(states[k], nexts[k])
-            nexts[k] = _sample_rows(logits, key, owners[k], step + 1, sampling)
+            logits, states[k], stats = engine.decode_step(states[k], np.asarray(rows[k].last_B))
+            tokens_B, emitted_B, rows[k] = _advance_rows(logits, rows[k])
+            record(owners[k], tokens_B, emitted_B)
             counts = np.asarray(stats.tokens_per_expert, np.int64)
             tokens_per_expert = tokens_per_expert + counts
             log["distinct_experts"].append(int((counts > 0).sum()))
