@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from epsjax.engine import SamplingParams, sample
+from epsjax.generation import SamplingParams, SlotRows, sample
 from epsjax.models import LocalExperts, RouterConfig
 from epsjax.models.router import route
 
@@ -72,11 +72,29 @@ def test_capacity_drops_are_reported_and_follow_token_order():
     np.testing.assert_array_equal(np.asarray(stats.tokens_per_expert), [4, 0])  # routed, before the capacity cut
 
 
+def _rows(n, **settings):
+    return SlotRows.build([SamplingParams(seed=i, **settings) for i in range(n)], [4] * n, None, n)
+
+
 def test_top_p_sampling_never_leaves_the_nucleus():
     # probs 0.5, 0.3, 0.15, 0.05: top_p=0.7 keeps {0, 1} (mass before token 1 is 0.5 < 0.7, before 2 is 0.8).
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 512))
-    tokens = sample(logits, jax.random.key(0), SamplingParams(temperature=1.0, top_p=0.7))
+    tokens = sample(logits, _rows(512, temperature=1.0, top_p=0.7))
     counts = np.bincount(np.asarray(tokens), minlength=4)
     assert counts[2] == counts[3] == 0 and counts[0] > counts[1] > 0
-    greedy = sample(logits, jax.random.key(0), SamplingParams())
+    greedy = sample(logits, _rows(512))
     assert np.all(np.asarray(greedy) == 0)
+
+
+def test_top_k_limits_then_top_p_takes_the_renormalised_mass():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 512))
+    counts = np.bincount(np.asarray(sample(logits, _rows(512, temperature=1.0, top_k=3))), minlength=4)
+    assert counts[3] == 0 and min(counts[:3]) > 0
+    assert np.all(np.asarray(sample(logits, _rows(512, temperature=1.0, top_k=1))) == 0)
+    # top-3 renormalised: 0.526, 0.316, 0.158; top_p=0.5 then keeps token 0 alone (the mass before token 1 is
+    # 0.526 >= 0.5), where top_p=0.5 on the full distribution would keep it alone too, but 0.6 would differ:
+    # full: before token 1 is 0.5 < 0.6 (kept); top-3: 0.526 < 0.6 (kept); before token 2: 0.8 vs 0.842 (not).
+    assert np.all(np.asarray(sample(logits, _rows(512, temperature=1.0, top_k=3, top_p=0.5))) == 0)
+    tokens = np.asarray(sample(logits, _rows(512, temperature=1.0, top_k=2, top_p=0.6)))
+    # top-2 renormalised: 0.625, 0.375: the mass before token 1 is 0.625 >= 0.6, so token 0 alone
+    assert np.all(tokens == 0)
