@@ -13,7 +13,9 @@ experts of every MoE layer are stacked into expert slots and split over the expe
 device receiving its own slots only; `from_checkpoint` reads a checkpoint straight into that layout (placement.py).
 
 Decoding: a prefill with a KV cache and each decode step run the same schedule over the same micro-batches; every
-micro-batch keeps its cache on the attention group, split like its sequences (decode.py).
+micro-batch keeps its cache on the attention group, split like its sequences. A decode state is a set of slots
+(r1 micro-batches of ag * ma rows, slot i in micro-batch i // (ag * ma)), each row with its own cache length, write
+and rotary positions: prefilled requests are inserted into free slots and finished ones released (decode.py).
 
 Execution: the host walks the schedule's task list (DEPSchedule.tasks) in issue order and dispatches each task
 asynchronously: jitted programs on one group's mesh, and explicit jax.device_put transfers of exactly the routed
@@ -41,7 +43,8 @@ from epsjax.dep import steps, transfer
 from epsjax.dep.decode import DEPEngine, DEPState
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
-from epsjax.engine import DecodeState, GenerateResult, SamplingParams, decode_inputs, prefill_inputs
+from epsjax.engine import (DecodeState, GenerateResult, RequestError, SamplingParams, decode_inputs, insert_rows,
+                           next_decode_state, prefill_inputs, release_rows)
 from epsjax.models import MoETransformer
 from epsjax.models.quantize import EXPERT_WEIGHTS, is_quantized
 from epsjax.models.transformer import prefill_mask
@@ -65,7 +68,7 @@ class _MicroBatch:
     positions: jax.Array                  # [ag * ma, T] rotary positions
     valid: jax.Array                      # [ag * ma, T] tokens that route (False: padding)
     mask: jax.Array                       # [ag * ma, T, S] attention mask (engine.prefill_inputs / decode_inputs)
-    write_index: jax.Array | int          # cache slot of the first new token (shared by the batch)
+    write_index: jax.Array                # [ag * ma] each row's cache slot of its first new token
     cache: list | None = None             # per layer, the KV cache [ag * ma, S, ...]; None: prefill without one
     decode: bool = False                  # a decode step (one new token attends to the cache)
     last_only: bool = False               # the head computes the last position's logits only
@@ -150,17 +153,29 @@ def _placeholders(state):
 
 
 def _prefill_glue(valid_BT, *, cache_len: int):
-    """The Engine's prefill inputs of one micro-batch (engine.prefill_inputs) and its attention mask."""
+    """The Engine's prefill inputs of one micro-batch (engine.prefill_inputs), its attention mask, the rows' write
+    positions (0: the prompt fills [0, T)) and its DecodeState after the prefill (its cache still to be filled)."""
+    B, T = valid_BT.shape
     positions_BT, kv_valid_BS, active_B = prefill_inputs(valid_BT, cache_len)
-    return positions_BT, prefill_mask(valid_BT), kv_valid_BS, active_B, positions_BT[:, -1] + 1
+    state = DecodeState(cache=None, kv_valid_BS=kv_valid_BS, next_position_B=positions_BT[:, -1] + 1,
+                        write_index_B=jnp.full((B,), T, jnp.int32), active_B=active_B)
+    return positions_BT, prefill_mask(valid_BT), jnp.zeros((B,), jnp.int32), state
 
 
 def _decode_glue(state: DecodeState):
-    """The Engine's decode inputs of one micro-batch (engine.decode_inputs), its positions, the tokens that route
-    (batch padding routes nothing) and the positions after the step."""
+    """Of one micro-batch's decode step (its state without the cache): the attention mask (engine.decode_inputs),
+    positions, the tokens that route (live rows only: batch padding and free slots route nothing) and the state
+    after the step (engine.next_decode_state: live rows one token longer; its cache still to be set)."""
     kv_valid_BS, mask_B1S = decode_inputs(state)
-    return (kv_valid_BS, mask_B1S, state.next_position_B[:, None], state.active_B[:, None],
-            state.next_position_B + 1)
+    return (mask_B1S, state.next_position_B[:, None], state.active_B[:, None],
+            next_decode_state(state, None, kv_valid_BS))
+
+
+def _empty_rows(rows: int, cache_len: int) -> DecodeState:
+    """A micro-batch of free slots (its cache still to be set)."""
+    return DecodeState(cache=None, kv_valid_BS=jnp.zeros((rows, cache_len), bool),
+                       next_position_B=jnp.zeros((rows,), jnp.int32), write_index_B=jnp.zeros((rows,), jnp.int32),
+                       active_B=jnp.zeros((rows,), bool))
 
 
 class DEPRuntime:
@@ -188,6 +203,10 @@ class DEPRuntime:
         self._mesh = groups.attention_mesh
         self._prefill_glue = jax.jit(_prefill_glue, static_argnames=("cache_len",), out_shardings=self._batch)
         self._decode_glue = jax.jit(_decode_glue, out_shardings=self._batch)
+        self._empty_rows = jax.jit(_empty_rows, static_argnames=("rows", "cache_len"), out_shardings=self._batch)
+        # one micro-batch's slot bookkeeping (engine.insert_rows / release_rows), kept split over the attention group
+        self._insert_rows = jax.jit(insert_rows, out_shardings=self._batch, donate_argnums=(0,))
+        self._release_rows = jax.jit(release_rows, out_shardings=self._batch, donate_argnums=(0,))
 
         graphdef, layers, top = nnx.split(model, nnx.PathContains("layers"), ...)
         self._top = (graphdef, _placeholders(layers), jax.device_put(top, replicated))
@@ -261,10 +280,12 @@ class DEPRuntime:
         run under `schedule`."""
         return DEPEngine(self, schedule)
 
-    def generate(self, prompts, *, max_new_tokens: int = 16, sampling: SamplingParams = SamplingParams(),
-                 stop_at_eos: bool = True, schedule: DEPSchedule = DEPSchedule.naive()) -> GenerateResult:
-        """Engine.generate's contract (greedy or sampled, EOS, left padding, the same tokens as the single-device
-        Engine): the prefill and every decode step run as `schedule`, the KV cache on the attention group."""
+    def generate(self, prompts, *, max_new_tokens: int = 16,
+                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(), stop_at_eos: bool = True,
+                 schedule: DEPSchedule = DEPSchedule.naive()) -> GenerateResult:
+        """Generator.generate's contract (greedy or sampled, one SamplingParams per prompt or one for all, EOS,
+        left padding, the same tokens as the single-device Engine): the prefill and every decode step run as
+        `schedule`, the KV cache on the attention group."""
         return self.engine(schedule).generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                               stop_at_eos=stop_at_eos)
 
@@ -275,27 +296,77 @@ class DEPRuntime:
         micro, states = self._prefill_micro_batches(tokens_BT, mask_BT, schedule.micro_batches, cache_len=cache_len)
         step = self._execute(micro, schedule)
         states = tuple(dataclasses.replace(st, cache=mb.cache) for st, mb in zip(states, micro))
-        return step.logits[:B, -1], DEPState(states, B, cache_len, T, schedule), step
+        return step.logits[:B, -1], DEPState(states, B, cache_len, schedule), step
 
     def decode_step(self, state: DEPState, tokens_B):
-        """One token per sequence (checked, [B] int32) through the model under the state's schedule: logits
-        [B, V], the next DEPState (`state` is consumed: its caches are donated) and the step's record."""
-        size = state.micro[0].kv_valid_BS.shape[0]
+        """One token per slot (checked, [batch] int32) through the model under the state's schedule: logits
+        [batch, V], the next DEPState (`state` is consumed: its caches are donated) and the step's record. Live
+        rows write their token at their own write position and advance by one; free slots and batch padding
+        route nothing."""
+        size = state.rows_per_micro
         tokens = np.full((len(state.micro) * size, 1), self.cfg.pad_token_id, np.int32)
         tokens[:state.batch, 0] = tokens_B
-        micro, glue = [], []
+        micro, after = [], []
         for m, st in enumerate(state.micro):
-            kv_valid, mask, positions, valid, next_positions = self._decode_glue(dataclasses.replace(st, cache=None))
-            glue.append((kv_valid, next_positions))
+            mask, positions, valid, next_state = self._decode_glue(dataclasses.replace(st, cache=None))
+            after.append(next_state)
             micro.append(_MicroBatch(jax.device_put(tokens[m * size:(m + 1) * size], self._batch), positions, valid,
-                                     mask, state.write_index, st.cache, decode=True, last_only=True))
+                                     mask, st.write_index_B, st.cache, decode=True, last_only=True))
         step = self._execute(micro, state.schedule)
-        write_index = jax.device_put(np.int32(state.write_index + 1), self._replicated)
-        states = tuple(DecodeState(cache=mb.cache, kv_valid_BS=kv_valid, next_position_B=next_positions,
-                                   write_index=write_index, active_B=st.active_B)
-                       for mb, st, (kv_valid, next_positions) in zip(micro, state.micro, glue))
-        return (step.logits[:state.batch, -1],
-                DEPState(states, state.batch, state.cache_len, state.write_index + 1, state.schedule), step)
+        states = tuple(dataclasses.replace(st, cache=mb.cache) for mb, st in zip(micro, after))
+        return step.logits[:state.batch, -1], DEPState(states, state.batch, state.cache_len, state.schedule), step
+
+    # Decode slots -----------------------------------------------------------------------------------------------
+
+    def empty_state(self, num_slots: int, cache_len: int, schedule: DEPSchedule) -> DEPState:
+        """num_slots free slots of cache_len entries: r1 micro-batches of ag * ma rows (ma = ceil(num_slots /
+        (r1 * ag)); the rows past num_slots are padding, never used), each split over the attention group."""
+        r1, ag = schedule.micro_batches, self.groups.ag
+        size = ag * math.ceil(num_slots / (r1 * ag))
+        micro = tuple(dataclasses.replace(self._empty_rows(rows=size, cache_len=cache_len),
+                                          cache=self._empty_cache(size, cache_len)) for _ in range(r1))
+        return DEPState(micro, num_slots, cache_len, schedule)
+
+    def insert(self, state: DEPState, new: DEPState, src_rows, slots) -> DEPState:
+        """Rows src_rows of a prefilled DEPState (its cache no longer than the slots') into the given slots of a
+        decode state (`state` is consumed): row r of `new` is row r % size' of its micro-batch r // size', slot s
+        row s % size of micro-batch s // size; their cache entries land at [0, T') and their lengths, positions
+        and activity come along (engine.insert_rows on each micro-batch pair involved)."""
+        src_rows, slots = np.asarray(src_rows, np.int64).reshape(-1), np.asarray(slots, np.int64).reshape(-1)
+        if src_rows.shape != slots.shape:
+            raise RequestError(f"insert: {src_rows.size} source rows for {slots.size} slots")
+        if new.cache_len > state.cache_len:
+            raise RequestError(f"insert: the prefilled cache ({new.cache_len} entries) is longer than the slots' "
+                               f"({state.cache_len})")
+        _check_rows(src_rows, new.batch, "source rows")
+        _check_rows(slots, state.batch, "slots")
+        if len(set(slots.tolist())) != slots.size:
+            raise RequestError(f"insert: slots {slots.tolist()} repeat a slot")
+        size, new_size = state.rows_per_micro, new.rows_per_micro
+        micro = list(state.micro)
+        for m in np.unique(slots // size).tolist():
+            into = slots // size == m
+            for n in np.unique(src_rows[into] // new_size).tolist():
+                pick = into & (src_rows // new_size == n)
+                micro[m] = self._insert_rows(micro[m], new.micro[n], jnp.asarray(src_rows[pick] % new_size, jnp.int32),
+                                             jnp.asarray(slots[pick] % size, jnp.int32))
+        return DEPState(tuple(micro), state.batch, state.cache_len, state.schedule)
+
+    def release(self, state: DEPState, slots) -> DEPState:
+        """Frees slots (`state` is consumed): inactive (they route nothing), empty, written from 0 again."""
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        _check_rows(slots, state.batch, "slots")
+        size = state.rows_per_micro
+        micro = list(state.micro)
+        for m in np.unique(slots // size).tolist():
+            micro[m] = self._release_rows(micro[m], jnp.asarray(slots[slots // size == m] % size, jnp.int32))
+        return DEPState(tuple(micro), state.batch, state.cache_len, state.schedule)
+
+    @staticmethod
+    def longest(state: DEPState) -> int:
+        """The largest write position among the live rows (0 when none is live)."""
+        return max((int(np.asarray(st.write_index_B)[np.asarray(st.active_B)].max(initial=0)) for st in state.micro),
+                   default=0)
 
     def _prefill_micro_batches(self, tokens_BT, mask_BT, r1: int, *, cache_len: int | None):
         """The batch cut into r1 micro-batches of ag * ma sequences (the rows past B are padding: no token), each
@@ -309,14 +380,13 @@ class DEPRuntime:
         tokens = np.concatenate([tokens_BT, np.full((pad, T), self.cfg.pad_token_id, np.int32)])
         valid = np.concatenate([mask_BT, np.zeros((pad, T), bool)])
         micro, states = [], []
-        write_index = jax.device_put(np.int32(T), self._replicated)
         for m in range(r1):
             tokens_m, valid_m = (jax.device_put(a[m * size:(m + 1) * size], self._batch) for a in (tokens, valid))
-            positions, mask, kv_valid, active, next_positions = self._prefill_glue(valid_m, cache_len=cache_len or T)
+            positions, mask, write_index, state = self._prefill_glue(valid_m, cache_len=cache_len or T)
             cache = None if cache_len is None else self._empty_cache(size, cache_len)
-            micro.append(_MicroBatch(tokens_m, positions, valid_m, mask, 0, cache, last_only=cache_len is not None))
-            states.append(DecodeState(cache=None, kv_valid_BS=kv_valid, next_position_B=next_positions,
-                                      write_index=write_index, active_B=active))
+            micro.append(_MicroBatch(tokens_m, positions, valid_m, mask, write_index, cache,
+                                     last_only=cache_len is not None))
+            states.append(state)
         return micro, states
 
     def _empty_cache(self, rows: int, length: int) -> list[dict]:
@@ -436,3 +506,9 @@ class DEPRuntime:
         out = np.zeros(self.cfg.num_experts, np.int64)
         np.add.at(out, table[table >= 0], per_slot[table >= 0])
         return out
+
+
+def _check_rows(rows: np.ndarray, batch: int, what: str) -> None:
+    bad = rows[(rows < 0) | (rows >= batch)]
+    if bad.size:
+        raise RequestError(f"{what} {bad.tolist()[:10]} outside the state's {batch} rows")

@@ -41,10 +41,10 @@ from epsjax.sharding import DATA, EXPERT
 from epsjax.sharding.expert_compute import combine
 
 
-def _context(positions_BT, mask_BTS, write_index, decode: bool) -> AttentionContext:
+def _context(positions_BT, mask_BTS, write_index_B, decode: bool) -> AttentionContext:
     """A prefill (the prompt attends to itself, causal) or a decode step (the new token attends to the cache), as
-    the Engine's forward builds it."""
-    return AttentionContext(positions_BT=positions_BT, mask_BTS=mask_BTS, write_index=write_index,
+    the Engine's forward builds it; each row writes its cache at its own write_index_B."""
+    return AttentionContext(positions_BT=positions_BT, mask_BTS=mask_BTS, write_index=write_index_B,
                             attend_to_cache=decode, causal=not decode)
 
 
@@ -136,34 +136,31 @@ def head(graphdef, layers, top, x_BTD, *, mesh, last_only: bool = False):
 
 
 # A layer's attention reads the micro-batch's step inputs: positions [B, T], the attention mask [B, T, S]
-# (engine.prefill_inputs / decode_inputs) and its KV cache [B, S, ...] (None: no cache), which it updates at
-# write_index (replicated; the cache is donated); decode (static): the new tokens attend to the cache.
+# (engine.prefill_inputs / decode_inputs) and its KV cache [B, S, ...] (None: no cache), which it updates at each
+# row's write_index_B [B] (split like the rows: every row is a decode slot of its own length; the cache is
+# donated); decode (static): the new tokens attend to the cache.
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "decode"), donate_argnames=("cache_layer",))
-def dense(graphdef, state, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer, write_index, *, mesh,
+def dense(graphdef, state, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer, write_index_B, *, mesh,
           decode: bool):
-    def body(state, write_index, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer):
+    def body(state, x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer, write_index_B):
         layer = nnx.merge(graphdef, state)
-        ctx = _context(positions_BT, mask_BTS, write_index, decode)
+        ctx = _context(positions_BT, mask_BTS, write_index_B, decode)
         out_BTD, cache_layer, _ = layer(x_BTD, valid_BT, ctx, cache_layer, LocalExperts())
         return out_BTD, cache_layer
 
-    return _data_parallel(mesh, body, (state, write_index), (x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer))
+    return _data_parallel(mesh, body, (state,),
+                          (x_BTD, positions_BT, valid_BT, mask_BTS, cache_layer, write_index_B))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "decode"), donate_argnames=("cache_layer",))
-def attention(graphdef, experts, rest, x_BTD, positions_BT, mask_BTS, cache_layer, write_index, *, mesh,
+def attention(graphdef, experts, rest, x_BTD, positions_BT, mask_BTS, cache_layer, write_index_B, *, mesh,
               decode: bool):
-    def body(experts, rest, write_index, x_BTD, positions_BT, mask_BTS, cache_layer):
+    def body(experts, rest, x_BTD, positions_BT, mask_BTS, cache_layer, write_index_B):
         layer = nnx.merge(graphdef, experts, rest)
-        h_BTD, cache_layer = layer.attention(x_BTD, _context(positions_BT, mask_BTS, write_index, decode),
-                                             cache_layer)
-        moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
-        ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
-        return h_BTD, moe_in_BTD, ids_TK, weights_TK, cache_layer
+        return layer.attend_route(x_BTD, _context(positions_BT, mask_BTS, write_index_B, decode), cache_layer)
 
-    return _data_parallel(mesh, body, (experts, rest, write_index),
-                          (x_BTD, positions_BT, mask_BTS, cache_layer))
+    return _data_parallel(mesh, body, (experts, rest), (x_BTD, positions_BT, mask_BTS, cache_layer, write_index_B))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "pack"))

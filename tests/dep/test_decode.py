@@ -18,7 +18,7 @@ import pytest
 
 from epsjax.dep import DEPGroups, DEPSchedule
 from epsjax.dep.runtime import DEPRuntime
-from epsjax.engine import Engine, RequestError, SamplingParams, _until_eos
+from epsjax.engine import Engine, RequestError, SamplingParams
 from epsjax.models import get_preset
 from tests.dep.conftest import tiny_model
 
@@ -28,6 +28,11 @@ MODELS = ("tiny-deepseek-v2", "tiny-qwen3-moe")
 SCHEDULES = (DEPSchedule.pppipe(2), DEPSchedule.findep(2, 2, "AASS"),
              DEPSchedule.findep(2, 2, "ASAS", segment_a2e=True), DEPSchedule.naive())
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+
+
+def _until_eos(row, eos):
+    """A sequence's tokens up to and including its first EOS."""
+    return row[:row.index(eos) + 1] if eos in row else row
 
 
 @functools.cache

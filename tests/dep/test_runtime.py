@@ -41,10 +41,17 @@ def _inputs(batch):
 
 
 @functools.cache
-def _reference(name, batch, skewed=False):
-    engine = Engine(tiny_model(name))
+def _model(name, skewed=False):
+    model = tiny_model(name)
     if skewed:
-        engine.params = _skew(engine.params)
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, _skew(state))
+    return model
+
+
+@functools.cache
+def _reference(name, batch, skewed=False):
+    engine = Engine(_model(name, skewed))
     logits, _, stats = engine.prefill(*_inputs(batch), all_logits=True, cache_len=T)
     return np.asarray(logits), np.asarray(stats.tokens_per_expert)
 
@@ -57,10 +64,7 @@ def _skew(state):
 
 @functools.cache
 def _runtime(name, ag, eg, skewed=False):
-    model = tiny_model(name)
-    if skewed:
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, _skew(state))
+    model = _model(name, skewed)
     return DEPRuntime(model, DEPGroups.split(ag, eg, model.cfg.num_experts))
 
 
