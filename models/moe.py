@@ -94,14 +94,17 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x_BTD, valid_BT, experts: ExpertCompute):
         B, T, D = x_BTD.shape
-        x_TD = x_BTD.reshape(B * T, D)
         ids_TK, weights_TK = self.route(x_BTD)
-        _check_expert_layout(self.w_gate_EDF.shape[0], self.router.kernel_DE.shape[1], experts)
-        y_TD, stats = experts(x_TD, ids_TK, weights_TK, self.w_gate_EDF[...], self.w_up_EDF[...],
-                              self.w_down_EFD[...], valid_BT.reshape(B * T))
+        y_TD, stats = self.routed(x_BTD.reshape(B * T, D), ids_TK, weights_TK, valid_BT.reshape(B * T), experts)
         return self.add_shared(x_BTD, y_TD.reshape(B, T, D)), stats
 
-    # The two halves of __call__, for runtimes that must see the routing before the experts run (epsjax/offload).
+    # The pieces of __call__, for runtimes that must see the routing before the experts run (epsjax/offload).
+
+    def routed(self, x_TD, ids_TK, weights_TK, valid_T, experts: ExpertCompute):
+        """The routed experts' weighted output [T, D] for the router's choice, by `experts`, and its statistics."""
+        _check_expert_layout(self.w_gate_EDF.shape[0], self.router.kernel_DE.shape[1], experts)
+        return experts(x_TD, ids_TK, weights_TK, self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...],
+                       valid_T)
 
     def route(self, x_BTD):
         """The router's choice for the block's input x [B, T, D]: ids [B*T, K] int32, weights [B*T, K] float32."""

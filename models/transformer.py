@@ -42,13 +42,31 @@ class DecoderLayer(nnx.Module):
             self.residual_norm = self.residual_mlp = None
 
     def __call__(self, x_BTD, valid_BT, ctx: AttentionContext, cache_layer, experts: ExpertCompute):
-        h_BTD, cache_layer = self.attention(x_BTD, ctx, cache_layer)
         if self.moe is None:
+            h_BTD, cache_layer = self.attention(x_BTD, ctx, cache_layer)
             return h_BTD + self.mlp(self.ffn_norm(h_BTD)), cache_layer, None
-        moe_BTD, stats = self.moe(self.moe_input(x_BTD, h_BTD), valid_BT, experts)
-        return self.moe_output(h_BTD, moe_BTD), cache_layer, stats
+        # The staged forward every executor shares: the jitted program composes the three stages here; the
+        # offload and DEP executors run the same stages as programs of their own, with their expert compute
+        # (host-fed slot tables, or the expert group across a link) in the middle.
+        h_BTD, moe_in_BTD, ids_TK, weights_TK, cache_layer = self.attend_route(x_BTD, ctx, cache_layer)
+        B, T, D = x_BTD.shape
+        routed_TD, stats = self.moe.routed(moe_in_BTD.reshape(B * T, D), ids_TK, weights_TK, valid_BT.reshape(B * T),
+                                           experts)
+        return self.finish(h_BTD, moe_in_BTD, routed_TD.reshape(B, T, D)), cache_layer, stats
 
-    # The pieces __call__ composes, for runtimes that drive an MoE layer step by step (epsjax/offload).
+    # The stages __call__ composes, for executors that drive an MoE layer step by step (epsjax/offload, epsjax/dep).
+
+    def attend_route(self, x_BTD, ctx: AttentionContext, cache_layer):
+        """Stage 1 of an MoE layer: attention plus its residual h, the MoE's input and the router's choice:
+        h [B, T, D], moe_in [B, T, D], ids [B*T, K], weights [B*T, K] and the layer's updated cache."""
+        h_BTD, cache_layer = self.attention(x_BTD, ctx, cache_layer)
+        moe_in_BTD = self.moe_input(x_BTD, h_BTD)
+        ids_TK, weights_TK = self.moe.route(moe_in_BTD)
+        return h_BTD, moe_in_BTD, ids_TK, weights_TK, cache_layer
+
+    def finish(self, h_BTD, moe_in_BTD, routed_BTD):
+        """Stage 3: the routed experts' output plus the shared experts' on the MoE input, then the residuals."""
+        return self.moe_output(h_BTD, self.moe.add_shared(moe_in_BTD, routed_BTD))
 
     def attention(self, x_BTD, ctx: AttentionContext, cache_layer):
         """Pre-norm attention plus its residual: h [B, T, D] and the layer's updated cache."""

@@ -183,9 +183,7 @@ def _attend_route(graphdef, state, x_BTD, valid_BT, ctx, cache_layer, *, num_exp
     """Attention, the MoE's input, its router, and the (token, k) assignments sorted by expert (as LocalExperts)."""
     layer = nnx.merge(graphdef, state)
     B, T, D = x_BTD.shape
-    h_BTD, cache_layer = layer.attention(x_BTD, ctx, cache_layer)
-    moe_in_BTD = layer.moe_input(x_BTD, h_BTD)
-    ids_TK, weights_TK = layer.moe.route(moe_in_BTD)
+    h_BTD, moe_in_BTD, ids_TK, weights_TK, cache_layer = layer.attend_route(x_BTD, ctx, cache_layer)
     order, _, group_sizes_E = sort_by_expert(ids_TK, valid_BT.reshape(B * T), num_experts)
     x_sorted_MD = moe_in_BTD.reshape(B * T, D)[order // ids_TK.shape[1]]
     return h_BTD, moe_in_BTD, cache_layer, ids_TK, weights_TK, order, group_sizes_E, x_sorted_MD
@@ -202,11 +200,12 @@ def _experts(x_sorted_MD, group_sizes_E, pool_g_SDF, pool_u_SDF, pool_d_SFD, slo
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _finish(graphdef, state, h_BTD, moe_in_BTD, y_sorted_MD, order, weights_TK):
-    """Un-sort and weight the expert rows (as LocalExperts), add shared experts, then the layer's residuals."""
+    """Un-sort and weight the expert rows (as LocalExperts), then the layer's last stage (shared experts,
+    residuals: DecoderLayer.finish)."""
     layer = nnx.merge(graphdef, state)
     B, T, D = h_BTD.shape
     y_TD = combine(y_sorted_MD, order, weights_TK).astype(moe_in_BTD.dtype)
-    return layer.moe_output(h_BTD, layer.moe.add_shared(moe_in_BTD, y_TD.reshape(B, T, D)))
+    return layer.finish(h_BTD, moe_in_BTD, y_TD.reshape(B, T, D))
 
 
 # The runtime -------------------------------------------------------------------------------------------------------
