@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from epsjax.errors import EpsjaxError  # imports nothing (no jax): the device flags are set later
+
 
 def _int_at_least(minimum: int):
     """An argparse type: an integer >= minimum."""
@@ -125,7 +127,7 @@ def _default_platforms() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-class UsageError(Exception):
+class UsageError(EpsjaxError):
     """A flag combination the command cannot use (reported like every input error: one line, exit 2)."""
 
 
@@ -135,11 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.devices:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
-    from epsjax.errors import EpsjaxError  # imports jax: after the device flags are set
-
     try:
         return {"generate": _generate, "info": _info}[args.command](args)
-    except (EpsjaxError, UsageError) as e:  # bad input: one clear line, no traceback
+    except EpsjaxError as e:  # bad input (UsageError included): one clear line, no traceback
         if args.debug:
             raise
         print(f"epsjax {args.command}: error: {e}", file=sys.stderr)

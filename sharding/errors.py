@@ -1,6 +1,6 @@
 """PlanError: a mesh, rule set, expert plan or transport that cannot run (the message names which and why)."""
 
-from epsjax.pallas_kernels.errors import EpsjaxError
+from epsjax.errors import EpsjaxError
 
 
 class PlanError(EpsjaxError):
