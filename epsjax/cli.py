@@ -16,6 +16,7 @@ import sys
 import time
 
 from epsjax.errors import EpsjaxError  # imports nothing (no jax): the device flags are set later
+from epsjax.host_memory import keep_freed_memory
 
 
 def _int_at_least(minimum: int):
@@ -132,6 +133,7 @@ class UsageError(EpsjaxError):
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # glibc malloc keeps freed host memory: only before the first jax computation
     args = _parser().parse_args(argv)
     _default_platforms()
     if args.devices:
