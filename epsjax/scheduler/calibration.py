@@ -17,7 +17,7 @@ import json
 import pathlib
 import re
 
-from epsjax.scheduler.hardware import Hardware
+from epsjax.scheduler.hardware_spec import Hardware
 
 CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibrations"
 FIELDS = ("device_kind", "dense_tflops", "memory_gbs", "attention_efficiency", "link_gbs", "link_latency_s",
