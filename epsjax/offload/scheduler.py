@@ -23,7 +23,7 @@ import numpy as np
 
 from epsjax.engine import DecodeState, GenerateResult, SamplingParams, sample
 from epsjax.offload.metrics import topk_chosen
-from epsjax.offload.runtime import OffloadState
+from epsjax.offload.state import OffloadState
 
 
 def union_cost(paths_NP: np.ndarray, groups) -> int:
