@@ -8,6 +8,11 @@ catch it before jax is imported. Each layer raises its own subclass, defined whe
     models           epsjax.models.config.ConfigError           a model configuration or config.json field
     epsjax           epsjax.checkpoint.CheckpointError          checkpoint files and tensors (file and tensor named)
                      epsjax.engine.RequestError                 prompts, lengths, sampling parameters, decode steps
+                     epsjax.compilation.BucketError             a ShapeBuckets ladder
+                     epsjax.scheduler.errors.ScheduleError      hardware, calibrations, plans, workloads, schedules
+                                                                (epsjax/scheduler, and FinDEP's epsjax/dep)
+                     epsjax.offload.errors.OffloadError         offload settings, expert stores and caches, routing
+                                                                predictors and traces
                      epsjax.cli.UsageError                      a combination of the command's flags
 
 The `epsjax` command prints any of them as one line and exits with status 2; anything else is a bug and keeps its

@@ -59,7 +59,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
         of other groups produce zeros.
       slot_of_expert: optional [G] int32: group g uses rhs[slot_of_expert[g]];
         -1 (not resident) produces zeros; resident experts have distinct slots.
-        Requires group_offset == 0 (static), else ValueError.
+        Requires group_offset == 0 (static), else KernelError.
       backend: "auto" or one of :data:`pallas_kernels.selector.BACKENDS`.
       tiling: the backend's tiling object, or None for its default / the table.
       interpret: run the Pallas backends (pallas_triton, mosaic_gpu) in

@@ -56,7 +56,7 @@ def is_quantized(w) -> bool:
 def quantize_weights(w_EKN):
     """Stacked expert weights [E, K, N] -> e4m3 with one float32 scale per (expert, output channel)."""
     if w_EKN.ndim != 3:
-        raise ValueError(f"FP8 weights are stacked experts [E, K, N]; got shape {w_EKN.shape}")
+        raise KernelError(f"FP8 weights are stacked experts [E, K, N]; got shape {w_EKN.shape}")
     return _qwix().quantize(jnp.asarray(w_EKN, jnp.float32), FP8, channelwise_axes=(0, 2), scale_dtype=jnp.float32)
 
 
@@ -76,8 +76,8 @@ def check_fp8_args(x, w_gate, w_up, w_down) -> None:
                               f"(pallas_kernels.fp8.quantize_weights); {name} is {getattr(w, 'dtype', type(w))}")
     e, d, f = w_gate.qvalue.shape
     if x.ndim != 2 or x.shape[1] != d or w_up.qvalue.shape != (e, d, f) or w_down.qvalue.shape != (e, f, d):
-        raise ValueError(f"FP8 expert FFN shapes: x [M, D], gate/up [E, D, F], down [E, F, D]; got {x.shape=} "
-                         f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
+        raise KernelError(f"FP8 expert FFN shapes: x [M, D], gate/up [E, D, F], down [E, F, D]; got {x.shape=} "
+                          f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
 
 
 def _k_major(w):

@@ -17,6 +17,7 @@ import json
 import pathlib
 import re
 
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware_spec import Hardware
 
 CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibrations"
@@ -40,7 +41,7 @@ def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> 
     data = json.loads(path.read_text())
     missing = [f for f in FIELDS if f not in data]
     if missing:
-        raise ValueError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
+        raise ScheduleError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
     data["path"] = str(path)
     return data
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from epsjax.scheduler.calibration import calibrated, calibration_matching
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware_spec import Hardware
 
 
@@ -154,7 +155,7 @@ def get_hardware(name: "str | Hardware", calibration_dir=None) -> Hardware:
     if key not in PRESETS:
         found = hardware_for_device_kind(name, calibration_dir)
         if found is None:
-            raise ValueError(f"unknown hardware {name!r}; presets: {', '.join(list_hardware())}")
+            raise ScheduleError(f"unknown hardware {name!r}; presets: {', '.join(list_hardware())}")
         return found
     kind = calibration_matching(PRESETS[key], calibration_dir)
     return PRESETS[key] if kind is None else calibrated(PRESETS[key], kind, calibration_dir)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from epsjax.scheduler.errors import ScheduleError
+
 GB = 1e9
 TFLOP = 1e12
 US = 1e-6
@@ -63,7 +65,7 @@ class Hardware:
         if name.startswith("float8") and name not in table:
             name = "bfloat16"  # no FP8 tensor cores: the runtime would upcast
         if name not in table:
-            raise ValueError(f"{self.name}: no peak rate for dtype {dtype!r}; known: {sorted(table)}")
+            raise ScheduleError(f"{self.name}: no peak rate for dtype {dtype!r}; known: {sorted(table)}")
         return table[name] * TFLOP
 
     @property
