@@ -1,8 +1,6 @@
 """epsjax: cost-efficient Mixture-of-Experts inference in JAX (EPS-MoE, FinDEP, ExpertFlow).
 
-Importing it keeps freed host memory in the process (epsjax.host_memory) when no jax computation has run yet.
+Importing epsjax (or any of its subpackages) imports nothing else and changes nothing in the process. Host memory
+tuning for XLA:CPU is an explicit call made before the first jax computation
+(``epsjax.host_memory.keep_freed_memory()``); the `epsjax` command and the benchmark scripts make it.
 """
-
-from epsjax.host_memory import keep_freed_memory
-
-keep_freed_memory()

@@ -36,11 +36,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from epsjax.errors import EpsjaxError
 from epsjax.models import MoETransformer, ModelConfig
 from epsjax.models.config import ConfigError
 from epsjax.models.families import family_module
 from epsjax.models.quantize import EXPERT_WEIGHTS, check_scheme, quantize_weight
-from epsjax.pallas_kernels.errors import EpsjaxError
 
 # Tensors some checkpoints carry that hold no parameters (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -15,6 +15,9 @@ import os
 import sys
 import time
 
+from epsjax.errors import EpsjaxError  # imports nothing (no jax): the device flags are set later
+from epsjax.host_memory import keep_freed_memory
+
 
 def _int_at_least(minimum: int):
     """An argparse type: an integer >= minimum."""
@@ -125,21 +128,20 @@ def _default_platforms() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
-class UsageError(Exception):
+class UsageError(EpsjaxError):
     """A flag combination the command cannot use (reported like every input error: one line, exit 2)."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # glibc malloc keeps freed host memory: only before the first jax computation
     args = _parser().parse_args(argv)
     _default_platforms()
     if args.devices:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
-    from epsjax.errors import EpsjaxError  # imports jax: after the device flags are set
-
     try:
         return {"generate": _generate, "info": _info}[args.command](args)
-    except (EpsjaxError, UsageError) as e:  # bad input: one clear line, no traceback
+    except EpsjaxError as e:  # bad input (UsageError included): one clear line, no traceback
         if args.debug:
             raise
         print(f"epsjax {args.command}: error: {e}", file=sys.stderr)

@@ -18,14 +18,20 @@ import threading
 
 import jax
 
+from epsjax.errors import EpsjaxError
+
 CACHE_ENV = "EPSJAX_COMPILATION_CACHE"  # a directory, or "0" / "off" to disable the persistent cache
 DEFAULT_CACHE_DIR = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "epsjax" / "jax"
+
+
+class BucketError(EpsjaxError):
+    """A ShapeBuckets ladder that cannot bound compilation (the message names the field, the value and the rule)."""
 
 
 def _ladder_ok(values, name: str) -> tuple[int, ...]:
     values = tuple(values)
     if not values or any(not isinstance(v, int) or v < 1 for v in values) or list(values) != sorted(set(values)):
-        raise ValueError(f"ShapeBuckets.{name} must be strictly increasing positive ints; got {values!r}")
+        raise BucketError(f"ShapeBuckets.{name} must be strictly increasing positive ints; got {values!r}")
     return values
 
 
@@ -44,7 +50,7 @@ class ShapeBuckets:
     def __post_init__(self):
         _ladder_ok(self.batch, "batch")
         if not isinstance(self.min_length, int) or self.min_length < 1 or self.min_length & (self.min_length - 1):
-            raise ValueError(f"ShapeBuckets.min_length must be a power of two >= 1; got {self.min_length!r}")
+            raise BucketError(f"ShapeBuckets.min_length must be a power of two >= 1; got {self.min_length!r}")
 
     def batch_size(self, batch: int, multiple: int = 1) -> int:
         """The bucket of a batch of `batch` rows, a multiple of `multiple` (the data-parallel degree)."""

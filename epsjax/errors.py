@@ -1,19 +1,24 @@
-"""Every error a user of epsjax can cause, by layer (all subclass EpsjaxError, itself a ValueError).
+"""The root of every error a user of epsjax can cause (bad input, not bugs): EpsjaxError, a ValueError.
 
-    EpsjaxError        the root: input epsjax cannot use (the `epsjax` command: one line, exit status 2)
-    KernelError        pallas_kernels: a GEMM backend or tiling that cannot run here
-    PlanError          sharding: a mesh, rule set, expert plan or transport that cannot run
-    ConfigError        models: a model configuration or config.json field (named, with its value)
-    CheckpointError    epsjax.checkpoint: checkpoint files and tensors (file and tensor named)
-    RequestError       epsjax.engine: prompts, lengths, sampling parameters, decode steps
+This module imports nothing, so every layer, the lowest included, can subclass it, and the `epsjax` command can
+catch it before jax is imported. Each layer raises its own subclass, defined where that layer lives:
 
-The README's "Errors" table lists what each means and what to do.
+    pallas_kernels   epsjax.pallas_kernels.errors.KernelError   a GEMM backend, tiling or operand that cannot run here
+    sharding         epsjax.sharding.errors.PlanError           a mesh, rule set, expert plan or transport
+    models           epsjax.models.config.ConfigError           a model configuration or config.json field
+    epsjax           epsjax.checkpoint.CheckpointError          checkpoint files and tensors (file and tensor named)
+                     epsjax.generation.RequestError             prompts, lengths, sampling parameters, decode steps
+                     epsjax.compilation.BucketError             a ShapeBuckets ladder
+                     epsjax.scheduler.errors.ScheduleError      hardware, calibrations, plans, workloads, schedules
+                                                                (epsjax/scheduler, and FinDEP's epsjax/dep)
+                     epsjax.offload.errors.OffloadError         offload settings, expert stores and caches, routing
+                                                                predictors and traces
+                     epsjax.cli.UsageError                      a combination of the command's flags
+
+The `epsjax` command prints any of them as one line and exits with status 2; anything else is a bug and keeps its
+traceback. The README's "Errors" table lists what each means and what to do.
 """
 
-from epsjax.checkpoint import CheckpointError
-from epsjax.engine import RequestError
-from epsjax.models.config import ConfigError
-from epsjax.pallas_kernels.errors import EpsjaxError, KernelError
-from epsjax.sharding.errors import PlanError
 
-__all__ = ["CheckpointError", "ConfigError", "EpsjaxError", "KernelError", "PlanError", "RequestError"]
+class EpsjaxError(ValueError):
+    """Input epsjax cannot use; the message names what, the value seen and what is allowed."""

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from epsjax.compilation import CompileCounter, ShapeBuckets
-from epsjax.pallas_kernels.errors import EpsjaxError  # MERGE: epsjax.errors
+from epsjax.errors import EpsjaxError
 from epsjax.models import MoEStats
 
 DECODE_CHUNK = 32  # decode steps per device call in generate: the host sees the tokens once per chunk

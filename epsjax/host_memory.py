@@ -14,8 +14,9 @@ resident size / prefill / decode: glibc's defaults 12.3 GiB / 18.9 s / 2.25 s; e
 1.93 s. EPSJAX_HOST_MMAP_THRESHOLD (bytes) moves the threshold.
 
 It only takes effect before XLA's thread pools have made their own arenas, i.e. before the first jax
-computation; `import epsjax` applies it then (EPSJAX_KEEP_FREED_MEMORY=0 turns it off), and the `epsjax`
-command and the benchmark scripts import it first.
+computation, and it changes the whole process's allocator, so importing epsjax never applies it: a program calls
+it first, as the `epsjax` command (cli.main) and the timing scripts (scripts/bench_*.py, profile_*.py, ...) do.
+EPSJAX_KEEP_FREED_MEMORY=0 turns it off.
 """
 
 from __future__ import annotations

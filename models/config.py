@@ -12,7 +12,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from epsjax.pallas_kernels.errors import EpsjaxError
+from epsjax.errors import EpsjaxError
 
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 

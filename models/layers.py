@@ -18,7 +18,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical_axes: tuple[str | None
           *, std: float = _INIT_STD) -> nnx.Param:
     """A normal-initialised parameter annotated with logical axis names (mapped to a mesh by sharding/)."""
     if len(shape) != len(logical_axes):
-        raise ValueError(f"{shape=} and {logical_axes=} differ in rank")
+        raise RuntimeError(f"{shape=} and {logical_axes=} differ in rank")  # a layer's code, not its config
     value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return _annotated(value, logical_axes)
 

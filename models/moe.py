@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from epsjax import pallas_kernels
-from epsjax.models.config import ModelConfig
+from epsjax.models.config import ConfigError, ModelConfig
 from epsjax.models.layers import GatedMLP, param
 from epsjax.models.router import Router
 from epsjax.sharding import axes
@@ -51,7 +51,7 @@ class LocalExperts:
 
     def __post_init__(self):
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
+            raise ConfigError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
 
     def __call__(self, x_TD, ids_TK, weights_TK, w_gate_EDF, w_up_EDF, w_down_EFD, valid_T):
         T, K = ids_TK.shape

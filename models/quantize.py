@@ -8,6 +8,7 @@ dtype: the routed experts hold nearly all of an MoE's weights.
 
 from __future__ import annotations
 
+from epsjax.models.config import ConfigError
 from epsjax.pallas_kernels import fp8
 
 EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
@@ -16,7 +17,7 @@ SCHEMES = ("fp8",)
 
 def check_scheme(scheme: str | None) -> None:
     if scheme is not None and scheme not in SCHEMES:
-        raise ValueError(f"quantize must be one of {SCHEMES} or None, got {scheme!r}")
+        raise ConfigError(f"quantize must be one of {SCHEMES} or None, got {scheme!r}")
 
 
 def quantize_weight(value, scheme: str):

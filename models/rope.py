@@ -7,13 +7,13 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from epsjax.models.config import RopeConfig
+from epsjax.models.config import ConfigError, RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> np.ndarray:
     """[dim // 2] float32 inverse frequencies; YaRN blends interpolated and extrapolated ones per dimension."""
     if dim % 2:
-        raise ValueError(f"rotary dimension must be even, got {dim=}")
+        raise ConfigError(f"rotary dimension must be even, got {dim=}")
     exponents = np.arange(0, dim, 2, dtype=np.float32) / dim
     pos_freqs = rope.theta ** exponents
     extrapolated = 1.0 / pos_freqs
@@ -54,5 +54,5 @@ def apply_rotary(x_BTNH, cos_BTh, sin_BTh, layout: str):
         real, imag = x[..., 0::2], x[..., 1::2]
         out = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1).reshape(x.shape)
     else:
-        raise ValueError(f"unknown rotary layout {layout!r}")
+        raise ConfigError(f"unknown rotary layout {layout!r}")
     return out.astype(x_BTNH.dtype)

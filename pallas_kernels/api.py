@@ -20,7 +20,9 @@ tokamax         openxla/tokamax's ragged_dot (its Mosaic GPU kernels on Hopper; 
 
 from __future__ import annotations
 
-from epsjax.pallas_kernels import selector, semantics
+import jax.numpy as jnp
+
+from epsjax.pallas_kernels import fp8, selector, semantics, targets
 from epsjax.pallas_kernels.errors import KernelError
 
 _INTERPRETABLE = ("pallas_triton", "mosaic_gpu")
@@ -57,7 +59,7 @@ def group_gemm(lhs, rhs, group_sizes, *, group_offset=0, slot_of_expert=None,
         of other groups produce zeros.
       slot_of_expert: optional [G] int32: group g uses rhs[slot_of_expert[g]];
         -1 (not resident) produces zeros; resident experts have distinct slots.
-        Requires group_offset == 0 (static), else ValueError.
+        Requires group_offset == 0 (static), else KernelError.
       backend: "auto" or one of :data:`pallas_kernels.selector.BACKENDS`.
       tiling: the backend's tiling object, or None for its default / the table.
       interpret: run the Pallas backends (pallas_triton, mosaic_gpu) in
@@ -101,14 +103,9 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
       jax_triton: their [M, 2F] never reaches memory; chunked: one row chunk
       at a time).
     """
-    from epsjax.pallas_kernels import fp8
-
     if fp8.is_quantized(w_gate):  # FP8 W8A8 experts: quantized rows, e4m3 products, float32 accumulation
-        if backend == "reference":
-            return fp8.expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
-                                            slot_of_expert=slot_of_expert)
-        return fp8.expert_ffn(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
-                              slot_of_expert=slot_of_expert, backend=backend, tiling=tiling, interpret=interpret)
+        return _expert_ffn_fp8(x, w_gate, w_up, w_down, group_sizes, group_offset=group_offset,
+                               slot_of_expert=slot_of_expert, backend=backend, tiling=tiling, interpret=interpret)
     semantics.check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert)
     name, tiling = _resolve(backend, tiling, interpret, x.shape[0], w_gate.shape[0],
                             group_sizes.shape[0], w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
@@ -122,6 +119,31 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
         kwargs["fallback_fn"] = _dense_fallback(tiling, x.shape[0], w_gate.shape[0], group_sizes.shape[0],
                                                 w_gate.shape[1], w_gate.shape[2], x.dtype, "expert_ffn")
     return _module(name).expert_ffn(*args, tiling=tiling, interpret=interpret, **kwargs)
+
+
+def _expert_ffn_fp8(x, w_gate, w_up, w_down, group_sizes, *, group_offset, slot_of_expert, backend, tiling,
+                    interpret):
+    """The W8A8 expert FFN (:mod:`pallas_kernels.fp8`). ``backend="mosaic_gpu"`` (or ``"auto"`` on Hopper) runs the
+    FP8 GroupGemm (``interpret=True`` off GPU); ``"reference"`` the FP8 oracle; any other backend (and ``tiling``,
+    ``interpret``) names the float backend for the dequantized products."""
+    groups = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
+    if backend == "reference":
+        return fp8.expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, **groups)
+    if fp8.uses_fp8_kernel(backend, *w_gate.qvalue.shape[1:]):  # it checks the operands
+        return fp8.expert_ffn_kernel(x, w_gate, w_up, w_down, group_sizes, tiling=tiling, interpret=interpret,
+                                     **groups)
+    fp8.check_fp8_args(x, w_gate, w_up, w_down)
+
+    on_gpu = targets.current().is_gpu and jnp.dtype(x.dtype).itemsize == 2
+    compute_dtype = x.dtype if on_gpu else jnp.float32
+
+    def gemm(rows_MK, w):  # rows already through e4m3 x e4m3 weights
+        return group_gemm(rows_MK.astype(compute_dtype), fp8.dequantize(w).astype(compute_dtype), group_sizes,
+                          backend=backend, tiling=tiling, interpret=interpret, **groups).astype(jnp.float32)
+
+    x_q = fp8.dequantize(fp8.quantize_rows(x))  # once for the gate and the up GEMM
+    hidden = semantics.silu(gemm(x_q, w_gate)) * gemm(x_q, w_up)  # [M, F]
+    return gemm(fp8.dequantize(fp8.quantize_rows(hidden)), w_down).astype(x.dtype)
 
 
 def _resolve(backend, tiling, interpret, m, num_slots, num_groups, k, n, dtype, op):

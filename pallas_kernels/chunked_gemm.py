@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from epsjax.pallas_kernels import semantics
+from epsjax.pallas_kernels.errors import KernelError
 
 # Weight column pieces: XLA:CPU copies each dynamic slice of a weight tensor before a product; pieces of this many
 # columns keep the copy in cache (a [1024, 512] float32 piece is 2 MB) instead of streaming whole matrices through
@@ -52,10 +53,10 @@ class ChunkTiling:
 
     def __post_init__(self):
         if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"ChunkTiling.chunk must be a positive int; got {self.chunk=}")
+            raise KernelError(f"ChunkTiling.chunk must be a positive int; got {self.chunk=}")
         if self.step is not None and (not isinstance(self.step, int) or self.step < 1 or self.chunk % self.step):
-            raise ValueError(f"ChunkTiling.step must be a positive int dividing chunk; got {self.step=} "
-                             f"{self.chunk=}")
+            raise KernelError(f"ChunkTiling.step must be a positive int dividing chunk; got {self.step=} "
+                              f"{self.chunk=}")
 
     @property
     def windows(self) -> tuple[int, ...]:
@@ -229,7 +230,7 @@ def _check_tiling(tiling, m: int, num_groups: int):
     if tiling is None:
         return default_tiling(m, num_groups)
     if not isinstance(tiling, ChunkTiling):
-        raise ValueError(f"the chunked backend takes a ChunkTiling; got {tiling=}")
+        raise KernelError(f"the chunked backend takes a ChunkTiling; got {tiling=}")
     return tiling
 
 

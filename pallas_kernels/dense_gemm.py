@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from epsjax.pallas_kernels import semantics
+from epsjax.pallas_kernels.errors import KernelError
 
 
 # Bucket sizes as multiples of the mean rows per slot. Balanced routing puts the fullest expert 5-20% above the
@@ -53,9 +54,10 @@ class DenseTiling:
             caps = self.capacities
             if (not isinstance(caps, tuple) or not caps
                 or any(not isinstance(c, int) or c < 1 for c in caps) or list(caps) != sorted(set(caps))):
-                raise ValueError(f"DenseTiling.capacities must be a strictly increasing tuple of ints >= 1; got {caps=}")
+                raise KernelError(f"DenseTiling.capacities must be a strictly increasing tuple of ints >= 1; got "
+                                  f"{caps=}")
         if not isinstance(self.fallback, str):
-            raise ValueError(f"DenseTiling.fallback must be a backend name; got {self.fallback=}")
+            raise KernelError(f"DenseTiling.fallback must be a backend name; got {self.fallback=}")
 
     def buckets(self, m: int, num_slots: int) -> tuple[int, ...]:
         """The static capacities for M rows over S slots."""
@@ -204,7 +206,7 @@ def _check_tiling(tiling):
     if tiling is None:
         return DenseTiling()
     if not isinstance(tiling, DenseTiling):
-        raise ValueError(f"the dense backend takes a DenseTiling; got {tiling=}")
+        raise KernelError(f"the dense backend takes a DenseTiling; got {tiling=}")
     return tiling
 
 

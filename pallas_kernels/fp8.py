@@ -5,16 +5,17 @@ Quantization is qwix's (``qwix.quantize``; a weight is a ``qwix.QArray``: an e4m
 float32 ``scale [E, 1, N]``). The expert FFN quantizes its input rows, runs gate and up, quantizes the hidden
 ``silu(gate) * up`` rows again, and runs down: every GEMM is e4m3 x e4m3.
 
-Where it runs: on Hopper (``backend="auto"`` where the kernel takes the shapes, or ``"mosaic_gpu"``), on the
-Mosaic GroupGemm's FP8 path (:func:`pallas_kernels.group_gemm_mgpu.gate_up_fp8` / ``group_gemm_fp8``): e4m3 x e4m3
+Where it runs (:func:`pallas_kernels.expert_ffn` picks): on Hopper (``backend="auto"`` where the kernel takes the
+shapes, or ``"mosaic_gpu"``), :func:`expert_ffn_kernel` on the Mosaic GroupGemm's FP8 path
+(:func:`pallas_kernels.group_gemm_mgpu.gate_up_fp8` / ``group_gemm_fp8``): e4m3 x e4m3
 8-bit wgmma into float32, per-row and per-channel scales applied in the epilogue, the hidden rows written in
 16 bits and quantized again for down; ``interpret=True`` runs it in Mosaic GPU interpret mode on CPU. The
 weights are handed to it K-major ([E, N, K], the layout 8-bit wgmma reads), transposed inside the program
 from qwix's [E, K, N] on every call: a copy of the expert weights per call, to be removed by storing them
-K-major at load. Elsewhere the e4m3 operands are dequantized and the products run through a float backend
-(``backend``, default the selector's): in float32 off GPU (no FP8 arithmetic on CPU; a product of two e4m3
-values is exact in float32, so this computes what an FP8 GEMM computes up to summation order), in the
-activations' 16-bit dtype on other GPUs. Two candidates were compiled for H100
+K-major at load. Elsewhere (in pallas_kernels.api, which builds on this module) the e4m3 operands are
+dequantized and the products run through a float backend (``backend``, default the selector's): in float32 off
+GPU (no FP8 arithmetic on CPU; a product of two e4m3 values is exact in float32, so this computes what an FP8 GEMM
+computes up to summation order), in the activations' 16-bit dtype on other GPUs. Two candidates were compiled for H100
 (compile-only, jax 0.11.2) and rejected: ``qwix.ragged_dot`` on e4m3 operands lowers in XLA:GPU to one dense dot
 over E * K (every expert's weights for every row: E times the work), and tokamax 0.0.17's sm90 quantized
 ragged_dot refuses the e4m3 -> bf16 conversion with this ptxas.
@@ -55,7 +56,7 @@ def is_quantized(w) -> bool:
 def quantize_weights(w_EKN):
     """Stacked expert weights [E, K, N] -> e4m3 with one float32 scale per (expert, output channel)."""
     if w_EKN.ndim != 3:
-        raise ValueError(f"FP8 weights are stacked experts [E, K, N]; got shape {w_EKN.shape}")
+        raise KernelError(f"FP8 weights are stacked experts [E, K, N]; got shape {w_EKN.shape}")
     return _qwix().quantize(jnp.asarray(w_EKN, jnp.float32), FP8, channelwise_axes=(0, 2), scale_dtype=jnp.float32)
 
 
@@ -75,8 +76,8 @@ def check_fp8_args(x, w_gate, w_up, w_down) -> None:
                               f"(pallas_kernels.fp8.quantize_weights); {name} is {getattr(w, 'dtype', type(w))}")
     e, d, f = w_gate.qvalue.shape
     if x.ndim != 2 or x.shape[1] != d or w_up.qvalue.shape != (e, d, f) or w_down.qvalue.shape != (e, f, d):
-        raise ValueError(f"FP8 expert FFN shapes: x [M, D], gate/up [E, D, F], down [E, F, D]; got {x.shape=} "
-                         f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
+        raise KernelError(f"FP8 expert FFN shapes: x [M, D], gate/up [E, D, F], down [E, F, D]; got {x.shape=} "
+                          f"{w_gate.qvalue.shape=} {w_up.qvalue.shape=} {w_down.qvalue.shape=}")
 
 
 def _k_major(w):
@@ -94,10 +95,14 @@ def uses_fp8_kernel(backend: str, d: int, f: int) -> bool:
     return backend == "auto" and targets.current().is_hopper and group_gemm_mgpu.supports(FP8, d, f, op="expert_ffn")
 
 
-def _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, *, tiling, interpret, **groups):
-    """The W8A8 FFN on the Mosaic GroupGemm's 8-bit wgmma: the fused gate/up kernel, then down."""
+def expert_ffn_kernel(x, w_gate, w_up, w_down, group_sizes, *, tiling=None, interpret=False, group_offset=0,
+                      slot_of_expert=None):
+    """The W8A8 FFN on the Mosaic GroupGemm's 8-bit wgmma: the fused gate/up kernel, then down. Arguments as
+    :func:`pallas_kernels.expert_ffn` with quantized weights (``interpret=True`` off GPU)."""
     from epsjax.pallas_kernels import group_gemm_mgpu
 
+    check_fp8_args(x, w_gate, w_up, w_down)
+    groups = dict(group_offset=group_offset, slot_of_expert=slot_of_expert)
     out_dtype = x.dtype if jnp.dtype(x.dtype).itemsize == 2 else jnp.bfloat16
     x_q = quantize_rows(x)
     hidden = group_gemm_mgpu.gate_up_fp8(x_q.qvalue, x_q.scale[:, 0], *_k_major(w_gate), *_k_major(w_up),
@@ -109,34 +114,9 @@ def _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, *, tiling, interpret, **gr
                                           **groups).astype(x.dtype)
 
 
-def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None, backend="auto",
-               tiling=None, interpret=False):
-    """W8A8 expert FFN (module docstring); arguments as :func:`pallas_kernels.expert_ffn` with quantized weights.
-    ``backend="mosaic_gpu"`` (or ``"auto"`` on Hopper) runs the FP8 GroupGemm (``interpret=True`` off GPU);
-    any other backend (and ``tiling``, ``interpret``) names the float backend for the dequantized products."""
-    check_fp8_args(x, w_gate, w_up, w_down)
-    from epsjax.pallas_kernels import api
-
-    if uses_fp8_kernel(backend, *w_gate.qvalue.shape[1:]):
-        return _kernel_ffn(x, w_gate, w_up, w_down, group_sizes, tiling=tiling, interpret=interpret,
-                           group_offset=group_offset, slot_of_expert=slot_of_expert)
-
-    on_gpu = targets.current().is_gpu and jnp.dtype(x.dtype).itemsize == 2
-    compute_dtype = x.dtype if on_gpu else jnp.float32
-
-    def gemm(rows_MK, w):  # rows already through e4m3 x e4m3 weights
-        return api.group_gemm(rows_MK.astype(compute_dtype), dequantize(w).astype(compute_dtype), group_sizes,
-                              group_offset=group_offset, slot_of_expert=slot_of_expert, backend=backend,
-                              tiling=tiling, interpret=interpret).astype(jnp.float32)
-
-    x_q = dequantize(quantize_rows(x))  # once for the gate and the up GEMM
-    hidden = semantics.silu(gemm(x_q, w_gate)) * gemm(x_q, w_up)  # [M, F]
-    return gemm(dequantize(quantize_rows(hidden)), w_down).astype(x.dtype)
-
-
 def expert_ffn_reference(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_expert=None):
-    """The plain-jnp oracle of :func:`expert_ffn`: the reference FFN loop on dequantized operands, the rows
-    quantized before each GEMM as the FP8 path does."""
+    """The plain-jnp oracle of :func:`pallas_kernels.expert_ffn` on FP8 weights: the reference FFN loop on
+    dequantized operands, the rows quantized before each GEMM as the FP8 path does."""
     check_fp8_args(x, w_gate, w_up, w_down)
 
     def gemm(rows, w):  # rows already through e4m3

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from epsjax.pallas_kernels import semantics, targets, work_list
+from epsjax.pallas_kernels.errors import KernelError
 from epsjax.pallas_kernels.triton_kernel import triton_kernel
 from epsjax.pallas_kernels.group_gemm_triton import TritonTiling
 
@@ -77,8 +78,8 @@ def _compute_capability() -> int | None:
         return None
     target = targets.target_for_kind(device.device_kind)
     if target is None:
-        raise ValueError(f"jax_triton: no compute capability known for compile-only {device.device_kind!r}; "
-                         f"known targets: {sorted(targets.TARGETS)}")
+        raise KernelError(f"jax_triton: no compute capability known for compile-only {device.device_kind!r}; "
+                          f"known targets: {sorted(targets.TARGETS)}")
     return target.compute_capability_int
 
 
@@ -126,7 +127,7 @@ def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None
     """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
     semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
     if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
-        raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
+        raise KernelError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
     tiling = _check(tiling, interpret)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
     return _call(x, w_gate, w_up, group_sizes, slots, tiling=tiling)
@@ -143,14 +144,14 @@ def expert_ffn(x, w_gate, w_up, w_down, group_sizes, *, group_offset=0, slot_of_
 
 def _check(tiling, interpret):
     if interpret:
-        raise ValueError("the jax_triton backend has no interpret mode; use pallas_triton with interpret=True")
+        raise KernelError("the jax_triton backend has no interpret mode; use pallas_triton with interpret=True")
     if tiling is None:
         tiling = TritonTiling()
     if not isinstance(tiling, TritonTiling):
-        raise ValueError(f"the jax_triton backend takes a TritonTiling; got {tiling=}")
+        raise KernelError(f"the jax_triton backend takes a TritonTiling; got {tiling=}")
     if not importable():
-        raise ValueError("the jax_triton backend needs triton and jax_triton with a CUDA jaxlib "
-                         "(pip install 'epsjax[gpu]'); they do not import here")
+        raise KernelError("the jax_triton backend needs triton and jax_triton with a CUDA jaxlib "
+                          "(pip install 'epsjax[gpu]'); they do not import here")
     return tiling
 
 

@@ -64,6 +64,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from epsjax.pallas_kernels import semantics, targets, work_list
+from epsjax.pallas_kernels.errors import KernelError
 
 _SWIZZLE_BYTES = 128
 MAX_SMEM_BYTES = 232448  # sm_90 dynamic shared memory per block (227 KiB)
@@ -94,21 +95,21 @@ class MosaicTiling:
 
     def __post_init__(self):
         if not isinstance(self.consumers, int) or self.consumers not in (1, 2):
-            raise ValueError(f"MosaicTiling.consumers must be 1 or 2 compute warpgroups; got {self.consumers=}")
+            raise KernelError(f"MosaicTiling.consumers must be 1 or 2 compute warpgroups; got {self.consumers=}")
         if not isinstance(self.block_m, int) or self.block_m % 64 or self.block_m & (self.block_m - 1):
-            raise ValueError(f"MosaicTiling.block_m must be a power of two and a multiple of 64; got {self.block_m=}")
+            raise KernelError(f"MosaicTiling.block_m must be a power of two and a multiple of 64; got {self.block_m=}")
         step = EPILOGUE_N * self.consumers  # each consumer's columns are whole 64-column epilogue chunks
         if not isinstance(self.block_n, int) or self.block_n % step or not step <= self.block_n <= 256:
-            raise ValueError(f"MosaicTiling.block_n must be a multiple of {step} in [{step}, 256] with "
-                             f"{self.consumers} consumer warpgroup(s); got {self.block_n=}")
+            raise KernelError(f"MosaicTiling.block_n must be a multiple of {step} in [{step}, 256] with "
+                              f"{self.consumers} consumer warpgroup(s); got {self.block_n=}")
         if not isinstance(self.block_k, int) or self.block_k < 8 or self.block_k & (self.block_k - 1):
-            raise ValueError(f"MosaicTiling.block_k must be a power of two >= 8; got {self.block_k=}")
+            raise KernelError(f"MosaicTiling.block_k must be a power of two >= 8; got {self.block_k=}")
         if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 1:
-            raise ValueError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
+            raise KernelError(f"MosaicTiling.max_concurrent_steps must be >= 1; got {self.max_concurrent_steps=}")
         if self.num_sms is not None and (not isinstance(self.num_sms, int) or self.num_sms < 1):
-            raise ValueError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
+            raise KernelError(f"MosaicTiling.num_sms must be None or >= 1; got {self.num_sms=}")
         if not isinstance(self.grid_band, int) or self.grid_band < 0:
-            raise ValueError(f"MosaicTiling.grid_band must be an int >= 0; got {self.grid_band=}")
+            raise KernelError(f"MosaicTiling.grid_band must be an int >= 0; got {self.grid_band=}")
 
     @property
     def consumer_n(self) -> int:
@@ -312,8 +313,8 @@ def fit_stages(tiling: MosaicTiling, itemsize: int, num_weights: int) -> MosaicT
     """``tiling`` with max_concurrent_steps lowered until the kernel fits shared memory."""
     while smem_bytes(tiling, itemsize, num_weights) > MAX_SMEM_BYTES:
         if tiling.max_concurrent_steps == 1:
-            raise ValueError(f"MosaicTiling does not fit shared memory even with one stage: {tiling=} "
-                             f"needs {smem_bytes(tiling, itemsize, num_weights)} > {MAX_SMEM_BYTES} bytes")
+            raise KernelError(f"MosaicTiling does not fit shared memory even with one stage: {tiling=} "
+                              f"needs {smem_bytes(tiling, itemsize, num_weights)} > {MAX_SMEM_BYTES} bytes")
         tiling = dataclasses.replace(tiling, max_concurrent_steps=tiling.max_concurrent_steps - 1)
     return tiling
 
@@ -370,15 +371,15 @@ def _settled(out, interpret: bool):
 def _check_fp8_operands(x_q, x_scale, weights, out_dtype):
     """weights: (w_q [S, N, K] e4m3, w_scale [S, N] float32) pairs."""
     if x_q.dtype != FP8 or x_q.ndim != 2 or x_scale.shape != x_q.shape[:1] or x_scale.dtype != jnp.float32:
-        raise ValueError(f"FP8 rows must be e4m3 [M, K] with float32 scales [M]; got {x_q.dtype} {x_q.shape}, "
-                         f"{x_scale.dtype} {x_scale.shape}")
+        raise KernelError(f"FP8 rows must be e4m3 [M, K] with float32 scales [M]; got {x_q.dtype} {x_q.shape}, "
+                          f"{x_scale.dtype} {x_scale.shape}")
     s, n, k = weights[0][0].shape
     for w_q, w_scale in weights:
         if w_q.dtype != FP8 or w_q.shape != (s, n, k) or k != x_q.shape[1] or w_scale.shape != (s, n):
-            raise ValueError(f"FP8 weights must be e4m3 K-major [S, N, K] (K = {x_q.shape[1]}) with float32 "
-                             f"scales [S, N]; got {w_q.dtype} {w_q.shape}, {w_scale.shape}")
+            raise KernelError(f"FP8 weights must be e4m3 K-major [S, N, K] (K = {x_q.shape[1]}) with float32 "
+                              f"scales [S, N]; got {w_q.dtype} {w_q.shape}, {w_scale.shape}")
     if jnp.dtype(out_dtype).itemsize != 2:
-        raise ValueError(f"FP8 GroupGemm writes float16 or bfloat16; got {out_dtype=}")
+        raise KernelError(f"FP8 GroupGemm writes float16 or bfloat16; got {out_dtype=}")
     return k, n
 
 
@@ -421,7 +422,7 @@ def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None
     """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
     semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
     if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
-        raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
+        raise KernelError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
     tiling = check_tiling(tiling, x.dtype, w_gate.shape[1], w_gate.shape[2], num_weights=2)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
     return _settled(_call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret), interpret)
@@ -447,36 +448,36 @@ def supports(dtype, k: int, n: int, tiling: MosaicTiling | None = None, op: str 
             check_tiling(tiling, dtype, n, k, num_weights=1)  # down: [M, F] x [F, D]
         else:
             check_tiling(tiling, dtype, k, n, num_weights=1)
-    except ValueError:
+    except KernelError:
         return False
     return True
 
 
 def check_tiling(tiling, dtype, k: int, n: int, num_weights: int = 1) -> MosaicTiling:
-    """The tiling to run (the default for ``num_weights`` when None); ValueError, naming the limit, when the
+    """The tiling to run (the default for ``num_weights`` when None); KernelError, naming the limit, when the
     kernel cannot take it."""
     itemsize = jnp.dtype(dtype).itemsize
     tiling = default_tiling(num_weights, n, itemsize) if tiling is None else tiling
     if not isinstance(tiling, MosaicTiling):
-        raise ValueError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
+        raise KernelError(f"the mosaic_gpu backend takes a MosaicTiling; got {tiling=}")
     if itemsize != 2 and jnp.dtype(dtype) != FP8:
-        raise ValueError(f"the mosaic_gpu backend needs float16, bfloat16 or float8_e4m3fn operands; got {dtype=}")
+        raise KernelError(f"the mosaic_gpu backend needs float16, bfloat16 or float8_e4m3fn operands; got {dtype=}")
     if tiling.block_k * itemsize not in (_SWIZZLE_BYTES, 2 * _SWIZZLE_BYTES):
-        raise ValueError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} or {2 * _SWIZZLE_BYTES} bytes "
-                         f"(one or two swizzled 128-byte column tiles); got {tiling.block_k=} {dtype=}")
+        raise KernelError(f"MosaicTiling.block_k * itemsize must be {_SWIZZLE_BYTES} or {2 * _SWIZZLE_BYTES} bytes "
+                          f"(one or two swizzled 128-byte column tiles); got {tiling.block_k=} {dtype=}")
     if k % tiling.block_k or n % tiling.block_n:
-        raise ValueError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
+        raise KernelError(f"the mosaic_gpu backend needs K % block_k == N % block_n == 0; got {k=} {n=} {tiling=}")
     model = resources(tiling, itemsize, num_weights)
     if model.stages < min(2, tiling.max_concurrent_steps):
-        raise ValueError(f"{tiling} fits one pipeline stage in shared memory ({model.smem_bytes} bytes with the "
-                         f"epilogue buffers), so TMA loads could not overlap wgmma; use a smaller block or block_k")
+        raise KernelError(f"{tiling} fits one pipeline stage in shared memory ({model.smem_bytes} bytes with the "
+                          f"epilogue buffers), so TMA loads could not overlap wgmma; use a smaller block or block_k")
     regs = model.accumulator_registers
     budget = accumulator_budget(tiling.consumers)
     if regs > budget:
         kind = "the fused gate/up kernel (two accumulators)" if num_weights == 2 else "the kernel"
-        raise ValueError(f"{tiling} needs {regs} float32 accumulator registers per consumer thread in {kind}, over the "
-                         f"budget of {budget} (block_m * block_n / consumers * weights / 128; above it "
-                         f"ptxas spills and serializes wgmma); e.g. {default_tiling(num_weights)}")
+        raise KernelError(f"{tiling} needs {regs} float32 accumulator registers per consumer thread in {kind}, over "
+                          f"the budget of {budget} (block_m * block_n / consumers * weights / 128; above it "
+                          f"ptxas spills and serializes wgmma); e.g. {default_tiling(num_weights)}")
     return tiling
 
 

@@ -30,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from epsjax.pallas_kernels import semantics, work_list
+from epsjax.pallas_kernels.errors import KernelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +47,11 @@ class TritonTiling:
         for name in ("block_m", "block_n", "block_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"TritonTiling.{name} must be a power of two >= 16; got {value=}")
+                raise KernelError(f"TritonTiling.{name} must be a power of two >= 16; got {value=}")
         if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"TritonTiling.num_warps must be 1, 2, 4, 8 or 16; got {self.num_warps=}")
+            raise KernelError(f"TritonTiling.num_warps must be 1, 2, 4, 8 or 16; got {self.num_warps=}")
         if not 1 <= self.num_stages <= 8:
-            raise ValueError(f"TritonTiling.num_stages must be in [1, 8]; got {self.num_stages=}")
+            raise KernelError(f"TritonTiling.num_stages must be in [1, 8]; got {self.num_stages=}")
 
 
 def _kernel(tile_ref, lo_ref, hi_ref, slot_ref, lhs_ref, *refs, tiling: TritonTiling, fused: bool):
@@ -138,7 +139,7 @@ def gate_up(x, w_gate, w_up, group_sizes, *, group_offset=0, slot_of_expert=None
     """Fused ``silu(x @ w_gate[s]) * (x @ w_up[s])``: [M, D] x 2 [S, D, F] -> [M, F] in x.dtype."""
     semantics.check_group_gemm_args(x, w_gate, group_sizes, group_offset, slot_of_expert)
     if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
-        raise ValueError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
+        raise KernelError(f"w_up must match w_gate; got {w_gate.shape=} {w_up.shape=} {w_up.dtype=}")
     tiling = _check_tiling(tiling)
     slots = semantics.slot_of_group(group_sizes, w_gate.shape[0], group_offset, slot_of_expert)
     return _call(x, (w_gate, w_up), group_sizes, slots, tiling=tiling, interpret=interpret)
@@ -157,7 +158,7 @@ def _check_tiling(tiling):
     if tiling is None:
         return TritonTiling()
     if not isinstance(tiling, TritonTiling):
-        raise ValueError(f"the pallas_triton backend takes a TritonTiling; got {tiling=}")
+        raise KernelError(f"the pallas_triton backend takes a TritonTiling; got {tiling=}")
     return tiling
 
 

@@ -14,7 +14,7 @@ down once.
     may be a traced int32 scalar (``axis_index * E_local`` inside shard_map).
   - with ``slot_of_expert [G]`` (expert cache): slot ``slot_of_expert[g]``;
     ``-1`` means "not resident".  ``group_offset`` must then be the static 0
-    (the table is already indexed by global expert id), else ValueError.
+    (the table is already indexed by global expert id), else KernelError.
 
   Rows of a group without a slot (and slots outside ``[0, S)``) produce zeros.
   Resident experts must have distinct slots (a cache slot holds one expert);
@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from epsjax.pallas_kernels.errors import KernelError
+
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -41,54 +43,54 @@ def is_static_zero(group_offset) -> bool:
 
 
 def check_group_gemm_args(lhs, rhs, group_sizes, group_offset, slot_of_expert) -> None:
-    """Raises ValueError naming the argument when shapes, ranks or dtypes disagree."""
+    """Raises KernelError naming the argument when shapes, ranks or dtypes disagree."""
     if lhs.ndim != 2:
-        raise ValueError(f"lhs must be [M, K]; got {lhs.shape=}")
+        raise KernelError(f"lhs must be [M, K]; got {lhs.shape=}")
     if rhs.ndim != 3:
-        raise ValueError(f"rhs must be [E, K, N]; got {rhs.shape=}")
+        raise KernelError(f"rhs must be [E, K, N]; got {rhs.shape=}")
     if lhs.shape[1] != rhs.shape[1]:
-        raise ValueError(f"lhs [M, K] and rhs [E, K, N] disagree on K: {lhs.shape=} {rhs.shape=}")
+        raise KernelError(f"lhs [M, K] and rhs [E, K, N] disagree on K: {lhs.shape=} {rhs.shape=}")
     if jnp.dtype(lhs.dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"lhs must be float32, bfloat16 or float16; got {lhs.dtype=}")
+        raise KernelError(f"lhs must be float32, bfloat16 or float16; got {lhs.dtype=}")
     if lhs.dtype != rhs.dtype:
-        raise ValueError(f"lhs and rhs must share a dtype; got {lhs.dtype=} {rhs.dtype=}")
+        raise KernelError(f"lhs and rhs must share a dtype; got {lhs.dtype=} {rhs.dtype=}")
     _check_groups(group_sizes, group_offset, slot_of_expert)
 
 
 def check_expert_ffn_args(x, w_gate, w_up, w_down, group_sizes, group_offset, slot_of_expert) -> None:
     """Like :func:`check_group_gemm_args` for ``x [M, D]``, gate/up ``[E, D, F]``, down ``[E, F, D]``."""
     if x.ndim != 2:
-        raise ValueError(f"x must be [M, D]; got {x.shape=}")
+        raise KernelError(f"x must be [M, D]; got {x.shape=}")
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.ndim != 3:
-            raise ValueError(f"{name} must be rank 3; got {name}.shape={w.shape}")
+            raise KernelError(f"{name} must be rank 3; got {name}.shape={w.shape}")
         if w.dtype != x.dtype:
-            raise ValueError(f"{name} must have x's dtype; got {x.dtype=} {name}.dtype={w.dtype}")
+            raise KernelError(f"{name} must have x's dtype; got {x.dtype=} {name}.dtype={w.dtype}")
     if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, bfloat16 or float16; got {x.dtype=}")
+        raise KernelError(f"x must be float32, bfloat16 or float16; got {x.dtype=}")
     e, d, f = w_gate.shape
     if w_gate.shape[1] != x.shape[1]:
-        raise ValueError(f"w_gate must be [E, D, F] with D = x.shape[1]; got {x.shape=} {w_gate.shape=}")
+        raise KernelError(f"w_gate must be [E, D, F] with D = x.shape[1]; got {x.shape=} {w_gate.shape=}")
     if w_up.shape != w_gate.shape:
-        raise ValueError(f"w_up must match w_gate [E, D, F]; got {w_gate.shape=} {w_up.shape=}")
+        raise KernelError(f"w_up must match w_gate [E, D, F]; got {w_gate.shape=} {w_up.shape=}")
     if w_down.shape != (e, f, d):
-        raise ValueError(f"w_down must be [E, F, D]; got {w_gate.shape=} {w_down.shape=}")
+        raise KernelError(f"w_down must be [E, F, D]; got {w_gate.shape=} {w_down.shape=}")
     _check_groups(group_sizes, group_offset, slot_of_expert)
 
 
 def _check_groups(group_sizes, group_offset, slot_of_expert) -> None:
     if group_sizes.ndim != 1 or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes must be an int32 vector [G]; got {group_sizes.shape=} {group_sizes.dtype=}")
+        raise KernelError(f"group_sizes must be an int32 vector [G]; got {group_sizes.shape=} {group_sizes.dtype=}")
     if np.ndim(group_offset) != 0:
-        raise ValueError(f"group_offset must be a scalar; got {np.shape(group_offset)=}")
+        raise KernelError(f"group_offset must be a scalar; got {np.shape(group_offset)=}")
     if slot_of_expert is None:
         return
     if slot_of_expert.shape != group_sizes.shape or not jnp.issubdtype(slot_of_expert.dtype, jnp.integer):
-        raise ValueError(
+        raise KernelError(
             f"slot_of_expert must be an int32 vector shaped like group_sizes; "
             f"got {slot_of_expert.shape=} {slot_of_expert.dtype=} {group_sizes.shape=}")
     if not is_static_zero(group_offset):
-        raise ValueError(
+        raise KernelError(
             "slot_of_expert is indexed by global expert id, so group_offset must be the static 0 "
             f"when it is given; got {group_offset=}")
 

@@ -34,6 +34,8 @@ import tempfile
 
 import jax
 
+from epsjax.pallas_kernels.errors import KernelError
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuTarget:
@@ -87,7 +89,7 @@ HOPPER_KINDS = re.compile(r"H100|H200|H800|H20\b|GH200")
 
 def get_target(name: str) -> GpuTarget:
     if name not in TARGETS:
-        raise ValueError(f"unknown GPU target {name!r}; known: {sorted(TARGETS)}")
+        raise KernelError(f"unknown GPU target {name!r}; known: {sorted(TARGETS)}")
     return TARGETS[name]
 
 
@@ -151,7 +153,7 @@ def compile_only_devices(target: GpuTarget | str = "h100", count: int = 1) -> li
     XLA:GPU's pipeline here; they cannot execute. Needs the ``aot`` extra (the CUDA plugin wheels)."""
     t = get_target(target) if isinstance(target, str) else target
     if not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be a positive int, got {count!r}")
+        raise KernelError(f"count must be a positive int, got {count!r}")
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check against
     from jax.experimental import topologies
 

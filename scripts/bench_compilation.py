@@ -129,6 +129,9 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> int:
+    from epsjax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--out", default=str(ROOT / "scripts" / "results" / "compilation_cpu"))

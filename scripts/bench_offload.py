@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from epsjax.host_memory import keep_freed_memory
 from epsjax.offload import scheduler, traces
 from epsjax.offload.predictor import PredictorConfig, RoutingPredictor, routing_targets, train_predictor
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine, _experts, expert_bytes
@@ -205,6 +206,7 @@ def plot(report, path):
 
 
 def main(argv=None):
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny-mixtral")
     p.add_argument("--override", action="append", default=[])

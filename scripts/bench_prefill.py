@@ -86,6 +86,9 @@ def strategies(args) -> list[Strategy]:
 
 
 def main(argv=None) -> list[dict]:
+    from epsjax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     args = parse_args(argv)
     import jax
     import numpy as np

@@ -42,6 +42,7 @@ from tqdm import tqdm  # noqa: E402
 
 from epsjax.checkpoint import load_checkpoint  # noqa: E402
 from epsjax.engine import Engine, SamplingParams  # noqa: E402
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v2")
@@ -244,6 +245,7 @@ def compare(before: dict, after: dict, path: Path) -> str:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer-python", default=os.environ.get("EPSJAX_PEER_PYTHON"), help=PEER_HELP)
     parser.add_argument("--families", default=",".join(FAMILIES))

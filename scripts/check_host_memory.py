@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import epsjax  # noqa: E402,F401 - applies epsjax.host_memory before jax starts
 import numpy as np  # noqa: E402
 
 from epsjax import host_memory  # noqa: E402
@@ -41,6 +40,7 @@ def peak_gib() -> float:
 
 
 def main(argv=None) -> int:
+    host_memory.keep_freed_memory()  # before the first jax computation (EPSJAX_KEEP_FREED_MEMORY=0: not at all)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3:
         print(__doc__, file=sys.stderr)

@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 from epsjax import checkpoint  # noqa: E402
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
 
 
@@ -41,6 +42,7 @@ def load_seconds(path: Path, check_finite: bool) -> float:
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--repeats", type=int, default=3)

@@ -45,6 +45,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny_moe as corpus  # noqa: E402  (scripts/: the corpus and its split)
 from epsjax.checkpoint import load_checkpoint  # noqa: E402
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.offload import metrics, simulate, timing, traces  # noqa: E402
 from epsjax.offload.predictor import PredictorConfig, train_predictor  # noqa: E402
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine  # noqa: E402
@@ -176,6 +177,7 @@ def scheduler_table(ids, tokens, pred_ids, pred_scores, small_E, *, batch_size, 
 
 
 def main() -> int:
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="checkpoints/pystdlib-moe")
     p.add_argument("--out", default="scripts/results/expertflow_pystdlib")

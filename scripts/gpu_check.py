@@ -127,6 +127,9 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     sys.path.insert(0, str(ROOT))
+    from epsjax.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     import jax
     import jax.numpy as jnp
 

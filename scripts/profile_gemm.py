@@ -38,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from epsjax import pallas_kernels as pk  # noqa: E402
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
 from epsjax.pallas_kernels import group_gemm_jax_triton, group_gemm_mgpu, selector, tokamax_gemm  # noqa: E402
 from epsjax.pallas_kernels.timing import best_seconds  # noqa: E402
@@ -218,6 +219,7 @@ def plot(results, path):
 
 
 def main(argv=None):
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and token counts (CPU check)")
     parser.add_argument("--cpu", action="store_true",

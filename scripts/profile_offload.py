@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epsjax.checkpoint import load_checkpoint  # noqa: E402
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.offload import RoutingPredictor  # noqa: E402
 from epsjax.offload.runtime import OffloadConfig, OffloadEngine  # noqa: E402
 from epsjax.provenance import git_commit  # noqa: E402
@@ -61,6 +62,7 @@ def decode_steps(engine, prompts, steps: int):
 
 
 def main() -> int:
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default="checkpoints/pystdlib-moe")
     p.add_argument("--predictor", default="scripts/results/expertflow_pystdlib_predictor")

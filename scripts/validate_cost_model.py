@@ -30,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
 from epsjax.scheduler import CostModel, hardware_for_device_kind  # noqa: E402
 from epsjax.scheduler import layer_costs as lc  # noqa: E402
 from epsjax.models.config import get_preset  # noqa: E402
@@ -109,6 +110,7 @@ def validate(costs: CostModel, cfg, local_experts: int, tokens_per_expert, backe
 
 
 def main(argv=None) -> dict:
+    keep_freed_memory()  # epsjax.host_memory: glibc keeps freed host memory; before the first jax computation
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deepseek-v2")
     parser.add_argument("--local-experts", type=int, default=20, help="experts on the device (DeepSeek-V2 EP8: 20)")

@@ -49,7 +49,7 @@ def constrain(x, logical_axes: tuple[str | None, ...]):
     if not rules or jax.sharding.get_abstract_mesh().empty:
         return x
     if len(logical_axes) != x.ndim:
-        raise ValueError(f"{logical_axes=} does not match an activation of shape {x.shape}")
+        raise RuntimeError(f"{logical_axes=} does not match an activation of shape {x.shape}")  # a layer's code
     table = dict(rules)
     spec = jax.sharding.PartitionSpec(*(
         table[name] if name in table else jax.sharding.PartitionSpec.UNCONSTRAINED for name in logical_axes))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from epsjax.sharding.errors import PlanError
+
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "collective-permute",
                "reduce-scatter")
 HOST_OPS = ("send", "recv", "send-done", "recv-done", "infeed", "outfeed")
@@ -68,7 +70,7 @@ def entry_instructions(hlo_text: str) -> list[Instruction]:
     of collectives that lost their metadata inferred from their data."""
     match = re.search(r"^ENTRY [^\n]*\{\n(.*?)^\}", hlo_text, re.S | re.M)
     if match is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+        raise PlanError("no ENTRY computation in the HLO text")
     bodies = computations(hlo_text)
 
     def is_gemm(line: str, op: str) -> bool:

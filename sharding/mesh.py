@@ -25,7 +25,7 @@ def make_mesh(data: int = 1, tensor: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, tensor, expert) mesh over the first data*tensor*expert of `devices` (default: jax.devices()).
 
-    Raises ValueError for non-positive sizes and for a mesh larger than the devices there are.
+    Raises PlanError for non-positive sizes and for a mesh larger than the devices there are.
     """
     sizes = {DATA: data, TENSOR: tensor, EXPERT: expert}
     for name, size in sizes.items():

@@ -29,6 +29,9 @@ import jax.numpy as jnp
 from jax._src.interpreters import mlir
 from jax._src.lax import parallel as lax_parallel
 
+from epsjax.sharding.errors import PlanError
+
+
 def installed() -> bool:
     return lax_parallel.ragged_all_to_all_p in mlir._platform_specific_lowerings["cpu"]
 
@@ -98,7 +101,7 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
     N = input_offsets.shape[0]
     P = jax.lax.axis_size(axis_name)
     if N % P:
-        raise ValueError(f"ragged_all_to_all: {N} slices do not divide over the axis size {P}")
+        raise PlanError(f"ragged_all_to_all: {N} slices do not divide over the axis size {P}")
     per_device = N // P
     me = jax.lax.axis_index(axis_name)
     rows_in, rows_out = operand.shape[0], output.shape[0]

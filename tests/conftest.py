@@ -1,5 +1,5 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported), float32 matmuls at full precision, and compiled
-programs released after each test module."""
+"""Test set-up: 8 virtual CPU devices (set before jax is imported), freed host memory kept (epsjax.host_memory),
+float32 matmuls at full precision, and compiled programs released after each test module."""
 
 import gc
 import os
@@ -11,6 +11,10 @@ os.environ.setdefault("EPSJAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from epsjax.host_memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command does (importing epsjax does not): before the suite's first jax computation
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

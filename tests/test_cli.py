@@ -143,7 +143,7 @@ def test_ragged_transport_on_cpu_exits_2():
 
 
 def test_debug_shows_the_traceback():
-    from epsjax.errors import RequestError
+    from epsjax.generation import RequestError
     with pytest.raises(RequestError, match="top_p"):
         main(["generate", "--top-p", "0", "--debug", "--max-new-tokens", "2"])
 

@@ -20,13 +20,14 @@ import jax
 from jax.sharding import Mesh
 
 from epsjax import sharding
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.sharding.expert_placement import ExpertPlacement
 
 
 def expert_bounds(num_experts: int, devices: int) -> tuple[int, ...]:
     """Expert device e owns experts [bounds[e], bounds[e + 1]) (module docstring)."""
     if devices < 1 or num_experts < devices:
-        raise ValueError(f"{num_experts} experts cannot be spread over {devices} expert devices (need E >= eg >= 1)")
+        raise ScheduleError(f"{num_experts} experts cannot be spread over {devices} expert devices (need E >= eg >= 1)")
     return tuple(e * num_experts // devices for e in range(devices + 1))
 
 
@@ -39,7 +40,7 @@ class DEPGroups:
     def __post_init__(self):
         shared = set(self.attention_devices) & set(self.expert_devices)
         if shared:
-            raise ValueError(f"devices {sorted(d.id for d in shared)} are in both groups")
+            raise ScheduleError(f"devices {sorted(d.id for d in shared)} are in both groups")
 
     @classmethod
     def split(cls, attention: int, experts: int, num_experts: int,
@@ -48,9 +49,9 @@ class DEPGroups:
         `experts` the expert group."""
         devices = list(jax.devices() if devices is None else devices)
         if attention < 1 or experts < 1:
-            raise ValueError(f"both groups need at least one device, got attention={attention} experts={experts}")
+            raise ScheduleError(f"both groups need at least one device, got attention={attention} experts={experts}")
         if attention + experts > len(devices):
-            raise ValueError(f"attention={attention} + experts={experts} devices, but only {len(devices)} exist")
+            raise ScheduleError(f"attention={attention} + experts={experts} devices, but only {len(devices)} exist")
         return cls(sharding.make_mesh(data=attention, devices=devices[:attention]),
                    sharding.make_mesh(expert=experts, devices=devices[attention:attention + experts]),
                    ExpertPlacement(num_experts, experts))

@@ -46,6 +46,7 @@ import numpy as np
 from epsjax.dep.groups import expert_bounds
 from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.costs import CostModel
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware import Hardware, get_hardware
 from epsjax.scheduler.schedules import expert_ffn_time
 from epsjax.models.config import ModelConfig
@@ -115,10 +116,10 @@ class Deployment:
     def __post_init__(self):
         both = self.attention_devices + self.expert_devices
         if not self.attention_devices or not self.expert_devices:
-            raise ValueError("both groups need at least one device")
+            raise ScheduleError("both groups need at least one device")
         if len(set(both)) != len(both) or min(both) < 0 or max(both) >= self.testbed.gpus:
-            raise ValueError(f"groups {self.attention_devices} / {self.expert_devices} must be distinct devices of "
-                             f"{self.testbed.name} (0..{self.testbed.gpus - 1})")
+            raise ScheduleError(f"groups {self.attention_devices} / {self.expert_devices} must be distinct devices of "
+                                f"{self.testbed.name} (0..{self.testbed.gpus - 1})")
 
     @property
     def ag(self) -> int:
@@ -134,7 +135,7 @@ class Deployment:
         (0, 2, 4, ...) so each has a bridge to an expert device; otherwise the first ag devices (a whole node
         for ag = 8)."""
         if ag + eg > testbed.gpus:
-            raise ValueError(f"{ag} + {eg} devices exceed {testbed.name}'s {testbed.gpus}")
+            raise ScheduleError(f"{ag} + {eg} devices exceed {testbed.name}'s {testbed.gpus}")
         if testbed.nvlink_bridges:
             attention = tuple(range(0, 2 * ag, 2)) if 2 * ag <= testbed.gpus else tuple(range(ag))
         else:
@@ -192,7 +193,7 @@ class TaskCosts:
         if self.routing is not None:
             shares = np.asarray(self.routing, np.float64)
             if shares.shape != (self.cfg.num_experts,) or (shares < 0).any() or shares.sum() <= 0:
-                raise ValueError(f"routing must be {self.cfg.num_experts} non-negative shares, not all zero")
+                raise ScheduleError(f"routing must be {self.cfg.num_experts} non-negative shares, not all zero")
 
     @functools.cached_property
     def costs(self) -> CostModel:
@@ -267,7 +268,7 @@ class TaskCosts:
             loads = {tuple(total * self.shares[b0:b1]) for b0, b1 in zip(b[:-1], b[1:])}  # distinct devices only
             return max(expert_ffn_time(costs, self.backend, np.array(mu), total, D, cfg.expert_ffn_dim)
                        for mu in loads)
-        raise ValueError(f"unknown task kind {kind!r}")
+        raise ScheduleError(f"unknown task kind {kind!r}")
 
     def _attention(self, tokens: int) -> float:
         """The scheduler's attention (projections + core FLOPs over seq_len new and `context` cached tokens) plus

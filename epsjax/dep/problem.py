@@ -12,6 +12,7 @@ from epsjax.dep.perf import Deployment, LinearModels, TaskCosts
 from epsjax.dep.schedule import layer_kinds
 from epsjax.dep.simulate import DEPProblem
 from epsjax.scheduler import layer_costs as lc
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.models.config import ModelConfig
 
 
@@ -26,7 +27,7 @@ def fit_layers(cfg: ModelConfig, deployment: Deployment, *, weight_fraction: flo
         if (memory.ag_fixed <= weight_fraction * memory.ag_limit
                 and memory.eg_fixed <= weight_fraction * memory.eg_limit):
             return trial
-    raise ValueError(f"not even one layer of {cfg.name} fits on {deployment.describe()}")
+    raise ScheduleError(f"not even one layer of {cfg.name} fits on {deployment.describe()}")
 
 
 def problem_for(cfg: ModelConfig, deployment: Deployment, seq_len: int, context: int = 0, *,

@@ -43,6 +43,7 @@ from epsjax.dep import steps, transfer
 from epsjax.dep.decode import DEPEngine, DEPState
 from epsjax.dep.groups import DEPGroups
 from epsjax.dep.schedule import DEPSchedule, TaskRef, layer_kinds
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.engine import (DecodeState, GenerateResult, RequestError, SamplingParams, decode_inputs, insert_rows,
                            next_decode_state, prefill_inputs, release_rows)
 from epsjax.models import MoETransformer
@@ -191,10 +192,10 @@ class DEPRuntime:
         cfg = model.cfg
         self.buckets = buckets  # prompt lengths and micro-batch sizes rounded up to its ladders (None: exact)
         if is_quantized(model):
-            raise ValueError(f"{cfg.name}: the DEP runtime takes float experts; quantized (FP8) experts run on one "
+            raise ScheduleError(f"{cfg.name}: the DEP runtime takes float experts; quantized (FP8) experts run on one "
                              "device for now")
         if groups.placement.num_experts != cfg.num_experts:
-            raise ValueError(f"groups place {groups.placement.num_experts} experts, {cfg.name} has {cfg.num_experts}")
+            raise ScheduleError(f"groups place {groups.placement.num_experts} experts, {cfg.name} has {cfg.num_experts}")
         self.cfg, self.groups = cfg, groups
         self._replicated = replicated = NamedSharding(groups.attention_mesh, P())
         self._batch = NamedSharding(groups.attention_mesh, P(DATA))
@@ -497,7 +498,7 @@ class DEPRuntime:
             mb.h = mb.moe_in = mb.weights = mb.x_sorted = mb.order = mb.shared = None
             mb.pieces = mb.returned = mb.counts = None
             return mb.x
-        raise ValueError(f"unknown task kind {task.kind!r}")
+        raise RuntimeError(f"unknown task kind {task.kind!r}")
 
     def _expert_counts(self, counts: np.ndarray) -> np.ndarray:
         """[E] assignments per expert from the [ag, eg, r2, slots] counts."""

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, NamedTuple
 
+from epsjax.scheduler.errors import ScheduleError
+
 ORDERS = ("AASS", "ASAS")
 KINDS = ("embed", "dense", "attention", "shared", "a2e", "experts", "e2a", "combine", "head")
 
@@ -85,11 +87,11 @@ class DEPSchedule:
         for field in ("micro_batches", "segments"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DEPSchedule.{field} must be a positive int, got {value!r}")
+                raise ScheduleError(f"DEPSchedule.{field} must be a positive int, got {value!r}")
         if self.order not in ORDERS:
-            raise ValueError(f"DEPSchedule.order must be one of {ORDERS}, got {self.order!r}")
+            raise ScheduleError(f"DEPSchedule.order must be one of {ORDERS}, got {self.order!r}")
         if not isinstance(self.segment_a2e, bool):
-            raise ValueError(f"DEPSchedule.segment_a2e must be a bool, got {self.segment_a2e!r}")
+            raise ScheduleError(f"DEPSchedule.segment_a2e must be a bool, got {self.segment_a2e!r}")
 
     @property
     def a2e_tasks(self) -> int:
@@ -148,7 +150,7 @@ class DEPSchedule:
                     last[m] = (add("dense", layer, m, deps=last[m]),)
                 continue
             if kind != "moe":
-                raise ValueError(f"layer kinds must be 'dense' or 'moe', got {kind!r}")
+                raise ScheduleError(f"layer kinds must be 'dense' or 'moe', got {kind!r}")
             shared_names = [None] * r1
             for m in range(r1):
                 settle(m)

@@ -32,6 +32,7 @@ import time
 
 from epsjax.dep.schedule import DEPSchedule
 from epsjax.dep.simulate import DEPProblem, Plan, durations, simulate_plan, step_time
+from epsjax.scheduler.errors import ScheduleError
 
 SPACES = ("naive", "pppipe", "findep")
 
@@ -64,7 +65,7 @@ def shapes(problem: DEPProblem, space: str = "findep") -> list[DEPSchedule]:
                                                               range(1, problem.max_segments + 1), problem.orders,
                                                               (False, True))
                 if r2 > 1 or not split]
-    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    raise ScheduleError(f"space must be one of {SPACES}, got {space!r}")
 
 
 def min_micro_batch(problem: DEPProblem, schedule: DEPSchedule) -> int:

@@ -96,7 +96,7 @@ def shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
     for shard in array.addressable_shards:
         if shard.device == device:
             return shard.data
-    raise ValueError(f"{device} holds no shard of this array")
+    raise RuntimeError(f"{device} holds no shard of this array")  # the runtime's own arrays: a bug
 
 
 def a2e(log: TransferLog, layer: int, micro: int, segment: int, x_sorted, counts: np.ndarray, attention_devices,

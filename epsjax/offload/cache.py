@@ -42,6 +42,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from epsjax.offload.errors import OffloadError
 from epsjax.offload.policies import EvictionPolicy
 
 Key = tuple[int, int]
@@ -150,9 +151,9 @@ class ExpertCacheEngine:
                  policy: EvictionPolicy, bytes_per_expert: int, budget_bytes: int | None = None,
                  max_inflight: int = 2, prefetch: bool = True, keep: bool = True, split_hits: bool = True):
         if num_slots < 1:
-            raise ValueError(f"the cache needs at least one slot, got {num_slots=}")
+            raise OffloadError(f"the cache needs at least one slot, got {num_slots=}")
         if max_inflight < 1:
-            raise ValueError(f"max_inflight must be >= 1, got {max_inflight=}")
+            raise OffloadError(f"max_inflight must be >= 1, got {max_inflight=}")
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self.transfers, self.policy = transfers, policy
         self.bytes_per_expert, self.budget_bytes = bytes_per_expert, budget_bytes
@@ -205,8 +206,8 @@ class ExpertCacheEngine:
         self.layer, self.current = 0, None
         self.pred = None if pred_LE is None else np.asarray(pred_LE, np.float64)
         if self.pred is not None and self.pred.shape != (self.num_layers, self.num_experts):
-            raise ValueError(f"predictions must be [L, E] = {(self.num_layers, self.num_experts)}, "
-                             f"got {self.pred.shape}")
+            raise OffloadError(f"predictions must be [L, E] = {(self.num_layers, self.num_experts)}, "
+                               f"got {self.pred.shape}")
         if self.pred is not None:  # once per step: every layer's experts by forecast score, and its demand
             self._order_LE = np.argsort(-self.pred, axis=1, kind="stable")
             self._demand_L = (self.pred > 0).sum(-1)

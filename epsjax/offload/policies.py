@@ -20,6 +20,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from epsjax.offload.errors import OffloadError
+
 Key = tuple[int, int]
 NextUse = Callable[[Key], float]
 
@@ -129,5 +131,5 @@ POLICIES = {"lru": LRU, "lfu": LFU, "predictor": PredictorAware}
 
 def make_policy(name: str) -> EvictionPolicy:
     if name not in POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; expected one of {sorted(POLICIES)}")
+        raise OffloadError(f"unknown eviction policy {name!r}; expected one of {sorted(POLICIES)}")
     return POLICIES[name]()

@@ -30,6 +30,8 @@ import optax
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from epsjax.offload.errors import OffloadError
+
 
 @dataclasses.dataclass(frozen=True)
 class PredictorConfig:
@@ -151,7 +153,8 @@ class RoutingPredictor:
         state = nnx.state(model)
         expected = _flat(state)
         if sorted(expected) != sorted(tensors):
-            raise ValueError(f"{path}: predictor tensors {sorted(tensors)} differ from the model's {sorted(expected)}")
+            raise OffloadError(f"{path}: predictor tensors {sorted(tensors)} differ from the model's "
+                               f"{sorted(expected)}")
         leaves = jax.tree_util.tree_leaves_with_path(state)
         new = [jnp.asarray(tensors[_name(p)]) for p, _ in leaves]
         nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), new))
@@ -199,7 +202,7 @@ def train_predictor(tokens_NT, ids_NTLK, config: PredictorConfig, *, valid_NT=No
     valid_NT = (np.asarray(ids_NTLK)[..., 0, 0] >= 0) if valid_NT is None else np.asarray(valid_NT, bool)
     targets = routing_targets(ids_NTLK, config.num_experts)
     if targets.shape[2] != config.num_layers:
-        raise ValueError(f"traces have {targets.shape[2]} MoE layers, the predictor config {config.num_layers}")
+        raise OffloadError(f"traces have {targets.shape[2]} MoE layers, the predictor config {config.num_layers}")
     model = RoutingPredictorModel(config, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), steps)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)

@@ -41,6 +41,7 @@ from epsjax.engine import (DecodeState, cache_shape, decode_inputs, insert_rows,
 from epsjax.generation import GenerateResult, Generator, RequestError, SamplingParams
 from epsjax.offload.cache import ExpertCacheEngine
 from epsjax.offload.policies import make_policy
+from epsjax.offload.state import OffloadState
 from epsjax.offload.store import ExpertStore, device_memory_kind
 from epsjax.offload.transfers import DeviceTransfers
 from epsjax.models.quantize import is_quantized
@@ -90,15 +91,6 @@ class OffloadConfig:
         if self.budget_bytes is not None:
             return int(self.budget_bytes)
         return int(self.budget_fraction * total_expert_bytes)
-
-
-@dataclasses.dataclass
-class OffloadState:
-    """A DecodeState plus the recent tokens of every sequence (host side), which the predictor reads."""
-
-    decode: DecodeState
-    recent_BW: np.ndarray  # [B, W] int32, right-aligned: the last W tokens fed so far
-    recent_valid_BW: np.ndarray  # [B, W] bool
 
 
 class _Head(nnx.Module):

@@ -23,7 +23,7 @@ import numpy as np
 
 from epsjax.generation import GenerateResult, RequestError, SamplingParams, SlotRows, advance
 from epsjax.offload.metrics import topk_chosen
-from epsjax.offload.runtime import OffloadState
+from epsjax.offload.state import OffloadState
 
 _advance_rows = jax.jit(advance)
 

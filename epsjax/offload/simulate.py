@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from epsjax.offload.cache import CacheStats, ExpertCacheEngine
+from epsjax.offload.errors import OffloadError
 from epsjax.offload.policies import make_policy
 from epsjax.offload.predictor import routing_targets
 from epsjax.offload.transfers import InstantTransfers
@@ -81,8 +82,8 @@ def replay(ids_NTLK, *, batch_size: int, num_slots: int, policy: str = "lru", fo
     N, T, L, K = ids.shape
     E = num_experts or int(ids.max()) + 1
     if regroup and (batches_in_flight != 2 or forecast != "predictor"):
-        raise ValueError("regroup re-splits two batches in flight by predicted paths: batches_in_flight=2 and "
-                         "forecast='predictor'")
+        raise OffloadError("regroup re-splits two batches in flight by predicted paths: batches_in_flight=2 and "
+                           "forecast='predictor'")
     if timing is not None:
         clock = timing_mod.VirtualClock()
         transfers = timing_mod.VirtualTransfers(clock, timing.h2d_seconds())

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from epsjax.offload.errors import OffloadError
+
 Key = tuple[int, int]  # (MoE layer index, expert id)
 
 HOST_KINDS = ("pinned_host", "unpinned_host")
@@ -32,13 +34,13 @@ def memory_kinds(device: jax.Device) -> list[str]:
 
 def host_memory_kind(device: jax.Device, requested: str = "auto") -> str | None:
     """The host memory kind experts are stored in: "pinned_host" when the device has it, else "unpinned_host",
-    else None (plain numpy). A requested kind the device lacks raises ValueError."""
+    else None (plain numpy). A requested kind the device lacks raises OffloadError."""
     kinds = memory_kinds(device)
     if requested == "numpy":
         return None
     if requested != "auto":
         if requested not in kinds:
-            raise ValueError(f"device {device} has no memory kind {requested!r}; it has {kinds}")
+            raise OffloadError(f"device {device} has no memory kind {requested!r}; it has {kinds}")
         return requested
     return next((k for k in HOST_KINDS if k in kinds), None)
 
@@ -56,7 +58,7 @@ class ExpertStore:
 
     def __init__(self, weights, *, device: jax.Device | None = None, memory_kind: str = "auto"):
         if not weights:
-            raise ValueError("an expert store needs at least one MoE layer")
+            raise OffloadError("an expert store needs at least one MoE layer")
         self.device = device or jax.devices()[0]
         self.memory_kind = host_memory_kind(self.device, memory_kind)
         kind = device_memory_kind(self.device)
@@ -72,7 +74,8 @@ class ExpertStore:
             E, D, F = self.num_experts, self.d_model, self.ffn_dim
             for name, w, shape in zip(("w_gate", "w_up", "w_down"), mats, ((E, D, F), (E, D, F), (E, F, D))):
                 if w.shape != shape or w.dtype != self.dtype:
-                    raise ValueError(f"MoE layer {layer}: {name} is {w.shape} {w.dtype}, expected {shape} {self.dtype}")
+                    raise OffloadError(f"MoE layer {layer}: {name} is {w.shape} {w.dtype}, expected {shape} "
+                                       f"{self.dtype}")
             for e in range(E):
                 triple = tuple(np.ascontiguousarray(w[e]) for w in mats)
                 self._experts[(layer, e)] = triple if host is None else tuple(jax.device_put(triple, host))

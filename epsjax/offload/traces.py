@@ -16,6 +16,8 @@ import pathlib
 
 import numpy as np
 
+from epsjax.offload.errors import OffloadError
+
 
 def synthetic_corpus(vocab_size: int, num_seqs: int, seq_len: int, *, seed: int = 0, chain_seed: int = 0,
                      successors: int = 8, zipf: float = 1.1, first_token: int = 1) -> np.ndarray:
@@ -44,7 +46,7 @@ def collect_traces(engine, tokens_NT: np.ndarray, *, batch_size: int = 16) -> np
     """Routing ids [N, T, L, K] of every sequence, by prefilling them in batches through an OffloadEngine (any mode;
     "device" is the fastest) created with record_routing=True."""
     if not engine.record_routing:
-        raise ValueError("collect_traces needs an OffloadEngine created with record_routing=True")
+        raise OffloadError("collect_traces needs an OffloadEngine created with record_routing=True")
     tokens_NT = np.asarray(tokens_NT, np.int32)
     N, T = tokens_NT.shape
     out = []
@@ -85,7 +87,7 @@ def parse_overrides(items) -> dict:
     for item in items or ():
         key, _, value = item.partition("=")
         if not _:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise OffloadError(f"override {item!r} is not key=value")
         for cast in (int, float):
             try:
                 value = cast(value)
@@ -123,8 +125,8 @@ def map_routing(ids_NTLK, tokens_NT, *, small_experts: int, num_layers: int, num
     N, T, Ls, Ks = ids.shape
     Es = small_experts
     if num_experts % Es or top_k % Ks or top_k // Ks > num_experts // Es:
-        raise ValueError(f"cannot map {Es} experts top-{Ks} onto {num_experts} experts top-{top_k}: the expert "
-                         f"counts and top-k must be multiples, with top_k/K_small <= num_experts/E_small")
+        raise OffloadError(f"cannot map {Es} experts top-{Ks} onto {num_experts} experts top-{top_k}: the expert "
+                           f"counts and top-k must be multiples, with top_k/K_small <= num_experts/E_small")
     g, q = num_experts // Es, top_k // Ks
     src = (np.arange(num_layers) * Ls) // num_layers
     small = ids[:, :, src]  # [N, T, L, Ks]

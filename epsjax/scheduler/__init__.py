@@ -4,6 +4,7 @@
     plan = scheduler.plan_for(cfg, mesh.shape, batch, seq_len, tokens_per_expert=None, hardware="h800")
 
 Files, one job each:
+    hardware_spec.py  the Hardware record the cost models read (fields, units, link rates per direction)
     hardware.py     public hardware numbers with sources (H100, H800, H200, H20, A100, A6000, A10)
     costs.py        alpha-beta models: GEMM backends (preset roofline or fitted profile tables), links, copies
     layer_costs.py  one layer's operations (attention prefill, router, permute, FFNs) from a ModelConfig

@@ -17,7 +17,8 @@ import json
 import pathlib
 import re
 
-from epsjax.scheduler.hardware import Hardware
+from epsjax.scheduler.errors import ScheduleError
+from epsjax.scheduler.hardware_spec import Hardware
 
 CALIBRATION_DIR = pathlib.Path(__file__).parent / "calibrations"
 FIELDS = ("device_kind", "dense_tflops", "memory_gbs", "attention_efficiency", "link_gbs", "link_latency_s",
@@ -40,7 +41,7 @@ def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> 
     data = json.loads(path.read_text())
     missing = [f for f in FIELDS if f not in data]
     if missing:
-        raise ValueError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
+        raise ScheduleError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
     data["path"] = str(path)
     return data
 

@@ -38,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware import Hardware, get_hardware
 
 from epsjax.pallas_kernels.selector import PROFILE_DIR  # noqa: E402  (the kernels' measured tables)
@@ -326,7 +327,7 @@ class CostModel:
     def gemm_model(self, backend: str) -> GemmModel:
         models = dict(self.gemm)
         if backend not in models:
-            raise ValueError(f"no cost model for backend {backend!r} on {self.hw.name}; have {sorted(models)}")
+            raise ScheduleError(f"no cost model for backend {backend!r} on {self.hw.name}; have {sorted(models)}")
         return models[backend]
 
     @property

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from epsjax.scheduler.errors import ScheduleError
+
 
 class RoutingHistogram:
     """Exponential moving average of per-expert token counts, per MoE layer.
@@ -23,9 +25,9 @@ class RoutingHistogram:
 
     def __init__(self, num_layers: int, num_experts: int, *, decay: float = 0.9, prior_tokens: float = 0.0):
         if num_layers < 1 or num_experts < 1:
-            raise ValueError(f"need num_layers >= 1 and num_experts >= 1, got {num_layers}, {num_experts}")
+            raise ScheduleError(f"need num_layers >= 1 and num_experts >= 1, got {num_layers}, {num_experts}")
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+            raise ScheduleError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.counts = np.full((num_layers, num_experts), prior_tokens / num_experts, dtype=np.float64)
         self.updates = 0
@@ -45,10 +47,10 @@ class RoutingHistogram:
         if counts.ndim == 1:
             counts = np.broadcast_to(counts, self.counts.shape)
         if counts.shape != self.counts.shape:
-            raise ValueError(f"tokens_per_expert must be [{self.num_layers}, {self.num_experts}] or "
-                             f"[{self.num_experts}], got {counts.shape}")
+            raise ScheduleError(f"tokens_per_expert must be [{self.num_layers}, {self.num_experts}] or "
+                                f"[{self.num_experts}], got {counts.shape}")
         if np.any(counts < 0):
-            raise ValueError("tokens_per_expert must be non-negative")
+            raise ScheduleError("tokens_per_expert must be non-negative")
         decay = self.decay if self.updates else 0.0
         self.counts = decay * self.counts + (1.0 - decay) * counts
         self.updates += 1

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Literal
 
 from epsjax.pallas_kernels.selector import tiling_from_dict
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.sharding.plan import ExpertPlan
 
 SPLITS = ("experts", "tokens")
@@ -37,17 +38,17 @@ class Plan:
 
     def __post_init__(self):
         if not isinstance(self.pipeline_degree, int) or self.pipeline_degree < 1:
-            raise ValueError(f"pipeline_degree must be a positive int, got {self.pipeline_degree!r}")
+            raise ScheduleError(f"pipeline_degree must be a positive int, got {self.pipeline_degree!r}")
         if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+            raise ScheduleError(f"split must be one of {SPLITS}, got {self.split!r}")
         if isinstance(self.backends, str):
             object.__setattr__(self, "backends", (self.backends,))
         for name, value in (("backends", self.backends), ("tilings", self.tilings)):
             if len(value) not in (1, self.pipeline_degree):
-                raise ValueError(f"{name} must have 1 or pipeline_degree={self.pipeline_degree} entries, "
-                                 f"got {value!r}")
+                raise ScheduleError(f"{name} must have 1 or pipeline_degree={self.pipeline_degree} entries, "
+                                    f"got {value!r}")
         if not isinstance(self.sm_for_comm, int) or self.sm_for_comm < 0:
-            raise ValueError(f"sm_for_comm must be an int >= 0, got {self.sm_for_comm!r}")
+            raise ScheduleError(f"sm_for_comm must be an int >= 0, got {self.sm_for_comm!r}")
 
     def backend(self, stage: int) -> str:
         return self.backends[0] if len(self.backends) == 1 else self.backends[stage]

@@ -20,6 +20,7 @@ import numpy as np
 from epsjax.models.config import ModelConfig
 
 from epsjax.scheduler.costs import CostModel
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware import Hardware, get_hardware, hardware_for_device_kind
 from epsjax.scheduler.histogram import RoutingHistogram
 from epsjax.scheduler.plan import Plan
@@ -48,7 +49,7 @@ def layout_for(cfg: ModelConfig, mesh_shape, rule_set: str | None = None) -> tup
     if rule_set == "dp":
         return Layout(1, 1, "tp"), data * tensor * expert
     if rule_set not in ("tp_ep", "dp_ep"):
-        raise ValueError(f"unknown rule set {rule_set!r}; expected tp, dp, tp_ep or dp_ep")
+        raise ScheduleError(f"unknown rule set {rule_set!r}; expected tp, dp, tp_ep or dp_ep")
     devices = tensor * expert
     return Layout(devices, tensor if rule_set == "tp_ep" else 1, "ep"), data
 
@@ -73,8 +74,8 @@ def _loads(cfg: ModelConfig, tokens_per_expert) -> tuple[tuple[float, ...] | Non
     if layers.ndim == 1:
         return tuple(layers / layers.sum()), None
     if layers.shape != (len(cfg.moe_layers), cfg.num_experts):
-        raise ValueError(f"tokens_per_expert must be [{cfg.num_experts}] or [{len(cfg.moe_layers)}, "
-                         f"{cfg.num_experts}], got {layers.shape}")
+        raise ScheduleError(f"tokens_per_expert must be [{cfg.num_experts}] or [{len(cfg.moe_layers)}, "
+                            f"{cfg.num_experts}], got {layers.shape}")
     layers = layers / np.maximum(layers.sum(axis=1, keepdims=True), 1e-30)
     return tuple(layers.mean(axis=0)), layers
 

@@ -44,6 +44,7 @@ from epsjax.models.config import ModelConfig
 
 from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.costs import CostModel
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.plan import Plan
 from epsjax.scheduler.simulator import Schedule
 
@@ -59,9 +60,9 @@ class Layout:
 
     def __post_init__(self):
         if self.devices < 1 or self.attention_tp < 1 or self.devices % self.attention_tp:
-            raise ValueError(f"attention_tp={self.attention_tp} must divide devices={self.devices}")
+            raise ScheduleError(f"attention_tp={self.attention_tp} must divide devices={self.devices}")
         if self.moe not in ("tp", "ep"):
-            raise ValueError(f"moe must be 'tp' or 'ep', got {self.moe!r}")
+            raise ScheduleError(f"moe must be 'tp' or 'ep', got {self.moe!r}")
 
     @property
     def attention_dp(self) -> int:
@@ -103,16 +104,16 @@ class Workload:
     def __post_init__(self):
         cfg, lay = self.cfg, self.layout
         if self.tokens < lay.devices or self.seq_len < 1:
-            raise ValueError(f"need tokens >= devices ({lay.devices}) and seq_len >= 1; got tokens={self.tokens} "
-                             f"seq_len={self.seq_len}")
+            raise ScheduleError(f"need tokens >= devices ({lay.devices}) and seq_len >= 1; got tokens={self.tokens} "
+                                f"seq_len={self.seq_len}")
         if lay.moe == "ep" and cfg.num_experts % lay.devices:
-            raise ValueError(f"{cfg.name}: {cfg.num_experts} experts do not divide over {lay.devices} devices")
+            raise ScheduleError(f"{cfg.name}: {cfg.num_experts} experts do not divide over {lay.devices} devices")
         if cfg.num_heads % lay.attention_tp:
-            raise ValueError(f"{cfg.name}: {cfg.num_heads} heads do not divide over TP={lay.attention_tp}")
+            raise ScheduleError(f"{cfg.name}: {cfg.num_heads} heads do not divide over TP={lay.attention_tp}")
         if self.expert_load is not None:
             load = np.asarray(self.expert_load, dtype=np.float64)
             if load.shape != (cfg.num_experts,) or np.any(load < 0) or not load.sum() > 0:
-                raise ValueError(f"expert_load must be {cfg.num_experts} non-negative numbers with a positive sum")
+                raise ScheduleError(f"expert_load must be {cfg.num_experts} non-negative numbers with a positive sum")
             object.__setattr__(self, "expert_load", tuple(float(x) for x in load / load.sum()))
 
     def shares(self) -> np.ndarray:

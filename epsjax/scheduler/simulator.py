@@ -23,6 +23,8 @@ import json
 import pathlib
 from typing import Iterable, NamedTuple
 
+from epsjax.scheduler.errors import ScheduleError
+
 KIND_COLORS = {
     "attention": "#4C72B0", "router": "#8172B2", "permute": "#64B5CD", "unpermute": "#64B5CD",
     "expert_gemm": "#DD8452", "shared_ffn": "#C4A000", "dense_ffn": "#C4A000", "lm_head": "#937860",
@@ -65,9 +67,9 @@ class Schedule:
         """Appends a task (issue order = call order) and returns its name."""
         streams = (streams,) if isinstance(streams, str) else tuple(streams)
         if not streams:
-            raise ValueError(f"task {name!r} occupies no stream")
+            raise ScheduleError(f"task {name!r} occupies no stream")
         if not duration >= 0:
-            raise ValueError(f"task {name!r}: duration must be >= 0, got {duration!r}")
+            raise ScheduleError(f"task {name!r}: duration must be >= 0, got {duration!r}")
         self.tasks.append(Task(name, kind, streams, float(duration), tuple(deps), tuple(meta.items())))
         return name
 
@@ -119,20 +121,20 @@ class Timeline:
 
 
 def simulate(schedule: Schedule) -> Timeline:
-    """Plays the schedule out (see the module docstring). Raises ValueError on unknown or later dependencies
+    """Plays the schedule out (see the module docstring). Raises ScheduleError on unknown or later dependencies
     and on duplicate names."""
     free: dict[str, float] = {}
     start: dict[str, float] = {}
     end: dict[str, float] = {}
     for task in schedule.tasks:
         if task.name in end:
-            raise ValueError(f"duplicate task name {task.name!r} in schedule {schedule.name!r}")
+            raise ScheduleError(f"duplicate task name {task.name!r} in schedule {schedule.name!r}")
         t0 = 0.0
         for s in task.streams:
             t0 = max(t0, free.get(s, 0.0))
         for d in task.deps:
             if d not in end:
-                raise ValueError(f"task {task.name!r} depends on {d!r}, which is not issued before it")
+                raise ScheduleError(f"task {task.name!r} depends on {d!r}, which is not issued before it")
             t0 = max(t0, end[d])
         t1 = t0 + task.duration
         start[task.name], end[task.name] = t0, t1

@@ -13,6 +13,7 @@ import numpy as np
 
 from epsjax.scheduler import layer_costs as lc
 from epsjax.scheduler.costs import CostModel
+from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.plan import Plan
 from epsjax.scheduler.schedules import Workload, build_layer
 from epsjax.scheduler.simulator import Timeline, simulate
@@ -49,7 +50,7 @@ def simulate_step(w: Workload, costs: CostModel, plan: Plan = Plan(), *,
     else:
         layer_loads = np.asarray(layer_loads)
         if layer_loads.shape != (n_moe, cfg.num_experts):
-            raise ValueError(f"layer_loads must be [{n_moe}, {cfg.num_experts}], got {layer_loads.shape}")
+            raise ScheduleError(f"layer_loads must be [{n_moe}, {cfg.num_experts}], got {layer_loads.shape}")
         spans = [simulate(build_layer(w.replace(expert_load=tuple(l)), costs, plan)) for l in layer_loads]
         first, moe_total = spans[0], sum(t.makespan for t in spans)
     n_dense = cfg.num_layers - n_moe

@@ -40,7 +40,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     m, r = cfg.mla, cfg.router
     first_dense = len(cfg.dense_layers)
     if cfg.dense_layers != tuple(range(first_dense)):
-        raise ValueError(f"DeepSeek-V2 checkpoints express dense layers as a prefix, got {cfg.dense_layers}")
+        raise ConfigError(f"DeepSeek-V2 checkpoints express dense layers as a prefix, got {cfg.dense_layers}")
     return {
         "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.dense_ffn_dim, "moe_intermediate_size": cfg.expert_ffn_dim,
