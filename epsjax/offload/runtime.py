@@ -209,7 +209,9 @@ class OffloadEngine(Engine):
     record_routing: keep every MoE layer's routing (ids [B*T, K] per layer) of each forward in `routing_log`.
 
     The model's non-expert parameters are placed on `device`; its routed experts go to the host store (create the
-    model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device).
+    model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device; or read a
+    checkpoint with epsjax.checkpoint.load_host_experts and build the engine with `from_split`: the routed experts
+    then go from the files to the host store and never to the device).
     """
 
     _decode_tokens = Engine._decode_tokens_on_host  # each step runs layer by layer from the host
@@ -217,25 +219,42 @@ class OffloadEngine(Engine):
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
                  predictor=None, device: jax.Device | None = None, record_routing: bool = False,
                  buckets: ShapeBuckets | None = ShapeBuckets()):
-        self.cfg = model.cfg
-        self.buckets = buckets  # generate's shape ladders (Engine), which bound the per-layer programs too
         if is_quantized(model):
             raise ValueError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
                              "device without offloading for now")
+        self._build(model.cfg, *split_experts(model), config, predictor=predictor, device=device,
+                    record_routing=record_routing, buckets=buckets)
+
+    @classmethod
+    def from_split(cls, cfg, graphdef, state, expert_weights, config: OffloadConfig = OffloadConfig(mode="device"),
+                   *, predictor=None, device: jax.Device | None = None, record_routing: bool = False,
+                   buckets: ShapeBuckets | None = ShapeBuckets()) -> "OffloadEngine":
+        """The engine of a model already split into its routed experts and the rest, as `split_experts` returns it
+        (graphdef, state with [0] placeholders for the routed experts, expert_weights: per MoE layer (w_gate
+        [E, D, F], w_up [E, D, F], w_down [E, F, D]) host arrays), e.g. read straight from a checkpoint by
+        epsjax.checkpoint.load_host_experts, so the experts never go to the device whole."""
+        engine = cls.__new__(cls)
+        engine._build(cfg, graphdef, state, expert_weights, config, predictor=predictor, device=device,
+                      record_routing=record_routing, buckets=buckets)
+        return engine
+
+    def _build(self, cfg, graphdef, state, weights, config: OffloadConfig, *, predictor, device, record_routing,
+               buckets):
+        self.cfg = cfg
+        self.buckets = buckets  # generate's shape ladders (Engine), which bound the per-layer programs too
         self.config = config
         self.batch_sharding = None
         self.device = device or jax.devices()[0]
         if config.mode == "expertflow" and predictor is None:
             raise ValueError("mode 'expertflow' needs a routing predictor")
         if predictor is not None:
-            pc, cfg = predictor.config, model.cfg
+            pc = predictor.config
             if (pc.num_layers, pc.num_experts, pc.top_k) != (len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k) \
                     or pc.vocab_size < cfg.vocab_size:
                 raise ValueError(f"the predictor ({pc.num_layers} MoE layers, {pc.num_experts} experts, top-"
                                  f"{pc.top_k}, vocab {pc.vocab_size}) does not fit the model ({len(cfg.moe_layers)}, "
                                  f"{cfg.num_experts}, top-{cfg.router.top_k}, vocab {cfg.vocab_size})")
         self.predictor = predictor
-        graphdef, state, weights = split_experts(model)
         self.store = ExpertStore(weights, device=self.device, memory_kind=config.memory_kind)
         del weights
         on_device = SingleDeviceSharding(self.device, memory_kind=device_memory_kind(self.device))
