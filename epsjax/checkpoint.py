@@ -211,7 +211,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
                     layout: Callable[[tuple, np.ndarray], np.ndarray] | None = None,
                     progress: bool = True, allow_nonfinite: bool = False,
-                    quantize: str | None = None) -> MoETransformer:
+                    quantize: str | None = None, cfg: ModelConfig | None = None,
+                    model_shape=None) -> MoETransformer:
     """Builds the model described by `path`'s config.json and fills it from its safetensors files.
 
     dtype: parameter dtype (default: config.json's torch_dtype). shardings: parameter path -> where to place it
@@ -221,17 +222,59 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
     allow_nonfinite: load tensors holding NaN or Inf with a warning instead of refusing them.
     quantize: "fp8" stores the routed experts as FP8 W8A8 weights (models.quantize), each stacked expert tensor
     quantized as soon as it is loaded, so the whole model never exists in the checkpoint's dtype at once.
+    cfg: read_config(path, dtype=dtype)'s result when the caller has it (config.json is then not read again);
+    model_shape: (graphdef, abstract state) of the model (epsjax.placement.abstract_model) when the caller has it.
     """
     check_scheme(quantize)
     if quantize is not None and (shardings is not None or layout is not None):
         raise CheckpointError(f"{path}: quantize={quantize!r} loads onto one device; quantized experts on a mesh "
                               "are not supported yet")
-    cfg = read_config(path, dtype=dtype)
+    graphdef, abstract, values = _load(path, dtype=dtype, cfg=cfg, model_shape=model_shape, shardings=shardings,
+                                       layout=layout, quantize=quantize, on_host=None, progress=progress,
+                                       allow_nonfinite=allow_nonfinite)
+    state = nnx.from_flat_state([(p, abstract[p].replace(values[p])) for p in abstract])
+    return nnx.merge(graphdef, state)
+
+
+def load_host_experts(path: str | os.PathLike, *, dtype: str | None = None, device: jax.Device | None = None,
+                      progress: bool = True, allow_nonfinite: bool = False, cfg: ModelConfig | None = None,
+                      model_shape=None):
+    """The model split for offloading (epsjax.offload), read straight from the files: (graphdef, state, experts).
+
+    Every parameter but the routed experts is placed on `device` (default: the default device) as it is read; each
+    routed-expert weight stays in host memory as numpy, so no device ever holds the experts. `state` holds a
+    [0]-shaped placeholder for each of them (as offload.runtime.split_experts leaves it), and `experts` lists them
+    per MoE layer in layer order: (w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]), what
+    OffloadEngine.from_split and offload.store.ExpertStore take. Checks as load_checkpoint (finiteness of the
+    host tensors on the host). cfg, model_shape: as load_checkpoint."""
+    where = None if device is None else jax.sharding.SingleDeviceSharding(device)
+    graphdef, abstract, values = _load(path, dtype=dtype, cfg=cfg, model_shape=model_shape,
+                                       shardings=None if where is None else (lambda p: where), layout=None,
+                                       quantize=None, on_host=lambda p: p[-1] in EXPERT_WEIGHTS, progress=progress,
+                                       allow_nonfinite=allow_nonfinite)
+    experts = {}
+    for p in abstract:
+        if p[-1] in EXPERT_WEIGHTS:
+            experts.setdefault(p[:-1], {})[p[-1]] = values[p]
+            values[p] = jnp.zeros((0,), abstract[p].dtype, device=device)
+    state = nnx.from_flat_state([(p, abstract[p].replace(values[p])) for p in abstract])
+    per_layer = [tuple(experts[layer][name] for name in EXPERT_WEIGHTS)
+                 for layer in sorted(experts, key=lambda path: path[path.index("layers") + 1])]
+    return graphdef, state, per_layer
+
+
+def _load(path, *, dtype, cfg, model_shape, shardings, layout, quantize, on_host, progress, allow_nonfinite):
+    """(graphdef, abstract {path: variable}, values {path: placed value}): load_checkpoint's streaming loop.
+    on_host(path): keep that parameter as a numpy array in host memory instead of placing it."""
+    if cfg is None:
+        cfg = read_config(path, dtype=dtype)
+    elif dtype is not None and dtype != cfg.dtype:
+        raise CheckpointError(f"{path}: dtype={dtype!r} contradicts the given config's {cfg.dtype!r}; give one")
     files = tensor_files(path)
-    model = nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(model)
+    graphdef, abstract_state = model_shape if model_shape is not None else nnx.split(
+        nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
     abstract = dict(nnx.to_flat_state(abstract_state))
-    rules = family_module(_model_type(path)).tensor_rules(cfg)
+    rules = family_module(cfg.family).tensor_rules(cfg)  # read_config took the family from config.json's model_type
     _check_rules_cover(cfg, rules, abstract)
 
     missing = [name for rule in rules for name in rule.hf_names if name not in files]
@@ -270,6 +313,10 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
                     raise CheckpointError(f"{info.file}: tensor {name} cannot be read: {e}") from None
             for p, array in zip(rule.paths, rule.load(arrays)):
                 target = abstract[p]
+                if on_host is not None and on_host(p):  # an owned host copy in the model's dtype, checked here
+                    values[p] = np.array(array, dtype=target.dtype, copy=True)
+                    pending.append((rule, np.count_nonzero(~np.isfinite(values[p]))))
+                    continue
                 if layout is not None:
                     array = np.asarray(layout(p, np.asarray(array).astype(target.dtype)))
                 value = jnp.asarray(array, dtype=target.dtype) if shardings is None else jax.device_put(
@@ -288,9 +335,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
     finally:
         bar.close()  # ends the bar's line, so an error prints on a line of its own
         handles.clear()
-
-    state = nnx.from_flat_state([(p, abstract[p].replace(values[p])) for p in abstract])
-    return nnx.merge(graphdef, state)
+    return graphdef, abstract, values
 
 
 def save_checkpoint(model: MoETransformer, path: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
@@ -335,10 +380,6 @@ def save_checkpoint(model: MoETransformer, path: str | os.PathLike, *, max_shard
     return path
 
 
-def _model_type(path) -> str:
-    return json.loads((Path(path) / "config.json").read_text())["model_type"]
-
-
 @jax.jit
 def _count_nonfinite(value):
     return jnp.sum(~jnp.isfinite(value))
@@ -360,7 +401,7 @@ def _check_finite(rule, count, files: dict, handles: dict, allow: bool) -> None:
     message = f"non-finite values (NaN or Inf) in {shown}"
     if not allow:
         raise CheckpointError(message + "; load anyway with allow_nonfinite=True (epsjax: --allow-nonfinite)")
-    warnings.warn(message + " (loaded: allow_nonfinite)", stacklevel=3)
+    warnings.warn(message + " (loaded: allow_nonfinite)", stacklevel=4)  # the caller of load_checkpoint
 
 
 def _check_rules_cover(cfg: ModelConfig, rules, abstract: dict) -> None:

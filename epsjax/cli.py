@@ -1,5 +1,8 @@
 """The `epsjax` command line: generate, info.
 
+`epsjax generate` is thin over epsjax.deployment: flags -> DeploymentSpec -> build (each set-up step once) ->
+engine.generate -> the report.
+
 jax reads its device flags when it is first imported, so this module imports jax only after parsing arguments
 (`--devices N` asks XLA:CPU for N virtual devices).
 
@@ -45,6 +48,14 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def _float(text: str) -> float:
+    """An argparse type: any number (range checks belong to the deployment spec, which names the flag)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -114,6 +125,16 @@ def _parser() -> argparse.ArgumentParser:
                           "findep)")
     par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
                      help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
+    off = gen.add_argument_group("offloading (one device)")
+    off.add_argument("--offload", choices=("lru", "lfu", "expertflow"),
+                     help="keep the routed experts in host memory, read straight from the checkpoint, and cache "
+                          "some on the device: lru / lfu eviction, or expertflow (a routing predictor forecasts "
+                          "each step's experts; see --predictor)")
+    off.add_argument("--offload-budget", type=_float, metavar="FRACTION",
+                     help="with --offload: the device cache's share of the routed-expert bytes, in (0, 1]")
+    off.add_argument("--predictor", metavar="DIR",
+                     help="with --offload expertflow: a routing predictor directory (RoutingPredictor.save's files; "
+                          "default: the checkpoint's predictor/ directory)")
 
     info = sub.add_parser("info", help="devices, model summary, parameter and expert memory")
     _add_model_args(info)
@@ -146,45 +167,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"epsjax {args.command}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _load_model(args, mesh=None, rule_set=None):
-    """The model from --model or --preset; with a mesh, every parameter is created or loaded into its shards."""
-    from flax import nnx
-
-    from epsjax import placement
-    from epsjax.checkpoint import load_checkpoint, read_config
-    from epsjax.models import MoETransformer, get_preset
-
-    from epsjax.models.quantize import quantize_experts
-
-    quantize = getattr(args, "quantize", None)
-    if quantize is not None and mesh is not None:
-        raise UsageError(f"--quantize {quantize} runs on one device for now; add --strategy local")
-    if args.model:
-        cfg = read_config(args.model, dtype=args.dtype)
-        shardings = None if mesh is None else placement.param_shardings(cfg, mesh, rule_set)
-        layout = None if mesh is None else placement.param_layout(cfg, mesh, rule_set)
-        return load_checkpoint(args.model, dtype=args.dtype, shardings=shardings, layout=layout,
-                               allow_nonfinite=args.allow_nonfinite, quantize=quantize)
-    overrides = {"dtype": args.dtype} if args.dtype else {}
-    cfg = get_preset(args.preset, **overrides)
-    _check_host_memory(cfg)
-    if mesh is None:
-        model = MoETransformer(cfg, rngs=nnx.Rngs(0))
-        return model if quantize is None else quantize_experts(model, quantize)
-    return placement.create_sharded_model(cfg, mesh, rule_set, 0)
-
-
-def _check_host_memory(cfg) -> None:
-    import jax.numpy as jnp
-
-    need = cfg.param_counts()["total"] * jnp.dtype(cfg.dtype).itemsize
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > 0.8 * have:
-        raise UsageError(f"preset {cfg.name} needs {need / 2**30:.1f} GiB of parameters in {cfg.dtype}; this host "
-                         f"has {have / 2**30:.1f} GiB (from Python, get_preset(name, num_layers=N) builds fewer "
-                         f"layers; or use a tiny-* preset)")
 
 
 def _tokenizer(args):
@@ -262,31 +244,46 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _spec(args):
+    """The deployment spec of `epsjax generate`'s flags (flag syntax is checked here, their meaning by the spec)."""
+    from epsjax.deployment import DeploymentSpec
+
+    mesh = None
+    if args.mesh:
+        try:
+            mesh = tuple(int(x) for x in args.mesh.split(","))
+        except ValueError:
+            mesh = ()
+        if len(mesh) != 3 or min(mesh) < 1:
+            raise UsageError(f"--mesh takes three positive data,tensor,expert sizes, got {args.mesh!r}")
+    dep = args.strategy == "dep"
+    return DeploymentSpec(
+        model=args.model, preset=None if args.model else args.preset, dtype=args.dtype, strategy=args.strategy,
+        mesh=mesh, pipeline_degree=args.pipeline_degree, split=None if dep else args.split, backend=args.backend,
+        transport=args.transport, quantize=args.quantize, offload=args.offload, offload_budget=args.offload_budget,
+        predictor=args.predictor, dep_split=_dep_split(args.split) if dep else None, dep_schedule=args.schedule,
+        allow_nonfinite=args.allow_nonfinite)
+
+
 def _generate(args) -> int:
+    import dataclasses
+
     import jax
     import numpy as np
 
-    from epsjax import pallas_kernels
-    from epsjax import sharding
-    from epsjax import placement
-    from epsjax.checkpoint import read_config
-    from epsjax.engine import Engine, SamplingParams
-    from epsjax.models import LocalExperts, get_preset
-
     from epsjax.compilation import CompileCounter, enable_compilation_cache
+    from epsjax.deployment import RequestShape, build
+    from epsjax.engine import SamplingParams
 
     if args.no_compile_cache and args.compile_cache:
         raise UsageError("--compile-cache and --no-compile-cache contradict each other; give one")
-    cache_dir = None if args.no_compile_cache else enable_compilation_cache(args.compile_cache)
-    cfg = read_config(args.model, dtype=args.dtype) if args.model else get_preset(
-        args.preset, **({"dtype": args.dtype} if args.dtype else {}))
-    if args.backend != "auto" and args.backend not in pallas_kernels.BACKENDS:
-        raise UsageError(f"--backend must be auto or one of {', '.join(pallas_kernels.BACKENDS)}, got "
-                         f"{args.backend!r}")
+    spec = _spec(args)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.devices and jax.devices()[0].platform != "cpu":
         raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
+    cache_dir = None if args.no_compile_cache else enable_compilation_cache(args.compile_cache)
     tokenizer = _tokenizer(args)
-    text_prompts = False
+    text_prompts, prompts = False, None
     if args.text:
         if tokenizer is None:
             raise UsageError("--text needs a model directory with a tokenizer.json; give token ids with --prompt")
@@ -295,105 +292,42 @@ def _generate(args) -> int:
     elif args.prompt:
         prompts = [_prompt_ids(p, tokenizer) for p in args.prompt]
         text_prompts = tokenizer is not None and not all(_looks_like_ids(p) for p in args.prompt)
-    else:
-        rng = np.random.default_rng(args.seed)
-        prompts = rng.integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
-    prompt_len = max(len(p) for p in prompts)
-
-    devices = jax.devices()
-    predicted = None  # (seconds, cost model) of the prefill, where the scheduler planned it
-    strategy, note = args.strategy, ""
-    if strategy != "dep" and args.schedule:
-        raise UsageError("--schedule chooses a DEP schedule; add --strategy dep")
-    if strategy != "dep" and args.split not in (None, "experts", "tokens"):
-        raise UsageError(f"--split takes experts or tokens (EPS pipeline stages), got {args.split!r}; attention,"
-                         "expert group sizes such as 3,5 go with --strategy dep")
-    if strategy == "auto":
-        # Expert parallelism with data-parallel attention when the batch splits over every device.
-        strategy = "dp_ep" if len(devices) > 1 and len(prompts) % len(devices) == 0 else "local"
-        if strategy == "local" and len(devices) > 1:
-            note = f" ({len(prompts)} prompts do not split over {len(devices)} devices)"
-    if strategy == "dep":
-        engine, plan = _dep_engine(args, cfg, prompts, prompt_len, devices)
-    elif strategy == "local":
-        model = _load_model(args)
-        per_expert = sum(len(p) for p in prompts) * cfg.router.top_k / cfg.num_experts
-        choice = pallas_kernels.select_backend(tokens_per_expert=per_expert, num_experts=cfg.num_experts,
-                                               k=cfg.d_model, n=cfg.expert_ffn_dim, dtype=cfg.dtype, op="expert_ffn")
-        backend = choice.backend if args.backend == "auto" else args.backend
-        engine = Engine(model, experts=LocalExperts(backend=args.backend))
-        plan = (f"one device{note}, all experts local; GEMM backend {backend} ({per_expert:.1f} tokens/expert"
-                f"{': ' + choice.reason if args.backend == 'auto' else ''})")
-    else:
-        if args.mesh:
-            try:
-                sizes = [int(x) for x in args.mesh.split(",")]
-            except ValueError:
-                sizes = []
-            if len(sizes) != 3 or min(sizes) < 1:
-                raise UsageError(f"--mesh takes three positive data,tensor,expert sizes, got {args.mesh!r}")
-            shape = dict(zip(("data", "tensor", "expert"), sizes))
-        else:
-            shape = placement.default_mesh_shape(strategy, cfg, len(devices))
-        mesh = sharding.make_mesh(**shape)
-        sharding.rules_for_model(cfg, mesh, strategy)  # clear errors for experts / heads that do not divide
-        batch_shards = int(np.prod([mesh.shape[a] for a in sharding.get_rules(strategy).batch_axes]))
-        if len(prompts) % batch_shards:
-            raise UsageError(f"{len(prompts)} prompts do not divide over the {batch_shards} batch shards of "
-                             f"--strategy {strategy} on mesh {shape}; give a multiple of {batch_shards} prompts")
-        forced = None if args.pipeline_degree is None else sharding.ExpertPlan(
-            args.pipeline_degree, args.split or "experts", backends=(args.backend,))
-        experts, source = placement.ep_experts(cfg, mesh, strategy, batch=len(prompts), seq_len=prompt_len,
-                                               plan=forced, transport=args.transport)
-        model = _load_model(args, mesh, strategy)
-        engine = Engine(model, experts=experts, batch_sharding=sharding.batch_sharding(mesh, strategy))
-        p = experts.plan
-        plan = (f"{strategy} on mesh data={shape.get('data', 1)} tensor={shape.get('tensor', 1)} "
-                f"expert={shape.get('expert', 1)}; pipeline degree {p.pipeline_degree}"
-                f"{' split by ' + p.split if p.pipeline_degree > 1 else ''}, backends {','.join(p.backends)}, "
-                f"transport {experts.resolved_transport} ({source})")
-        if experts.expert_parallel_size > 1:
-            r = cfg.router
-            plan += "\ndispatch   " + sharding.device_reach(cfg.num_experts, experts.expert_parallel_size, r.top_k,
-                                                              r.n_group, r.topk_group)[1]
-        if source.startswith("scheduler: predicted"):
-            from epsjax import scheduler
-
-            plan_choice = scheduler.search_for(cfg, dict(mesh.shape), len(prompts), prompt_len, rule_set=strategy)
-            predicted = scheduler.predict_prefill(cfg, dict(mesh.shape), len(prompts), prompt_len,
-                                                  plan_choice.plan, rule_set=strategy)
-        if experts.placement is not None:
-            slots = experts.placement
-            plan += (f"\nexperts    {cfg.num_experts} over {slots.devices} devices in {slots.slots} slots each: "
-                     f"{','.join(map(str, slots.experts_per_device()))} per device (empty slots hold zeros)")
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    request = RequestShape(batch=len(prompts) if prompts else args.batch,
+                           prompt_len=max(len(p) for p in prompts) if prompts else args.prompt_len,
+                           max_new_tokens=args.max_new_tokens)
+    deployment = build(spec, request)
+    cfg, engine, devices = deployment.cfg, deployment.engine, deployment.devices
+    if prompts is None:  # random prompts, in the model's vocabulary
+        prompts = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.batch, args.prompt_len)).tolist()
 
     print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
           f"{cfg.router.top_k}, {cfg.dtype}{', routed experts FP8 W8A8' if args.quantize == 'fp8' else ''})")
     print(f"devices    {len(devices)} x {devices[0].device_kind}")
-    print(f"plan       {plan}")
+    print(f"plan       {deployment.description}")
 
     if text_prompts and not args.no_token_healing:
         prompts = _heal_prompts(engine, tokenizer, prompts, sampling)
     start = time.perf_counter()
     with CompileCounter() as compiled:
         if args.warmup:
-            engine.warmup((len(prompts),), (prompt_len,), (args.max_new_tokens,), sampling=sampling)
+            engine.warmup((len(prompts),), (request.prompt_len,), (args.max_new_tokens,), sampling=sampling)
         engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)  # compiles (the rest)
     print(f"compile    {compiled.programs} programs in {compiled.seconds:.1f} s of {time.perf_counter() - start:.1f} s "
           f"for the first request; {compiled.cache_hits} loaded from the persistent cache "
           f"({cache_dir if cache_dir is not None else 'off'})")
+    before = dataclasses.replace(engine.stats) if spec.offload else None
     result = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)
     print(f"prefill    {result.prompt_tokens} tokens in {result.prefill_seconds * 1e3:.1f} ms: "
           f"{result.prefill_tokens_per_s:,.0f} tokens/s")
+    predicted = deployment.plan.prefill if deployment.plan is not None else None
     if predicted is not None:
-        seconds, costs = predicted
-        calibrated = any(v.startswith("calibrated") for v in dict(costs.hw.sources).values())
-        print(f"predicted  prefill {seconds * 1e3:.1f} ms by the cost model ({costs.hw.name}, "
-              f"{'calibrated' if calibrated else 'preset constants'}): {seconds / result.prefill_seconds:.2f}x "
-              f"the measured")
+        print(f"predicted  prefill {predicted.prefill_s * 1e3:.1f} ms by the cost model ({predicted.costs.hw.name}, "
+              f"{'calibrated' if predicted.calibrated else 'preset constants'}): "
+              f"{predicted.prefill_s / result.prefill_seconds:.2f}x the measured")
     print(f"decode     {result.generated_tokens} tokens in {result.decode_seconds * 1e3:.1f} ms: "
           f"{result.decode_tokens_per_s:,.0f} tokens/s")
+    if spec.offload:
+        print(f"offload    {deployment.offload_summary(_stats_since(before, engine.stats))} (the timed request)")
     if result.dropped:
         print(f"dropped    {result.dropped} expert assignments (capacity limit)")
     for i, tokens in enumerate(result.tokens):
@@ -404,13 +338,19 @@ def _generate(args) -> int:
     return 0
 
 
-def _dep_split(text: str | None, devices: int) -> tuple[int, int]:
-    """--split A,E of --strategy dep: attention and expert group sizes (default: half the devices each)."""
+def _stats_since(before, after):
+    """The offload cache's counters of one request: `after` minus `before` (both offload.CacheStats)."""
+    import dataclasses
+
+    counts = {f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(after)
+              if f.name != "peak_device_bytes"}
+    return dataclasses.replace(after, **counts)
+
+
+def _dep_split(text: str | None) -> tuple[int, int] | None:
+    """--split A,E of --strategy dep: attention and expert group sizes (None: the deployment's default)."""
     if text is None:
-        if devices < 2:
-            raise UsageError("--strategy dep needs at least 2 devices (an attention and an expert group); on CPU "
-                             "add --devices 8")
-        return devices // 2, devices - devices // 2
+        return None
     try:
         sizes = [int(x) for x in text.split(",")]
     except ValueError:
@@ -418,58 +358,7 @@ def _dep_split(text: str | None, devices: int) -> tuple[int, int]:
     if len(sizes) != 2 or min(sizes) < 1:
         raise UsageError(f"--split with --strategy dep takes two positive attention,expert group sizes such as 3,5, "
                          f"got {text!r}")
-    if sum(sizes) > devices:
-        raise UsageError(f"--split {text}: {sum(sizes)} devices, but only {devices} exist")
     return sizes[0], sizes[1]
-
-
-def _dep_engine(args, cfg, prompts, prompt_len: int, devices):
-    """--strategy dep: the groups, the plan the FinDEP solver picks for this batch in the --schedule space (from the
-    device kind's cost model), and a DEPRuntime's engine running it. Returns (engine, plan description)."""
-    import math
-
-    from epsjax import dep
-    from epsjax.dep.runtime import DEPRuntime
-    from epsjax.dep.workloads import for_batch
-    from epsjax.scheduler.hardware import hardware_for_device_kind
-    from flax import nnx
-    from epsjax.models import MoETransformer
-
-    if args.quantize:
-        raise UsageError(f"--quantize {args.quantize} runs on one device for now; --strategy dep takes float experts")
-    ag, eg = _dep_split(args.split, len(devices))
-    groups = dep.DEPGroups.split(ag, eg, cfg.num_experts, devices)
-    space = args.schedule or "findep"
-    sequences = math.ceil(len(prompts) / ag)  # per attention device
-    kind = devices[0].device_kind
-    solution = None
-    if hardware_for_device_kind(kind) is not None:
-        testbed = dep.Testbed(f"{len(devices)}x{kind}", kind, len(devices), gpus_per_node=len(devices))
-        problem = dep.problem_for(cfg, dep.Deployment.split(testbed, ag, eg), seq_len=prompt_len)
-        solution = for_batch(problem, sequences, space)
-    if solution is not None and solution.plan is not None:
-        schedule = solution.plan.schedule
-        hw = testbed.hw
-        calibrated = any(v.startswith("calibrated") for v in dict(hw.sources).values())
-        how = (f"picked by the FinDEP solver from the {space} space for {len(prompts)} prompts of {prompt_len} "
-               f"tokens ({solution.plan.describe()}, {solution.evaluated} plans): predicted prefill step "
-               f"{solution.makespan * 1e3:.2f} ms by the cost model ({hw.name}, "
-               f"{'calibrated' if calibrated else 'preset constants'})")
-    else:
-        schedule = {"naive": dep.DEPSchedule.naive(), "pppipe": dep.DEPSchedule.pppipe(2),
-                    "findep": dep.DEPSchedule.findep(2, 2, "AASS")}[space]
-        why = "no cost model for device kind " + repr(kind) if solution is None else "no plan fits the cost model"
-        how = f"the {space} default ({why})"
-    if args.model:
-        runtime = DEPRuntime.from_checkpoint(args.model, groups, dtype=args.dtype, backend=args.backend,
-                                             progress=True, allow_nonfinite=args.allow_nonfinite)
-    else:
-        _check_host_memory(cfg)
-        runtime = DEPRuntime(MoETransformer(cfg, rngs=nnx.Rngs(0)), groups, backend=args.backend)
-    plan = (f"dep: {groups.describe()}\nschedule   {schedule.describe()}, {how}\nplacement  each expert device holds "
-            f"its {groups.placement.slots} expert slots of every MoE layer, each attention device the attention-side "
-            f"parameters; the KV cache stays on the attention group")
-    return runtime.engine(schedule), plan
 
 
 def _info(args) -> int:

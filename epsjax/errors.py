@@ -13,6 +13,9 @@ catch it before jax is imported. Each layer raises its own subclass, defined whe
                                                                 (epsjax/scheduler, and FinDEP's epsjax/dep)
                      epsjax.offload.errors.OffloadError         offload settings, expert stores and caches, routing
                                                                 predictors and traces
+                     epsjax.deployment.SpecError                a deployment spec (strategy, mesh, plan, quantization,
+                                                                offload) that cannot be built as asked, named by its
+                                                                `epsjax generate` flag
                      epsjax.cli.UsageError                      a combination of the command's flags
 
 The `epsjax` command prints any of them as one line and exits with status 2; anything else is a bug and keeps its

@@ -4,10 +4,18 @@
 shardings, so XLA generates each device's shard of each parameter on that device (jax's threefry is
 partitionable: the values equal an unsharded model's from the same rngs). No parameter exists whole on one
 device. `param_shardings` gives `epsjax.checkpoint.load_checkpoint` the same placement per parameter path.
+
+`place` derives all of it once (rules_for_model, the expert slots, the abstract model, every parameter's sharding)
+as a `ParamPlacement`, which the weights (create_model / shard / sharding + layout for a load) and the expert
+compute (ep_experts) share; the functions of one job each above are thin over it. `choose_expert_plan` picks the
+expert plan (forced, or the scheduler's, with its origin as a PlanSource).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import math
 from typing import Callable
 
@@ -28,11 +36,8 @@ def _logical_axes(variable: nnx.Variable) -> tuple:
     return tuple(variable.get_metadata().get("out_sharding") or (None,) * variable.ndim)
 
 
-def expert_placement(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
-                     placement: ExpertPlacement | None = None) -> ExpertPlacement | None:
-    """Where the routed experts live under a rule set: `placement` (checked against the model and mesh), else the
-    contiguous layout over the EP devices; None when it is the plain [E, ...] stacking (no remapping needed)."""
-    rules = rules_for_model(cfg, mesh, rule_set)
+def _checked_slots(cfg: ModelConfig, mesh: Mesh, rules: Rules,
+                   placement: ExpertPlacement | None) -> ExpertPlacement | None:
     ep = sharding.mesh.axis_size(mesh, rules.expert_axes)
     placement = placement or ExpertPlacement(cfg.num_experts, ep)
     if (placement.num_experts, placement.devices) != (cfg.num_experts, ep):
@@ -42,19 +47,98 @@ def expert_placement(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
     return None if placement.identity else placement
 
 
+def expert_placement(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
+                     placement: ExpertPlacement | None = None) -> ExpertPlacement | None:
+    """Where the routed experts live under a rule set: `placement` (checked against the model and mesh), else the
+    contiguous layout over the EP devices; None when it is the plain [E, ...] stacking (no remapping needed)."""
+    return _checked_slots(cfg, mesh, rules_for_model(cfg, mesh, rule_set), placement)
+
+
 def _is_expert_param(variable) -> bool:
     logical = _logical_axes(variable)
     return bool(logical) and logical[0] == sharding.axes.EXPERTS
 
 
-def abstract_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
-                       placement: ExpertPlacement | None = None):
-    """(graphdef, abstract state, state of NamedShardings) of the model under a rule set; checks that every
-    sharded dimension of every parameter divides by its mesh axes, naming the parameter if not. Routed-expert
-    weights are checked (and later stored) in the slot order of `expert_placement`."""
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract state) of the model: shapes and dtypes, no values (the one nnx.eval_shape a load needs)."""
+    return nnx.split(nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ParamPlacement:
+    """Where every parameter of one model goes under one rule set on one mesh, derived once (`place`) and read by
+    everything that places or runs it: the checked rules table, the routed experts' slot layout (`slots`, None for
+    the plain [E, ...] stacking), the abstract model and each parameter's NamedSharding. The weights (created,
+    sharded or loaded through `sharding` / `layout`) and the expert compute (`ep_experts`) take the same `slots`."""
+
+    cfg: ModelConfig
+    mesh: Mesh
+    rules: Rules
+    slots: ExpertPlacement | None
+    graphdef: nnx.GraphDef
+    abstract: nnx.State
+    shardings: nnx.State
+
+    @functools.cached_property
+    def _table(self) -> dict:
+        return {path: v.get_value() for path, v in nnx.to_flat_state(self.shardings)}
+
+    @functools.cached_property
+    def _expert_paths(self) -> frozenset:
+        return frozenset(path for path, v in nnx.to_flat_state(self.abstract) if _is_expert_param(v))
+
+    def sharding(self, path: ParamPath) -> NamedSharding:
+        """parameter path (e.g. ("layers", 0, "attn", "q_DNH")) -> its NamedSharding, for load_checkpoint."""
+        if tuple(path) not in self._table:
+            raise KeyError(f"{self.cfg.name} has no parameter {path}")
+        return self._table[tuple(path)]
+
+    @property
+    def layout(self) -> Callable[[ParamPath, object], object] | None:
+        """(parameter path, value as stored) -> the value as placed: routed-expert weights [E, ...] in slot order
+        (for load_checkpoint's layout=); None when every parameter is placed as stored."""
+        if self.slots is None:
+            return None
+        slots, expert_paths = self.slots, self._expert_paths
+        return lambda path, value: slots.to_slots(value) if tuple(path) in expert_paths else value
+
+    def create_model(self, rngs: nnx.Rngs | int = 0) -> MoETransformer:
+        """A freshly initialised model whose parameters are created directly in their shards (create_sharded_model)."""
+        rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+        cfg, slots, shardings = self.cfg, self.slots, self.shardings
+
+        @nnx.jit
+        def create(rngs):
+            model = MoETransformer(cfg, rngs=rngs)
+            state = nnx.state(model)
+            nnx.update(model, jax.lax.with_sharding_constraint(_laid_out(state, slots), shardings))
+            return model
+
+        return create(rngs)
+
+    def shard(self, model: MoETransformer) -> MoETransformer:
+        """A copy of an existing model with each parameter moved into its shards (shard_model)."""
+        graphdef, state = nnx.split(model)
+        state = _laid_out(state, self.slots)
+        placed = jax.tree.map(lambda value, where: jax.device_put(value, where), state, self.shardings)
+        return nnx.merge(graphdef, placed)
+
+    def ep_experts(self, plan: sharding.ExpertPlan | None = None, transport: str = "auto") -> sharding.EPExperts:
+        """The expert compute for weights placed here: the same mesh, rules and expert slots (plan: default the
+        unpipelined ExpertPlan())."""
+        return sharding.EPExperts(mesh=self.mesh, rule_set=self.rules, plan=plan or sharding.ExpertPlan(),
+                                  transport=transport, placement=self.slots)
+
+
+def place(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules, placement: ExpertPlacement | None = None,
+          *, model_shape=None) -> ParamPlacement:
+    """The ParamPlacement of a model under a rule set: rules_for_model (once), the expert slots (`placement`, checked,
+    else the contiguous layout), the abstract model (`model_shape`: abstract_model(cfg) when the caller has it) and
+    every parameter's sharding, checking that each sharded dimension divides by its mesh axes (naming the parameter
+    if not). Routed-expert weights are checked (and later stored) in slot order."""
     rules = rules_for_model(cfg, mesh, rule_set)
-    slots = expert_placement(cfg, mesh, rule_set, placement)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
+    slots = _checked_slots(cfg, mesh, rules, placement)
+    graphdef, abstract = model_shape if model_shape is not None else abstract_model(cfg)
 
     def sharding_of(path, variable):
         logical = _logical_axes(variable)
@@ -72,34 +156,27 @@ def abstract_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
                                  f"devices) of rule set {rules.name!r}")
         return variable.replace(NamedSharding(mesh, spec))
 
-    shardings = nnx.map_state(sharding_of, abstract)
-    return graphdef, abstract, shardings
+    return ParamPlacement(cfg, mesh, rules, slots, graphdef, abstract, nnx.map_state(sharding_of, abstract))
+
+
+def abstract_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
+                       placement: ExpertPlacement | None = None):
+    """(graphdef, abstract state, state of NamedShardings) of the model under a rule set (`place`)."""
+    p = place(cfg, mesh, rule_set, placement)
+    return p.graphdef, p.abstract, p.shardings
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
                     placement: ExpertPlacement | None = None) -> Callable[[ParamPath], NamedSharding]:
     """parameter path (e.g. ("layers", 0, "attn", "q_DNH")) -> its NamedSharding, for load_checkpoint."""
-    _, _, shardings = abstract_shardings(cfg, mesh, rule_set, placement)
-    table = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
-
-    def sharding(path: ParamPath) -> NamedSharding:
-        if tuple(path) not in table:
-            raise KeyError(f"{cfg.name} has no parameter {path}")
-        return table[tuple(path)]
-
-    return sharding
+    return place(cfg, mesh, rule_set, placement).sharding
 
 
 def param_layout(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
                  placement: ExpertPlacement | None = None) -> Callable[[ParamPath, object], object] | None:
     """(parameter path, value as stored) -> the value as placed: routed-expert weights [E, ...] in the slot order
     of `expert_placement` (for load_checkpoint's layout=); None when every parameter is placed as stored."""
-    slots = expert_placement(cfg, mesh, rule_set, placement)
-    if slots is None:
-        return None
-    _, abstract, _ = abstract_shardings(cfg, mesh, rule_set, placement)
-    expert_paths = {path for path, v in nnx.to_flat_state(abstract) if _is_expert_param(v)}
-    return lambda path, value: slots.to_slots(value) if tuple(path) in expert_paths else value
+    return place(cfg, mesh, rule_set, placement).layout
 
 
 def _laid_out(state, slots: ExpertPlacement | None):
@@ -117,29 +194,14 @@ def create_sharded_model(cfg: ModelConfig, mesh: Mesh, rule_set: str | Rules,
     Equal, parameter for parameter, to MoETransformer(cfg, rngs=rngs) built on one device from the same rngs
     (routed-expert weights in the slot order of `expert_placement` when it is not the plain stacking).
     """
-    rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-    _, _, shardings = abstract_shardings(cfg, mesh, rule_set, placement)
-    slots = expert_placement(cfg, mesh, rule_set, placement)
-
-    @nnx.jit
-    def create(rngs):
-        model = MoETransformer(cfg, rngs=rngs)
-        state = nnx.state(model)
-        nnx.update(model, jax.lax.with_sharding_constraint(_laid_out(state, slots), shardings))
-        return model
-
-    return create(rngs)
+    return place(cfg, mesh, rule_set, placement).create_model(rngs)
 
 
 def shard_model(model: MoETransformer, mesh: Mesh, rule_set: str | Rules,
                 placement: ExpertPlacement | None = None) -> MoETransformer:
     """A copy of an existing model with each parameter moved into its shards (one parameter at a time), routed
     experts in the slot order of `expert_placement`."""
-    _, _, shardings = abstract_shardings(model.cfg, mesh, rule_set, placement)
-    graphdef, state = nnx.split(model)
-    state = _laid_out(state, expert_placement(model.cfg, mesh, rule_set, placement))
-    placed = jax.tree.map(lambda value, where: jax.device_put(value, where), state, shardings)
-    return nnx.merge(graphdef, placed)
+    return place(model.cfg, mesh, rule_set, placement).shard(model)
 
 
 def default_mesh_shape(rule_set: str, cfg: ModelConfig, devices: int) -> dict[str, int]:
@@ -162,29 +224,70 @@ def default_mesh_shape(rule_set: str, cfg: ModelConfig, devices: int) -> dict[st
     raise PlanError(f"unknown rule set {rule_set!r}; choose from tp, dp, tp_ep, dp_ep")
 
 
+class PlanSource(enum.Enum):
+    """Where an expert plan came from."""
+
+    FORCED = "forced"                      # given by the caller (epsjax generate --pipeline-degree)
+    SCHEDULER = "scheduler"                # the scheduler's search for this model, mesh and batch
+    NO_COST_MODEL = "no cost model"        # the device kind has no cost model: the unpipelined default
+    UNEVEN_PLACEMENT = "uneven placement"  # the scheduler does not model uneven placements: the unpipelined default
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlanChoice:
+    """An expert plan and its origin. With source SCHEDULER: `prefill` holds the one search (its PlanChoice), the
+    whole prefill it predicts and the cost model both used."""
+
+    plan: sharding.ExpertPlan
+    source: PlanSource
+    prefill: object = None  # scheduler.PrefillPlan
+    device_kind: str = ""
+
+    @property
+    def predicted_prefill_s(self) -> float | None:
+        return None if self.prefill is None else self.prefill.prefill_s
+
+    def describe(self) -> str:
+        """One phrase: "forced", or what the scheduler did."""
+        if self.source is PlanSource.FORCED:
+            return "forced"
+        if self.source is PlanSource.UNEVEN_PLACEMENT:
+            return "scheduler: does not model uneven expert placements yet, unpipelined default"
+        if self.source is PlanSource.NO_COST_MODEL:
+            return f"scheduler: no cost model for {self.device_kind!r}, unpipelined default"
+        c = self.prefill.choice
+        return (f"scheduler: predicted {c.predicted_s * 1e3:.2f} ms vs {c.unpipelined_s * 1e3:.2f} ms unpipelined, "
+                f"searched in {c.search_seconds * 1e3:.0f} ms")
+
+
+def choose_expert_plan(cfg: ModelConfig, mesh: Mesh, rules: Rules, slots: ExpertPlacement | None, *, batch: int,
+                       seq_len: int, plan: sharding.ExpertPlan | None = None, hardware=None) -> ExpertPlanChoice:
+    """The expert plan for a prefill of `batch` x `seq_len` tokens on `mesh` under checked `rules` with expert
+    `slots` (a ParamPlacement's): `plan` when forced, else the scheduler's (epsjax.scheduler.plan_prefill: pipeline
+    degree, split, backend and tiling per stage for this model, mesh, load and hardware; one search)."""
+    from epsjax import scheduler
+
+    kind = mesh.devices.flat[0].device_kind
+    if plan is not None:
+        return ExpertPlanChoice(plan, PlanSource.FORCED, device_kind=kind)
+    if slots is not None:  # the scheduler's cost model assumes E / P experts on every device
+        return ExpertPlanChoice(sharding.ExpertPlan(), PlanSource.UNEVEN_PLACEMENT, device_kind=kind)
+    prefill = scheduler.plan_prefill(cfg, dict(mesh.shape), batch, seq_len, hardware, rule_set=rules.name)
+    if prefill is None:
+        return ExpertPlanChoice(sharding.ExpertPlan(), PlanSource.NO_COST_MODEL, device_kind=kind)
+    return ExpertPlanChoice(prefill.choice.plan.to_expert_plan(), PlanSource.SCHEDULER, prefill, kind)
+
+
 def ep_experts(cfg: ModelConfig, mesh: Mesh, rule_set: str, *, batch: int, seq_len: int,
                plan: sharding.ExpertPlan | None = None, transport: str = "auto",
                hardware=None) -> tuple[sharding.EPExperts, str]:
-    """The expert compute for a prefill of `batch` x `seq_len` tokens on `mesh`, and where its plan came from.
+    """The expert compute for a prefill of `batch` x `seq_len` tokens on `mesh`, and where its plan came from
+    (ExpertPlanChoice.describe).
 
-    By default the plan is the scheduler's (epsjax.scheduler.plan_for: pipeline degree, split, backend and tiling
-    per stage for this model, mesh, load and hardware); `plan` forces one.
+    By default the plan is the scheduler's (choose_expert_plan); `plan` forces one.
     """
-    from epsjax import scheduler
-
-    slots = expert_placement(cfg, mesh, rule_set)
-    if plan is not None:
-        return sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport=transport,
-                                  placement=slots), "forced"
-    if slots is not None:  # the scheduler's cost model assumes E / P experts on every device
-        return sharding.EPExperts(mesh=mesh, rule_set=rule_set, transport=transport, placement=slots), (
-            "scheduler: does not model uneven expert placements yet, unpipelined default")
-    choice = scheduler.search_for(cfg, dict(mesh.shape), batch, seq_len, rule_set=rule_set, hardware=hardware)
-    if choice is None:
-        source = f"scheduler: no cost model for {mesh.devices.flat[0].device_kind!r}, unpipelined default"
-        plan = sharding.ExpertPlan()
-    else:
-        source = (f"scheduler: predicted {choice.predicted_s * 1e3:.2f} ms vs {choice.unpipelined_s * 1e3:.2f} ms "
-                  f"unpipelined, searched in {choice.search_seconds * 1e3:.0f} ms")
-        plan = choice.plan.to_expert_plan()
-    return sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=plan, transport=transport, placement=slots), source
+    rules = rules_for_model(cfg, mesh, rule_set)
+    slots = _checked_slots(cfg, mesh, rules, None)
+    choice = choose_expert_plan(cfg, mesh, rules, slots, batch=batch, seq_len=seq_len, plan=plan, hardware=hardware)
+    return sharding.EPExperts(mesh=mesh, rule_set=rule_set, plan=choice.plan, transport=transport,
+                              placement=slots), choice.describe()

@@ -224,3 +224,52 @@ def test_generate_on_disaggregated_groups(capsys):
 ])
 def test_bad_dep_flags_exit_2(capsys, argv, message):
     assert message in _error(capsys, "generate", "--max-new-tokens", "2", *argv)
+
+
+def _generate_out(capsys, *argv) -> str:
+    assert main(["generate", *argv]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["lru", "lfu"])
+def test_offloaded_experts_generate_the_same_tokens(capsys, mode):
+    """--offload: the routed experts go from the checkpoint to host memory and a quarter of their bytes is cached on
+    the device (2 of 16 experts here, 2 more in flight); the tokens equal the all-on-device run's."""
+    common = ("--model", str(MIXTRAL), "--batch", "2", "--prompt-len", "8", "--max-new-tokens", "4")
+    offloaded = _generate_out(capsys, *common, "--offload", mode, "--offload-budget", "0.25")
+    line = re.search(r"^offload    (.*)$", offloaded, re.MULTILINE).group(1)
+    assert line.startswith(f"{mode}: budget 0.25 of 0.38 MiB routed-expert bytes, 2 device slots for 2 x 8 experts")
+    assert re.search(r"hit ratio [\d.]+ \(\d+ of \d+ expert uses resident\)", line), line
+    assert "routed experts offloaded" in offloaded
+    assert _outputs(offloaded) == _outputs(_generate_out(capsys, *common))
+
+
+def test_expertflow_generates_the_same_tokens_with_the_checkpoints_predictor(capsys):
+    pystdlib = Path(__file__).resolve().parents[1] / "checkpoints" / "pystdlib-moe"
+    predictor = pystdlib.parents[1] / "scripts" / "results" / "expertflow_pystdlib_predictor"
+    common = ("--model", str(pystdlib), "--dtype", "float32", "--batch", "2", "--prompt-len", "8",
+              "--max-new-tokens", "3", "--no-token-healing")
+    offloaded = _generate_out(capsys, *common, "--offload", "expertflow", "--offload-budget", "0.5", "--predictor",
+                              str(predictor))
+    assert re.search(r"^offload    expertflow: budget 0.5 .* hit ratio", offloaded, re.MULTILINE)
+    assert _outputs(offloaded) == _outputs(_generate_out(capsys, *common))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--offload", "lru", "--offload-budget", "0"], "--offload-budget must be a fraction of the routed-expert bytes "
+                                                    "in (0, 1], got 0.0"),
+    (["--offload", "lru", "--offload-budget", "1.5"], "in (0, 1], got 1.5"),
+    (["--offload", "lru", "--offload-budget", "nan"], "in (0, 1], got nan"),
+    (["--offload", "lru", "--offload-budget", "0.25", "--devices", "8", "--strategy", "dp_ep"],
+     "--offload lru runs on one device (the host holds the routed experts, one device caches them); it does not "
+     "combine with --strategy dp_ep"),
+    (["--offload", "lfu"], "--offload lfu needs --offload-budget FRACTION"),
+    (["--offload-budget", "0.5"], "--offload-budget sizes the device expert cache of --offload"),
+    (["--offload", "lru", "--offload-budget", "0.05"], "--offload-budget 0.05 holds 0 of mixtral's 16 routed experts; "
+                                                       "the cache needs 2 in flight + 1 slot: give at least 0.188"),
+    (["--offload", "expertflow", "--offload-budget", "0.5"], "has no predictor/ directory; train one on this model's "
+                                                             "routing (scripts/collect_routing_traces.py, then "
+                                                             "scripts/train_predictor.py --out DIR)"),
+])
+def test_bad_offload_flags_exit_2(capsys, argv, message):
+    assert message in _error(capsys, "generate", "--model", str(MIXTRAL), "--max-new-tokens", "2", *argv)

@@ -40,6 +40,7 @@ from epsjax.engine import (DecodeState, cache_shape, decode_inputs, insert_rows,
                            prefill_inputs, release_rows)
 from epsjax.generation import GenerateResult, Generator, RequestError, SamplingParams
 from epsjax.offload.cache import ExpertCacheEngine
+from epsjax.offload.errors import OffloadError
 from epsjax.offload.policies import make_policy
 from epsjax.offload.state import OffloadState
 from epsjax.offload.store import ExpertStore, device_memory_kind
@@ -79,11 +80,11 @@ class OffloadConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown offload mode {self.mode!r}; expected one of {MODES}")
+            raise OffloadError(f"unknown offload mode {self.mode!r}; expected one of {MODES}")
         if self.mode != "device" and (self.budget_bytes is None) == (self.budget_fraction is None):
-            raise ValueError(f"mode {self.mode!r} needs exactly one of budget_bytes and budget_fraction")
+            raise OffloadError(f"mode {self.mode!r} needs exactly one of budget_bytes and budget_fraction")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
-            raise ValueError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
+            raise OffloadError(f"budget_fraction must be in (0, 1], got {self.budget_fraction}")
 
     def budget(self, total_expert_bytes: int) -> int:
         if self.mode == "device":
@@ -212,7 +213,9 @@ class OffloadEngine(Generator):
     record_routing: keep every MoE layer's routing (ids [B*T, K] per layer) of each forward in `routing_log`.
 
     The model's non-expert parameters are placed on `device`; its routed experts go to the host store (create the
-    model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device).
+    model on the host, e.g. under jax.default_device(cpu), when its experts do not fit on the device; or read a
+    checkpoint with epsjax.checkpoint.load_host_experts and build the engine with `from_split`: the routed experts
+    then go from the files to the host store and never to the device).
     """
 
     batch_multiple = 1
@@ -220,24 +223,40 @@ class OffloadEngine(Generator):
     def __init__(self, model: MoETransformer, config: OffloadConfig = OffloadConfig(mode="device"), *,
                  predictor=None, device: jax.Device | None = None, record_routing: bool = False,
                  buckets: ShapeBuckets | None = ShapeBuckets()):
-        self.cfg = model.cfg
         if is_quantized(model):
-            raise ValueError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
+            raise OffloadError(f"{model.cfg.name}: offloading takes float experts; quantized (FP8) experts run on one "
                              "device without offloading for now")
+        self._build(model.cfg, *split_experts(model), config, predictor=predictor, device=device,
+                    record_routing=record_routing, buckets=buckets)
+
+    @classmethod
+    def from_split(cls, cfg, graphdef, state, expert_weights, config: OffloadConfig = OffloadConfig(mode="device"),
+                   *, predictor=None, device: jax.Device | None = None, record_routing: bool = False,
+                   buckets: ShapeBuckets | None = ShapeBuckets()) -> "OffloadEngine":
+        """The engine of a model already split into its routed experts and the rest, as `split_experts` returns it
+        (graphdef, state with [0] placeholders for the routed experts, expert_weights: per MoE layer (w_gate
+        [E, D, F], w_up [E, D, F], w_down [E, F, D]) host arrays), e.g. read straight from a checkpoint by
+        epsjax.checkpoint.load_host_experts, so the experts never go to the device whole."""
+        engine = cls.__new__(cls)
+        engine._build(cfg, graphdef, state, expert_weights, config, predictor=predictor, device=device,
+                      record_routing=record_routing, buckets=buckets)
+        return engine
+
+    def _build(self, cfg, graphdef, state, weights, config: OffloadConfig, *, predictor, device, record_routing,
+               buckets):
+        self.cfg = cfg
         self.config = config
-        self.batch_sharding = None
         self.device = device or jax.devices()[0]
         if config.mode == "expertflow" and predictor is None:
-            raise ValueError("mode 'expertflow' needs a routing predictor")
+            raise OffloadError("mode 'expertflow' needs a routing predictor")
         if predictor is not None:
-            pc, cfg = predictor.config, model.cfg
+            pc = predictor.config
             if (pc.num_layers, pc.num_experts, pc.top_k) != (len(cfg.moe_layers), cfg.num_experts, cfg.router.top_k) \
                     or pc.vocab_size < cfg.vocab_size:
-                raise ValueError(f"the predictor ({pc.num_layers} MoE layers, {pc.num_experts} experts, top-"
+                raise OffloadError(f"the predictor ({pc.num_layers} MoE layers, {pc.num_experts} experts, top-"
                                  f"{pc.top_k}, vocab {pc.vocab_size}) does not fit the model ({len(cfg.moe_layers)}, "
                                  f"{cfg.num_experts}, top-{cfg.router.top_k}, vocab {cfg.vocab_size})")
         self.predictor = predictor
-        graphdef, state, weights = split_experts(model)
         self.store = ExpertStore(weights, device=self.device, memory_kind=config.memory_kind)
         del weights
         on_device = SingleDeviceSharding(self.device, memory_kind=device_memory_kind(self.device))
@@ -272,7 +291,7 @@ class OffloadEngine(Generator):
             return cache
         num_slots = min(store.slots_for(budget) - c.max_inflight, L * E)
         if num_slots < 1:
-            raise ValueError(f"an expert budget of {budget} bytes holds {store.slots_for(budget)} experts of "
+            raise OffloadError(f"an expert budget of {budget} bytes holds {store.slots_for(budget)} experts of "
                              f"{bpe} bytes; it needs at least max_inflight + 1 = {c.max_inflight + 1}")
         policy = c.policy or ("predictor" if c.mode == "expertflow" else "lru")
         return ExpertCacheEngine(

@@ -14,7 +14,8 @@ Files, one job each:
     search.py       plan search over PN, split, backends/tilings and SMs for communication
     plan.py         the scheduler's Plan and its conversion to sharding.plan.ExpertPlan
     histogram.py    RoutingHistogram: moving per-expert token counts from MoEStats
-    planner.py      plan_for and Planner: what the runtime calls; predict_prefill (a whole prefill's time)
+    planner.py      plan_for and Planner: what the runtime calls; predict_prefill (a whole prefill's time);
+                    plan_prefill (one search and its prefill prediction, for epsjax.deployment)
     calibration.py  measured constants per device kind (scripts/gpu_check.py writes them), applied to presets
 """
 
@@ -22,7 +23,8 @@ from epsjax.scheduler.costs import CostModel, GemmModel
 from epsjax.scheduler.hardware import PRESETS as HARDWARE, Hardware, get_hardware, hardware_for_device_kind
 from epsjax.scheduler.histogram import RoutingHistogram
 from epsjax.scheduler.plan import Plan
-from epsjax.scheduler.planner import Planner, layout_for, plan_for, predict_prefill, search_for
+from epsjax.scheduler.planner import (Planner, PrefillPlan, layout_for, plan_for, plan_prefill, predict_prefill,
+                                      search_for)
 from epsjax.scheduler.schedules import Layout, Workload, build_layer
 from epsjax.scheduler.search import PlanChoice, search_plan
 from epsjax.scheduler.simulator import Schedule, Task, Timeline, chrome_trace, gantt, simulate, write_trace
@@ -31,6 +33,6 @@ from epsjax.scheduler.step import StepResult, simulate_step
 __all__ = [
     "CostModel", "GemmModel", "HARDWARE", "Hardware", "Layout", "Plan", "PlanChoice", "Planner", "RoutingHistogram",
     "Schedule", "StepResult", "Task", "Timeline", "Workload", "build_layer", "chrome_trace", "gantt", "get_hardware",
-    "hardware_for_device_kind", "layout_for", "plan_for", "predict_prefill", "search_for", "search_plan", "simulate",
+    "hardware_for_device_kind", "layout_for", "plan_for", "plan_prefill", "predict_prefill", "PrefillPlan", "search_for", "search_plan", "simulate",
     "simulate_step", "write_trace",
 ]

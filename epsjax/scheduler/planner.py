@@ -93,6 +93,39 @@ def search_for(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, tokens_pe
     return search_plan(w, CostModel.build(hw, cfg.dtype, profile_dir=profile_dir), layer_loads=layers)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    """One plan search for a prefill and what it predicts: `choice` (search_for's PlanChoice: the plan, the simulated
+    MoE layer time, the search's seconds), `prefill_s` (predict_prefill: the whole prefill under choice.plan) and the
+    cost model both came from."""
+
+    choice: PlanChoice
+    prefill_s: float
+    costs: CostModel
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the cost model holds constants measured on this device kind (epsjax/scheduler/calibration.py)."""
+        return any(str(v).startswith("calibrated") for v in dict(self.costs.hw.sources).values())
+
+
+def plan_prefill(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, hardware=None, *,
+                 rule_set: str | None = None) -> PrefillPlan | None:
+    """search_for and predict_prefill of its plan with one cost model (the same numbers as calling both, one search
+    and one cost-model build), or None where the device has no cost model."""
+    from epsjax.scheduler.step import simulate_step
+
+    hw = resolve_hardware(hardware)
+    if hw is None:
+        return None
+    layout, replicas = layout_for(cfg, mesh_shape, rule_set)
+    tokens = max(layout.devices, math.ceil(batch * seq_len / replicas))
+    w = Workload(cfg, layout, tokens, seq_len)
+    costs = CostModel.build(hw, cfg.dtype)
+    choice = search_plan(w, costs)
+    return PrefillPlan(choice, simulate_step(w, costs, choice.plan).step_s, costs)
+
+
 def predict_prefill(cfg: ModelConfig, mesh_shape, batch: int, seq_len: int, plan: Plan = Plan(), hardware=None, *,
                     rule_set: str | None = None) -> tuple[float, CostModel] | None:
     """(seconds, cost model) of a whole prefill of batch x seq_len tokens under `plan` (simulate_step: every
