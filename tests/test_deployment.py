@@ -42,7 +42,7 @@ count(epsjax.placement._checked_slots, "expert placement")
 
 def config_reads(original):
     def wrapper(file, *args, **kwargs):
-        if os.path.basename(os.fspath(file)) == "config.json":
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.basename(os.fsdecode(file)) == "config.json":
             counts["config.json opened"] += 1
         return original(file, *args, **kwargs)
     return wrapper
