@@ -558,13 +558,16 @@ class DecodeSlots:
     def busy(self) -> bool:
         return any(r is not None for r in self.requests)
 
-    def insert(self, prompts, sampling: Sequence[SamplingParams], *, ids: Sequence[object] | None = None,
-               max_new_tokens: int = 16, stop_at_eos: bool = True) -> list[SlotEvent]:
+    def insert(self, prompts, sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+               ids: Sequence[object] | None = None, max_new_tokens: int = 16,
+               stop_at_eos: bool = True) -> list[SlotEvent]:
         """Prefills the prompts together and puts each into a free slot; returns each request's first token (a
-        request with max_new_tokens 1, or whose first token stops it, is finished at once and takes no slot)."""
+        request with max_new_tokens 1, or whose first token stops it, is finished at once and takes no slot).
+        sampling: one SamplingParams for all prompts or one per prompt."""
         g = self.generator
         ids = list(range(len(prompts))) if ids is None else list(ids)
-        prompt_ids, params, max_new = g.check_request(prompts, max_new_tokens, list(sampling))
+        prompt_ids, params, max_new = g.check_request(
+            prompts, max_new_tokens, sampling if isinstance(sampling, SamplingParams) else list(sampling))
         if len(ids) != len(prompt_ids):
             raise RequestError(f"{len(ids)} request ids for {len(prompt_ids)} prompts")
         free = self.free
