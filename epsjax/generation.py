@@ -368,13 +368,13 @@ class Generator:
                                    "prompt or one for all")
             params = list(sampling)
         else:
-            raise RequestError(f"sampling must be a SamplingParams or a list of them (one per prompt), got "
-                               f"{type(sampling).__name__}")
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__} (or a list of "
+                               "SamplingParams, one per prompt)")
         max_new = [max_new_tokens if p.max_new_tokens is None else p.max_new_tokens for p in params]
         for i, (p, new) in enumerate(zip(ids, max_new)):
             if len(p) + new > self.cfg.max_seq_len:
-                raise RequestError(f"prompt {i}: length {len(p)} plus max_new_tokens {new} exceeds the model's "
-                                   f"maximum sequence length {self.cfg.max_seq_len}")
+                raise RequestError(f"prompt length {len(p)} plus max_new_tokens {new} exceeds the model's maximum "
+                                   f"sequence length {self.cfg.max_seq_len} (prompt {i})")
         return ids, params, max_new
 
     # The executor's steps, checked ------------------------------------------------------------------------------
