@@ -379,6 +379,10 @@ def _info(args) -> int:
     print(f"devices    {len(devices)} ({jax.default_backend()}: {', '.join(kinds)}), jax {jax.__version__}")
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = read_config(args.model, **overrides) if args.model else get_preset(args.preset, **overrides)
+    if args.model and _has_weights(args.model):  # what it reports must be what the files hold
+        from epsjax.checkpoint import check_checkpoint
+
+        check_checkpoint(args.model, cfg)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     counts = cfg.param_counts()
     attention = "MLA" if cfg.mla else f"GQA ({cfg.num_heads} heads, {cfg.num_kv_heads} kv heads)"
@@ -395,6 +399,17 @@ def _info(args) -> int:
           f"per MoE layer {per_layer / 2**30:.2f} GiB")
     print(f"  {'active/token':16s} {counts['active_per_token'] / 1e9:9.3f}B params")
     return 0
+
+
+def _has_weights(model: str) -> bool:
+    """Whether a model directory holds safetensors weights (`epsjax info` also describes a config.json alone)."""
+    from pathlib import Path
+
+    from epsjax.checkpoint import file_present
+
+    path = Path(model)
+    return (file_present(path / "model.safetensors", "model.safetensors")
+            or file_present(path / "model.safetensors.index.json", "the shard index"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ offload -> the engine that serves it.
 
 `build` runs each set-up step once and records it in `Deployment.steps` (name, seconds):
 
-    config     config.json read and validated (checkpoint.read_config; the family comes from its model_type), or the
+    config     config.json read and validated (checkpoint.read_config; the family comes from its model_type) and
+               every size it declares checked against the safetensors headers (checkpoint.check_checkpoint), or the
                preset's config
     strategy   auto -> dp_ep when the batch splits over several devices, else local (one device; always with
                quantize or offload)

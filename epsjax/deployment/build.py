@@ -124,10 +124,12 @@ def build(spec: DeploymentSpec, request: RequestShape = RequestShape(), *, devic
 
 
 def _config(spec: DeploymentSpec) -> ModelConfig:
+    """The preset's config, or config.json's checked against the checkpoint's headers (checkpoint.check_checkpoint:
+    every declared size against the tensors) before anything is built or planned for it."""
     if spec.model is not None:
-        from epsjax.checkpoint import read_config
+        from epsjax.checkpoint import check_checkpoint
 
-        return read_config(spec.model, dtype=spec.dtype)
+        return check_checkpoint(spec.model, dtype=spec.dtype)[0]
     return get_preset(spec.preset, **({"dtype": spec.dtype} if spec.dtype else {}))
 
 
