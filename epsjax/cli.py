@@ -170,13 +170,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tokenizer(args):
+    """The model directory's tokenizer.json, or None without one. A file that is there and cannot be used (a
+    directory or a broken link in its place, unreadable, not JSON, not a tokenizer the tokenizers library reads) is
+    a CheckpointError naming it. (tokenizer_config.json and generation_config.json are not read: the chat template,
+    special tokens and generation defaults come from the flags and config.json.)"""
     from pathlib import Path
 
-    if not args.model or not (Path(args.model) / "tokenizer.json").is_file():
+    from epsjax.checkpoint import CheckpointError, file_present
+
+    if not args.model:
+        return None
+    file = Path(args.model) / "tokenizer.json"
+    if not file_present(file, "tokenizer.json"):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions, without the file name
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{file}: tokenizer.json cannot be loaded by the tokenizers library ({reason}); "
+                              "re-download it, or remove it and give token ids with --prompt") from None
 
 
 def _prompt_ids(text: str, tokenizer) -> list[int]:
@@ -271,7 +285,7 @@ def _generate(args) -> int:
     import jax
     import numpy as np
 
-    from epsjax.compilation import CompileCounter, enable_compilation_cache
+    from epsjax.compilation import CompileCounter
     from epsjax.deployment import RequestShape, build
     from epsjax.engine import SamplingParams
 
@@ -281,7 +295,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.devices and jax.devices()[0].platform != "cpu":
         raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
-    cache_dir = None if args.no_compile_cache else enable_compilation_cache(args.compile_cache)
+    cache_dir = None if args.no_compile_cache else _compilation_cache(args.compile_cache)
     tokenizer = _tokenizer(args)
     text_prompts, prompts = False, None
     if args.text:
@@ -336,6 +350,24 @@ def _generate(args) -> int:
             text = tokenizer.decode(list(prompts[i]) + list(tokens))
             print(f"text[{i}]\n" + "\n".join("  | " + line for line in text.split("\n")))
     return 0
+
+
+def _compilation_cache(directory):
+    """enable_compilation_cache, its warning (a directory that cannot be used: the run goes on without the cache)
+    printed as one line."""
+    import warnings
+
+    from epsjax.compilation import CompilationCacheWarning, enable_compilation_cache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompilationCacheWarning)
+        path = enable_compilation_cache(directory)
+    for warning in caught:
+        if issubclass(warning.category, CompilationCacheWarning):
+            print(f"epsjax generate: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return path
 
 
 def _stats_since(before, after):

@@ -1,11 +1,16 @@
-"""Bad input, round two (issue 31): config.json sizes the checkpoint does not hold. Each case is one line on stderr
-and exit status 2 from the command (or its typed error from Python), within seconds; each test is bounded in time."""
+"""Bad input, round two (issue 31): config.json sizes the checkpoint does not hold, and every other file the command
+and the loader read. Each case is one line on stderr and exit status 2 from the command (or its typed error from
+Python), within seconds; each test is bounded in time."""
 
+import errno
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -159,3 +164,219 @@ def test_good_checkpoints_pass_the_size_check():
     for name in ("qwen3_moe", "mixtral", "deepseek_v2_lora", "deepseek_v2_nolora", "dbrx"):
         cfg, files, rules = check_checkpoint(FIXTURES / name)
         assert cfg == read_config(FIXTURES / name) and len(files) == sum(len(r.hf_names) for r in rules)
+
+
+# 2. Every file the command and the loader read --------------------------------------------------------------------
+
+
+CONFIG_DAMAGE = {
+    "empty": (lambda f: f.write_text(""), r"config\.json is not valid JSON"),
+    "binary": (lambda f: f.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe"), r"config\.json is not valid JSON"),
+    "a list": (lambda f: f.write_text("[1, 2]"), r"config\.json: must hold a JSON object, got list"),
+    "a string": (lambda f: f.write_text('"mixtral"'), r"must hold a JSON object, got str"),
+    "truncated": (lambda f: f.write_text(f.read_text()[:40]), r"config\.json is not valid JSON"),
+    "a directory": (lambda f: (f.unlink(), f.mkdir()), r"config\.json: config\.json is not a regular file"),
+    "a broken link": (lambda f: (f.unlink(), f.symlink_to(f.parent / "nowhere.json")), r"broken symbolic link"),
+    "model_type a number": (lambda f: f.write_text(json.dumps({**json.loads(f.read_text()), "model_type": 3})),
+                            r"field model_type is missing or not a string \(got 3\)"),
+}
+
+
+@pytest.mark.parametrize("damage", list(CONFIG_DAMAGE))
+def test_damaged_config_json(capsys, tmp_path, damage):
+    path = copy_fixture(tmp_path)
+    edit, message = CONFIG_DAMAGE[damage]
+    edit(path / "config.json")
+    for command in ("generate", "info"):
+        line = error_line(capsys, command, "--model", str(path), "--prompt", "1,2") if command == "generate" else \
+            error_line(capsys, command, "--model", str(path))
+        assert str(path / "config.json") in line
+        assert re.search(message, line), line
+
+
+TOKENIZER_DAMAGE = {
+    "empty": lambda f: f.write_text(""),
+    "not JSON": lambda f: f.write_text("tokenizer: yes"),
+    "truncated": lambda f: f.write_text(f.read_text()[: len(f.read_text()) // 2]),
+    "JSON of another shape": lambda f: f.write_text(json.dumps({"model": 3, "version": "1.0"})),
+    "binary": lambda f: f.write_bytes(bytes(range(256))),
+}
+
+
+@pytest.mark.parametrize("damage", list(TOKENIZER_DAMAGE))
+def test_damaged_tokenizer_json_exits_2_naming_it(capsys, tmp_path, damage):
+    path = copy_fixture(tmp_path, "mixtral")
+    TOKENIZER_DAMAGE[damage](path / "tokenizer.json")
+    start = time.perf_counter()
+    line = error_line(capsys, "generate", "--model", str(path), "--text", "hello world", "--max-new-tokens", "2")
+    assert f"{path / 'tokenizer.json'}: tokenizer.json cannot be loaded by the tokenizers library (" in line
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f.unlink(), f.mkdir()), "tokenizer.json is not a regular file"),
+    (lambda f: (f.unlink(), f.symlink_to(f.parent / "gone.json")), "tokenizer.json is a broken symbolic link"),
+])
+def test_tokenizer_json_that_is_not_a_file(capsys, tmp_path, damage, message):
+    path = copy_fixture(tmp_path, "mixtral")
+    damage(path / "tokenizer.json")
+    assert message in error_line(capsys, "generate", "--model", str(path), "--prompt", "1,2")
+
+
+def test_unread_files_do_not_matter(capsys, tmp_path):
+    """generation_config.json and tokenizer_config.json are not read (the flags and config.json decide): damaged,
+    they change nothing."""
+    path = copy_fixture(tmp_path, "mixtral")
+    (path / "generation_config.json").write_text("{not json")
+    (path / "tokenizer_config.json").write_bytes(b"\xff\xfe\x00")
+    assert main(["generate", "--model", str(path), "--text", "hello world", "--max-new-tokens", "2",
+                 "--no-token-healing"]) == 0
+    assert "output[0]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda index, table: index.write_text("{not json"), r"index\.json: the shard index is not valid JSON"),
+    (lambda index, table: index.write_text("[]"), r"index\.json: no weight_map object"),
+    (lambda index, table: index.write_text(json.dumps({"weight_map": list(table["weight_map"])})),
+     r"index\.json: no weight_map object"),
+    (lambda index, table: index.write_text(json.dumps({"weight_map": {**table["weight_map"], "lm_head.weight": 7}})),
+     r"index\.json: no weight_map object"),
+    (lambda index, table: (index.parent / "model-00002-of-00005.safetensors").unlink(),
+     r"shard files that do not exist: .*model-00002-of-00005\.safetensors"),
+    (lambda index, table: ((index.parent / "model-00002-of-00005.safetensors").unlink(),
+                           (index.parent / "model-00002-of-00005.safetensors").mkdir()),
+     r"model-00002-of-00005\.safetensors: a shard is not a regular file"),
+    (lambda index, table: (index.parent / "model-00003-of-00005.safetensors").write_bytes(b"\x08" + b"\0" * 7),
+     r"model-00003-of-00005\.safetensors: truncated or not a safetensors file"),
+])
+def test_damaged_shard_index(capsys, tmp_path, damage, message):
+    path = copy_fixture(tmp_path, "mixtral")
+    index = path / "model.safetensors.index.json"
+    damage(index, json.loads(index.read_text()))
+    line = error_line(capsys, "generate", "--model", str(path), "--prompt", "1,2")
+    assert re.search(message, line), line
+
+
+def _write_calibration(directory, **changes):
+    from epsjax.scheduler import calibration
+    data = json.loads(calibration.calibration_path("cpu").read_text())
+    data.update(changes)
+    directory.mkdir(exist_ok=True)
+    (directory / "cpu.json").write_text(json.dumps(data))
+    return directory / "cpu.json"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: f.write_text("{"), r"cpu\.json: the calibration is not valid JSON"),
+    (lambda f: f.write_text("[]"), r"cpu\.json: a calibration must be a JSON object, got list"),
+    (lambda f: f.write_bytes(b"\xff\xfe"), r"cpu\.json: the calibration is not valid JSON"),
+    (lambda f: (f.unlink(), f.mkdir()), r"cpu\.json: cannot read the calibration: Is a directory"),
+    (lambda f: _write_calibration(f.parent, memory_gbs="fast"), r"calibration fields of the wrong type: "
+                                                                r"memory_gbs='fast'"),
+    (lambda f: _write_calibration(f.parent, dense_tflops=[1.0]), r"wrong type: dense_tflops=\[1\.0\]"),
+    (lambda f: _write_calibration(f.parent, link_latency_s=-1), r"wrong type: link_latency_s=-1"),
+    (lambda f: _write_calibration(f.parent, host_to_device_gbs="x"), r"wrong type: host_to_device_gbs='x'"),
+])
+def test_damaged_calibration_file(capsys, tmp_path, monkeypatch, damage, message):
+    from epsjax.scheduler import calibration
+    from epsjax.scheduler.errors import ScheduleError
+    file = _write_calibration(tmp_path / "calibrations")
+    damage(file)
+    with pytest.raises(ScheduleError, match=message):
+        calibration.load_calibration("cpu", tmp_path / "calibrations")
+    monkeypatch.setattr(calibration, "CALIBRATION_DIR", tmp_path / "calibrations")
+    # the plan search on 8 devices reads the CPU's calibration
+    line = error_line(capsys, "generate", "--preset", "tiny-mixtral", "--max-new-tokens", "2")
+    assert re.search(message, line), line
+
+
+def test_a_damaged_calibration_beside_others_does_not_stop_matching(tmp_path):
+    from epsjax.scheduler import calibration
+    from epsjax.scheduler.hardware import get_hardware
+    _write_calibration(tmp_path)
+    (tmp_path / "broken.json").write_text("[1, 2")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert calibration.calibration_matching(get_hardware("h100"), tmp_path) is None
+
+
+@pytest.fixture
+def cache_config():
+    """JAX's compilation cache setting, restored after a test (an unusable directory must leave it untouched)."""
+    before = jax.config.jax_compilation_cache_dir
+    yield before
+    assert jax.config.jax_compilation_cache_dir == before
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda d: d.write_text("a file"), "it exists and is not a directory"),
+    (lambda d: (d.parent / "file").write_text("x") or None, "Not a directory"),
+])
+def test_unusable_compilation_cache_directory_warns_and_runs_without(capsys, tmp_path, cache_config, make, reason):
+    from epsjax.compilation import CompilationCacheWarning, enable_compilation_cache
+    directory = tmp_path / "cache"
+    make(directory)
+    if reason == "Not a directory":
+        directory = tmp_path / "file" / "cache"
+    with pytest.warns(CompilationCacheWarning, match=rf"{directory}: the compilation cache directory cannot be used "
+                                                     rf"\({reason}\); running without"):
+        assert enable_compilation_cache(directory) is None
+    # the command: a warning line, then the run as usual
+    assert main(["generate", "--preset", "tiny-mixtral", "--strategy", "local", "--batch", "1", "--prompt-len", "4",
+                 "--max-new-tokens", "2", "--compile-cache", str(directory)]) == 0
+    captured = capsys.readouterr()
+    assert f"epsjax generate: warning: {directory}: the compilation cache directory cannot be used" in captured.err
+    assert "(off)" in captured.out
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_full_or_unwritable_compilation_cache_warns(tmp_path, monkeypatch, cache_config, error):
+    # (Tests run as root, where permissions do not stop writes, and no disk here is full: the OS error is injected
+    # where a full disk reports it, at the probe's fsync.)
+    from epsjax.compilation import CompilationCacheWarning, enable_compilation_cache
+
+    def failing_fsync(fd):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.warns(CompilationCacheWarning, match=rf"\({os.strerror(error)}\); running without"):
+        assert enable_compilation_cache(tmp_path / "cache") is None
+
+
+def _predictor_dir(tmp_path):
+    from epsjax.offload.predictor import PredictorConfig, RoutingPredictor, RoutingPredictorModel
+    cfg = read_config(FIXTURES / "mixtral")
+    predictor = RoutingPredictor(RoutingPredictorModel(PredictorConfig.for_model(cfg, d_model=16, head_dim=8,
+                                                                               enc_layers=1, window=8),
+                                                       rngs=nnx.Rngs(0)))
+    return predictor.save(tmp_path / "predictor")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "predictor_config.json").write_text("{"), r"predictor_config\.json: not valid JSON"),
+    (lambda d: (d / "predictor_config.json").write_text("[]"), r"predictor_config\.json: must be a JSON object"),
+    (lambda d: (d / "predictor_config.json").write_text(json.dumps({"vocab_size": 160})),
+     r"must be a JSON object with fields vocab_size, num_layers, num_experts, top_k"),
+    (lambda d: (d / "predictor_config.json").write_text(json.dumps(
+        {**json.loads((d / "predictor_config.json").read_text()), "enc_layers": 10**6})),
+     r"declares enc_layers=1000000, but predictor\.safetensors holds 1 encoder blocks"),
+    (lambda d: (d / "predictor_config.json").write_text(json.dumps(
+        {**json.loads((d / "predictor_config.json").read_text()), "d_model": "16"})),
+     r"fields must be positive integers: d_model='16'"),
+    (lambda d: (d / "predictor_config.json").write_text(json.dumps(
+        {**json.loads((d / "predictor_config.json").read_text()), "d_model": 32})),
+     r"predictor\.safetensors: predictor tensors do not match predictor_config\.json"),
+    (lambda d: (d / "predictor.safetensors").write_bytes(b"\x05" + b"\0" * 3),
+     r"predictor\.safetensors: cannot be read as safetensors"),
+])
+def test_damaged_predictor(capsys, tmp_path, damage, message):
+    from epsjax.offload.errors import OffloadError
+    from epsjax.offload.predictor import RoutingPredictor
+    directory = _predictor_dir(tmp_path)
+    damage(directory)
+    with pytest.raises(OffloadError, match=message):
+        RoutingPredictor.load(directory)
+    line = error_line(capsys, "generate", "--model", str(FIXTURES / "mixtral"), "--prompt", "1,2",
+                      "--max-new-tokens", "2", "--offload", "expertflow", "--offload-budget", "0.5", "--predictor",
+                      str(directory))
+    assert re.search(message, line), line
