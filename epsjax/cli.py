@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                           "findep)")
     par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
                      help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
+    gen.add_argument("--force", action="store_true",
+                     help="load even when the memory check finds that the parameters and KV cache do not fit the "
+                          "devices or the host (it says what would fit)")
     off = gen.add_argument_group("offloading (one device)")
     off.add_argument("--offload", choices=("lru", "lfu", "expertflow"),
                      help="keep the routed experts in host memory, read straight from the checkpoint, and cache "
@@ -276,7 +279,7 @@ def _spec(args):
         mesh=mesh, pipeline_degree=args.pipeline_degree, split=None if dep else args.split, backend=args.backend,
         transport=args.transport, quantize=args.quantize, offload=args.offload, offload_budget=args.offload_budget,
         predictor=args.predictor, dep_split=_dep_split(args.split) if dep else None, dep_schedule=args.schedule,
-        allow_nonfinite=args.allow_nonfinite)
+        allow_nonfinite=args.allow_nonfinite, force=args.force)
 
 
 def _generate(args) -> int:

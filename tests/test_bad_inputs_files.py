@@ -1,7 +1,8 @@
-"""Bad input, round two (issue 31): config.json sizes the checkpoint does not hold, and every other file the command
-and the loader read. Each case is one line on stderr and exit status 2 from the command (or its typed error from
-Python), within seconds; each test is bounded in time."""
+"""Bad input, round two (issue 31): config.json sizes the checkpoint does not hold, every other file the command
+and the loader read, the memory check before loading, and --force. Each case is one line on stderr and exit status 2
+from the command (or its typed error from Python), within seconds; each test is bounded in time."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -17,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from epsjax.checkpoint import CheckpointError, check_checkpoint, load_checkpoint, read_config
 from epsjax.cli import main
+from epsjax.deployment import DeploymentSpec, RequestShape, SpecError, build, memory
 from epsjax.models import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
@@ -380,3 +382,108 @@ def test_damaged_predictor(capsys, tmp_path, damage, message):
                       "--max-new-tokens", "2", "--offload", "expertflow", "--offload-budget", "0.5", "--predictor",
                       str(directory))
     assert re.search(message, line), line
+
+
+# 3. The memory check before loading --------------------------------------------------------------------------------
+
+
+def test_a_preset_larger_than_the_host_is_refused_with_the_numbers(capsys):
+    start = time.perf_counter()
+    line = error_line(capsys, "generate", "--preset", "deepseek-v2", "--strategy", "local", "--max-new-tokens", "2")
+    assert time.perf_counter() - start < 20
+    assert re.search(r"preset deepseek-v2 with --strategy local needs [\d.]+ GiB per device \("
+                                   r"parameters [\d.]+ GiB in bfloat16 \+ KV cache [\d.]+ [MG]iB for 8 x 64 tokens\), "
+                                   r"and the host has [\d.]+ GiB \(80% usable\), shared by its 8 CPU device\(s\)",
+                                   line), line
+    assert "(a tiny-* preset would); or --force to load anyway" in line
+
+
+def test_the_check_runs_on_a_mesh_and_for_dep(monkeypatch):
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 2**17)  # a 128 KiB host
+    for spec, request in [(DeploymentSpec(preset="tiny-mixtral"), RequestShape(8, 8, 2)),
+                          (DeploymentSpec(preset="tiny-mixtral", strategy="dep", dep_split=(4, 4)),
+                           RequestShape(4, 8, 2)),
+                          (DeploymentSpec(preset="tiny-mixtral", offload="lru", offload_budget=0.5),
+                           RequestShape(2, 8, 2)),
+                          (DeploymentSpec(model=str(FIXTURES / "mixtral"), quantize="fp8", strategy="local"),
+                           RequestShape(2, 8, 2))]:
+        strategy = {"dep": "dep", "local": "local"}.get(spec.strategy, "dp_ep" if spec.offload is None else "local")
+        with pytest.raises(SpecError, match=rf"with --strategy {strategy} needs [\d.]+ MiB per device .* or --force "
+                                            r"to load anyway") as error:
+            build(spec, request, progress=False)
+        assert "\n" not in str(error.value)
+        built = build(dataclasses.replace(spec, force=True), request, progress=False)
+        assert "memory" in [name for name, _ in built.steps]
+
+
+def test_force_loads_anyway_from_the_command(capsys, monkeypatch):
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 2**17)
+    argv = ["generate", "--model", str(FIXTURES / "mixtral"), "--prompt", "1,2", "--max-new-tokens", "2"]
+    line = error_line(capsys, *argv)
+    assert "mixtral with --strategy local needs" in line and "MiB per device" in line
+    assert main([*argv, "--force"]) == 0
+
+
+def _case(request=RequestShape(1, 8, 8), strategy="local", **spec):
+    cfg = read_config(FIXTURES / "mixtral")  # float32: --dtype bfloat16 is an option
+    return memory.Case(DeploymentSpec(model=str(FIXTURES / "mixtral"), **spec), cfg, request, strategy)
+
+
+def _apply(case, option):
+    """The case with one suggested option applied (more devices are checked by their own arithmetic)."""
+    spec, words = case.spec, option.split()
+    if words[0] == "--dtype":
+        return case.but(spec=dataclasses.replace(spec, dtype="bfloat16"), cfg=case.cfg.replace(dtype="bfloat16"))
+    if words[0] == "--quantize":
+        return case.but(spec=dataclasses.replace(spec, quantize="fp8"))
+    if words[0] == "--offload":
+        return case.but(spec=dataclasses.replace(spec, offload=words[1], offload_budget=float(words[3])))
+    if words[0] == "--max-new-tokens":
+        return case.but(request=dataclasses.replace(case.request, max_new_tokens=int(words[1])))
+    assert option.startswith("--strategy dp_ep on "), option
+    return None
+
+
+def _offered(case, share):
+    """The options offered to a GPU-like device (its own memory, the host's apart) with `share` of what the case
+    needs; each, applied, must pass the same check."""
+    needed = case.need()
+    have = memory.Available(device=int(share * needed.device / memory.DEVICE_SHARE), host=64 * 2**30, count=1,
+                            kind="NVIDIA H100 80GB HBM3")
+    with pytest.raises(SpecError) as error:
+        memory.check(case, None, have=have)
+    message = str(error.value)
+    assert "\n" not in message and "each NVIDIA H100 80GB HBM3 has" in message, message
+    if "would fit: " not in message:
+        assert "none of --dtype bfloat16, --quantize fp8, --offload, a shorter cache or more devices" in message
+        return []
+    offered = message.split("would fit: ")[1].split("; or --force")[0].split("; ")
+    for option in offered:
+        applied = _apply(case, option)
+        if applied is not None:
+            assert memory.check(applied, None, have=have), option
+    return offered
+
+
+@pytest.mark.parametrize("share", [0.2, 0.45, 0.6, 0.9])
+def test_every_option_offered_fits(share):
+    offered = _offered(_case(), share)
+    if share >= 0.6:  # the parameters dominate this small request: dtype, FP8, offloading, more devices
+        assert "--dtype bfloat16" in offered and "--quantize fp8" in offered, offered
+        assert any(o.startswith("--offload lru --offload-budget ") for o in offered), offered
+        assert any(o.startswith("--strategy dp_ep on ") for o in offered), offered
+
+
+def test_a_long_request_is_offered_a_shorter_cache():
+    case = _case(RequestShape(8, 32, 480))  # the KV cache (8 x 512 slots) dominates
+    needed = case.need()
+    share = (needed.params + 0.3 * needed.kv_cache) / needed.device  # the parameters fit, the whole cache does not
+    offered = _offered(case, share)
+    assert any(re.fullmatch(r"--max-new-tokens \d+ \(a KV cache of 8 x \d+ tokens\)", o) for o in offered), offered
+
+
+def test_a_fitting_request_passes_and_records_its_numbers():
+    case = _case(RequestShape(8, 32, 480))
+    needed = memory.check(case, None, have=memory.Available(device=None, host=64 * 2**30, count=8, kind="cpu"))
+    assert needed.params > 0 and needed.kv_cache == memory.kv_cache_bytes(case.cfg, 8, 512)
+    assert needed.cache == (8, 512)  # 32-token prompts + 480 new: the bucketed cache
