@@ -12,7 +12,9 @@ before the next is read. What is checked, each failure a CheckpointError naming 
   error, as is a config.json that declares a quantization_config (no quantized format is supported yet);
 - finiteness: every tensor is checked for NaN and Inf as it is placed (an error naming the tensor and the count,
   or with allow_nonfinite=True a warning);
-- the config.json fields (models.ConfigError, with the file named).
+- the config.json fields (models.ConfigError, with the file named), and every size they declare against the
+  tensors' names and header shapes (epsjax.checkpoint_sizes) before the tensor rules are listed or the model is
+  built, so a bogus layer count or width costs no work in proportion to it (`check_checkpoint`).
 
 Pickled checkpoints (*.bin, *.pt) are refused: unpickling can run arbitrary code.
 """
@@ -36,6 +38,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from epsjax.checkpoint_sizes import check_sizes
 from epsjax.errors import EpsjaxError
 from epsjax.models import MoETransformer, ModelConfig
 from epsjax.models.config import ConfigError
@@ -78,8 +81,8 @@ def _read_json(file: Path, what: str):
         raise CheckpointError(f"{file}: {what} is not valid JSON ({e})") from None
 
 
-def _present(file: Path, what: str) -> bool:
-    """Whether `file` is there; a broken link or a directory in its place is an error naming it."""
+def file_present(file: Path, what: str) -> bool:
+    """Whether `file` is there; a broken link or a directory in its place is a CheckpointError naming it."""
     if file.is_symlink() and not file.exists():
         raise CheckpointError(f"{file}: {what} is a broken symbolic link (to {os.readlink(file)})")
     if file.exists() and not file.is_file():
@@ -95,7 +98,7 @@ def read_config(path: str | os.PathLike, *, dtype: str | None = None) -> ModelCo
         raise CheckpointError(f"{path}: not a directory (a Hugging Face model directory holds config.json and "
                               "safetensors files)")
     config_file = path / "config.json"
-    if not _present(config_file, "config.json"):
+    if not file_present(config_file, "config.json"):
         raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
     hf = _read_json(config_file, "config.json")
     if not isinstance(hf, dict):
@@ -178,13 +181,13 @@ def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
     """Tensor name -> where it is and what its header says, for every tensor of the checkpoint (headers checked)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    if _present(index, "the shard index"):
+    if file_present(index, "the shard index"):
         table = _read_json(index, "the shard index")
         weight_map = table.get("weight_map") if isinstance(table, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: no weight_map object (tensor name -> shard file name)")
         shards = {file: path / file for file in set(weight_map.values())}
-        absent = sorted(str(f) for f in shards.values() if not _present(f, "a shard"))
+        absent = sorted(str(f) for f in shards.values() if not file_present(f, "a shard"))
         if absent:
             raise CheckpointError(f"{index} lists shard files that do not exist: {', '.join(absent)}")
         headers = {file: read_header(f) for file, f in shards.items()}
@@ -195,7 +198,7 @@ def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
             infos[name] = headers[file][name]
         return infos
     single = path / "model.safetensors"
-    if not _present(single, "model.safetensors"):
+    if not file_present(single, "model.safetensors"):
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickled:
             raise CheckpointError(
@@ -205,6 +208,48 @@ def tensor_files(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 "safe_serialization=True)`.")
         raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
     return read_header(single)
+
+
+def check_checkpoint(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
+                     dtype: str | None = None) -> tuple[ModelConfig, dict[str, TensorInfo], list]:
+    """Checks a checkpoint directory as far as its config.json and safetensors headers can, reading no weight and
+    building no model: (cfg, tensor name -> TensorInfo, the family's tensor rules). cfg: read_config(path, dtype=)'s
+    result when the caller has it.
+
+    In order: config.json's fields (read_config); every header (tensor_files); each size config.json declares
+    against the tensors (checkpoint_sizes.check_sizes: a ConfigError naming the field, its value and what the files
+    hold); then every tensor the family's layout needs is there, none is unexpected, each has its shape and a
+    floating-point dtype (CheckpointError naming the file and tensor)."""
+    path = Path(path)
+    if cfg is None:
+        cfg = read_config(path, dtype=dtype)
+    elif dtype is not None and dtype != cfg.dtype:
+        raise CheckpointError(f"{path}: dtype={dtype!r} contradicts the given config's {cfg.dtype!r}; give one")
+    files = tensor_files(path)
+    check_sizes(cfg, files, path / "config.json")
+    rules = family_module(cfg.family).tensor_rules(cfg)  # bounded by the files now that the counts agree
+
+    missing = [name for rule in rules for name in rule.hf_names if name not in files]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{path}: {len(missing)} tensors the {cfg.family} layout needs are missing: {shown}")
+    expected = {name for rule in rules for name in rule.hf_names}
+    unexpected = sorted(n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensors for a {cfg.family} model "
+                              f"with this config.json: {shown}")
+    for rule in rules:
+        for name, shape in zip(rule.hf_names, rule.hf_shapes):
+            info = files[name]
+            if info.shape != shape:
+                raise CheckpointError(f"{info.file}: tensor {name} has shape {info.shape}, expected {shape} "
+                                      f"from config.json")
+            if info.dtype not in FLOAT_TENSOR_DTYPES:
+                raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be "
+                                      f"floating point ({', '.join(FLOAT_TENSOR_DTYPES)}), and no quantized "
+                                      "format is supported")
+    return cfg, files, rules
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: str | None = None,
@@ -266,27 +311,11 @@ def load_host_experts(path: str | os.PathLike, *, dtype: str | None = None, devi
 def _load(path, *, dtype, cfg, model_shape, shardings, layout, quantize, on_host, progress, allow_nonfinite):
     """(graphdef, abstract {path: variable}, values {path: placed value}): load_checkpoint's streaming loop.
     on_host(path): keep that parameter as a numpy array in host memory instead of placing it."""
-    if cfg is None:
-        cfg = read_config(path, dtype=dtype)
-    elif dtype is not None and dtype != cfg.dtype:
-        raise CheckpointError(f"{path}: dtype={dtype!r} contradicts the given config's {cfg.dtype!r}; give one")
-    files = tensor_files(path)
+    cfg, files, rules = check_checkpoint(path, cfg, dtype=dtype)  # headers only, before the model is built
     graphdef, abstract_state = model_shape if model_shape is not None else nnx.split(
         nnx.eval_shape(lambda: MoETransformer(cfg, rngs=nnx.Rngs(0))))
     abstract = dict(nnx.to_flat_state(abstract_state))
-    rules = family_module(cfg.family).tensor_rules(cfg)  # read_config took the family from config.json's model_type
     _check_rules_cover(cfg, rules, abstract)
-
-    missing = [name for rule in rules for name in rule.hf_names if name not in files]
-    if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise CheckpointError(f"{path}: {len(missing)} tensors the {cfg.family} layout needs are missing: {shown}")
-    expected = {name for rule in rules for name in rule.hf_names}
-    unexpected = sorted(n for n in files if n not in expected and not n.endswith(_IGNORED_SUFFIXES))
-    if unexpected:
-        shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensors for a {cfg.family} model "
-                              f"with this config.json: {shown}")
 
     values = {}
     handles = {}
@@ -296,15 +325,8 @@ def _load(path, *, dtype, cfg, model_shape, shardings, layout, quantize, on_host
     try:
         for rule in rules:
             arrays = []
-            for name, shape in zip(rule.hf_names, rule.hf_shapes):
+            for name in rule.hf_names:  # names, shapes and dtypes were checked by check_checkpoint
                 info = files[name]
-                if info.shape != shape:
-                    raise CheckpointError(f"{info.file}: tensor {name} has shape {info.shape}, expected {shape} "
-                                          f"from config.json")
-                if info.dtype not in FLOAT_TENSOR_DTYPES:
-                    raise CheckpointError(f"{info.file}: tensor {name} has dtype {info.dtype}; weights must be "
-                                          f"floating point ({', '.join(FLOAT_TENSOR_DTYPES)}), and no quantized "
-                                          "format is supported")
                 try:
                     if info.file not in handles:
                         handles[info.file] = safe_open(info.file, framework="numpy")

@@ -125,6 +125,9 @@ def _parser() -> argparse.ArgumentParser:
                           "findep)")
     par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
                      help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
+    gen.add_argument("--force", action="store_true",
+                     help="load even when the memory check finds that the parameters and KV cache do not fit the "
+                          "devices or the host (it says what would fit)")
     off = gen.add_argument_group("offloading (one device)")
     off.add_argument("--offload", choices=("lru", "lfu", "expertflow"),
                      help="keep the routed experts in host memory, read straight from the checkpoint, and cache "
@@ -170,13 +173,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tokenizer(args):
+    """The model directory's tokenizer.json, or None without one. A file that is there and cannot be used (a
+    directory or a broken link in its place, unreadable, not JSON, not a tokenizer the tokenizers library reads) is
+    a CheckpointError naming it. (tokenizer_config.json and generation_config.json are not read: the chat template,
+    special tokens and generation defaults come from the flags and config.json.)"""
     from pathlib import Path
 
-    if not args.model or not (Path(args.model) / "tokenizer.json").is_file():
+    from epsjax.checkpoint import CheckpointError, file_present
+
+    if not args.model:
+        return None
+    file = Path(args.model) / "tokenizer.json"
+    if not file_present(file, "tokenizer.json"):
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions, without the file name
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{file}: tokenizer.json cannot be loaded by the tokenizers library ({reason}); "
+                              "re-download it, or remove it and give token ids with --prompt") from None
 
 
 def _prompt_ids(text: str, tokenizer) -> list[int]:
@@ -262,7 +279,7 @@ def _spec(args):
         mesh=mesh, pipeline_degree=args.pipeline_degree, split=None if dep else args.split, backend=args.backend,
         transport=args.transport, quantize=args.quantize, offload=args.offload, offload_budget=args.offload_budget,
         predictor=args.predictor, dep_split=_dep_split(args.split) if dep else None, dep_schedule=args.schedule,
-        allow_nonfinite=args.allow_nonfinite)
+        allow_nonfinite=args.allow_nonfinite, force=args.force)
 
 
 def _generate(args) -> int:
@@ -271,7 +288,7 @@ def _generate(args) -> int:
     import jax
     import numpy as np
 
-    from epsjax.compilation import CompileCounter, enable_compilation_cache
+    from epsjax.compilation import CompileCounter
     from epsjax.deployment import RequestShape, build
     from epsjax.engine import SamplingParams
 
@@ -281,7 +298,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.devices and jax.devices()[0].platform != "cpu":
         raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
-    cache_dir = None if args.no_compile_cache else enable_compilation_cache(args.compile_cache)
+    cache_dir = None if args.no_compile_cache else _compilation_cache(args.compile_cache)
     tokenizer = _tokenizer(args)
     text_prompts, prompts = False, None
     if args.text:
@@ -338,6 +355,24 @@ def _generate(args) -> int:
     return 0
 
 
+def _compilation_cache(directory):
+    """enable_compilation_cache, its warning (a directory that cannot be used: the run goes on without the cache)
+    printed as one line."""
+    import warnings
+
+    from epsjax.compilation import CompilationCacheWarning, enable_compilation_cache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompilationCacheWarning)
+        path = enable_compilation_cache(directory)
+    for warning in caught:
+        if issubclass(warning.category, CompilationCacheWarning):
+            print(f"epsjax generate: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return path
+
+
 def _stats_since(before, after):
     """The offload cache's counters of one request: `after` minus `before` (both offload.CacheStats)."""
     import dataclasses
@@ -379,6 +414,10 @@ def _info(args) -> int:
     print(f"devices    {len(devices)} ({jax.default_backend()}: {', '.join(kinds)}), jax {jax.__version__}")
     overrides = {"dtype": args.dtype} if args.dtype else {}
     cfg = read_config(args.model, **overrides) if args.model else get_preset(args.preset, **overrides)
+    if args.model and _has_weights(args.model):  # what it reports must be what the files hold
+        from epsjax.checkpoint import check_checkpoint
+
+        check_checkpoint(args.model, cfg)
     itemsize = jnp.dtype(cfg.dtype).itemsize
     counts = cfg.param_counts()
     attention = "MLA" if cfg.mla else f"GQA ({cfg.num_heads} heads, {cfg.num_kv_heads} kv heads)"
@@ -395,6 +434,17 @@ def _info(args) -> int:
           f"per MoE layer {per_layer / 2**30:.2f} GiB")
     print(f"  {'active/token':16s} {counts['active_per_token'] / 1e9:9.3f}B params")
     return 0
+
+
+def _has_weights(model: str) -> bool:
+    """Whether a model directory holds safetensors weights (`epsjax info` also describes a config.json alone)."""
+    from pathlib import Path
+
+    from epsjax.checkpoint import file_present
+
+    path = Path(model)
+    return (file_present(path / "model.safetensors", "model.safetensors")
+            or file_present(path / "model.safetensors.index.json", "the shard index"))
 
 
 if __name__ == "__main__":

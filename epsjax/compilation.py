@@ -14,7 +14,9 @@ import dataclasses
 import math
 import os
 import pathlib
+import tempfile
 import threading
+import warnings
 
 import jax
 
@@ -83,10 +85,19 @@ class ShapeBuckets:
                 "sample": len({b for b, _, _ in shapes})}
 
 
+class CompilationCacheWarning(UserWarning):
+    """The persistent compilation cache directory cannot be used: the run goes on without it."""
+
+
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
     """Points JAX's persistent compilation cache at `directory` (default: $EPSJAX_COMPILATION_CACHE, else
     ~/.cache/epsjax/jax) and caches every program, however fast it compiled. Returns the directory, or None when
-    $EPSJAX_COMPILATION_CACHE is "0" / "off" (the opt-out) or JAX already caches elsewhere."""
+    $EPSJAX_COMPILATION_CACHE is "0" / "off" (the opt-out) or JAX already caches elsewhere.
+
+    A directory that cannot be used (a file in its place or in its path, no permission to write, a full disk: a
+    probe file is written and synced first) is a CompilationCacheWarning naming it and why, and None: the run
+    compiles without the cache, never fails for it. (Entries that later fail to write or read are JAX's own
+    warnings, also never errors.)"""
     setting = os.environ.get(CACHE_ENV, "")
     if directory is None and setting.lower() in ("0", "off", "false", "no"):
         return None
@@ -94,11 +105,31 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
     path = pathlib.Path(directory or setting or current or DEFAULT_CACHE_DIR).expanduser()
     if current and pathlib.Path(current).expanduser() != path:
         return None  # the user configured JAX's cache themselves: leave it
-    path.mkdir(parents=True, exist_ok=True)
+    problem = _unusable(path)
+    if problem is not None:
+        warnings.warn(f"{path}: the compilation cache directory cannot be used ({problem}); running without the "
+                      "persistent compilation cache", CompilationCacheWarning, stacklevel=2)
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def _unusable(path: pathlib.Path) -> str | None:
+    """Why `path` cannot hold the cache (None: it can): made if absent, then a small probe file written, synced
+    (a full disk fails here, not at the first cache entry) and removed."""
+    if path.exists() and not path.is_dir():
+        return "it exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".epsjax-probe-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 class CompileCounter:
@@ -143,4 +174,4 @@ class CompileCounter:
         return False
 
 
-__all__ = ["CACHE_ENV", "CompileCounter", "ShapeBuckets", "enable_compilation_cache"]
+__all__ = ["CACHE_ENV", "CompilationCacheWarning", "CompileCounter", "ShapeBuckets", "enable_compilation_cache"]

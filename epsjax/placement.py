@@ -102,6 +102,18 @@ class ParamPlacement:
         slots, expert_paths = self.slots, self._expert_paths
         return lambda path, value: slots.to_slots(value) if tuple(path) in expert_paths else value
 
+    def elements_per_device(self) -> int:
+        """Parameter elements one device holds: each parameter's shard shape under its sharding, routed experts in
+        their slots (every device holds as many: each sharded dimension divides over its mesh axes). The memory
+        check's parameter bytes on a mesh (epsjax.deployment.memory)."""
+        total = 0
+        for path, variable in nnx.to_flat_state(self.abstract):
+            shape = list(variable.shape)
+            if self.slots is not None and _is_expert_param(variable):
+                shape[0] = self.slots.num_slots
+            total += math.prod(self._table[path].shard_shape(tuple(shape)))
+        return total
+
     def create_model(self, rngs: nnx.Rngs | int = 0) -> MoETransformer:
         """A freshly initialised model whose parameters are created directly in their shards (create_sharded_model)."""
         rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs

@@ -42,6 +42,17 @@ jax.tree_util.register_dataclass(
 ATTENTION_BLOCK = 512
 
 
+def kv_cache_shapes(cfg: ModelConfig, batch: int, length: int) -> dict[str, tuple[int, ...]]:
+    """One layer's KV cache entries for `batch` sequences of `length` slots (in the model's dtype): GQA's keys and
+    values [B, S, K, H], or MLA's normalised latent [B, S, C] and rotary key [B, S, R]. What each attention module's
+    cache_shapes returns, and what the memory check (epsjax.deployment.memory) counts without building one."""
+    if cfg.mla is None:
+        return {"k": (batch, length, cfg.num_kv_heads, cfg.head_dim),
+                "v": (batch, length, cfg.num_kv_heads, cfg.head_dim)}
+    m = cfg.mla
+    return {"latent": (batch, length, m.kv_lora_rank), "k_rope": (batch, length, m.qk_rope_head_dim)}
+
+
 def write_cache(cache_layer: dict | None, new: dict, write_index) -> dict | None:
     """Writes the new tokens' entries ([B, T, ...] each) into the cache ([B, S, ...] each) at write_index: one slot
     for the whole batch (a scalar, as a prefill writes from 0) or each row's own ([B]: decode slots, where every
@@ -109,8 +120,7 @@ class GQAAttention(nnx.Module):
             self.k_norm = RMSNorm(H, eps=cfg.norm_eps, dtype=dt, axis=axes.HEAD_DIM, rngs=rngs)
 
     def cache_shapes(self, batch: int, length: int) -> dict[str, tuple[int, ...]]:
-        return {"k": (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim),
-                "v": (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)}
+        return kv_cache_shapes(self.cfg, batch, length)
 
     def __call__(self, x_BTD, ctx: AttentionContext, cache_layer: dict | None):
         cfg = self.cfg
@@ -164,8 +174,7 @@ class MLAttention(nnx.Module):
         self.o_NVD = param(rngs, (N, m.v_head_dim, D), (axes.HEADS, axes.HEAD_DIM, axes.EMBED), dt)
 
     def cache_shapes(self, batch: int, length: int) -> dict[str, tuple[int, ...]]:
-        m = self.cfg.mla
-        return {"latent": (batch, length, m.kv_lora_rank), "k_rope": (batch, length, m.qk_rope_head_dim)}
+        return kv_cache_shapes(self.cfg, batch, length)
 
     def __call__(self, x_BTD, ctx: AttentionContext, cache_layer: dict | None):
         cfg, m = self.cfg, self.cfg.mla

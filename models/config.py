@@ -246,7 +246,7 @@ class ModelConfig:
             kv += m.kv_lora_rank * self.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
             attn = q + kv + self.num_heads * m.v_head_dim * D
         dense_mlp = 3 * D * self.dense_ffn_dim
-        n_moe = len(self.moe_layers)
+        n_moe = self.num_layers - len(set(self.dense_layers))  # not len(moe_layers): no list of num_layers
         n_dense = self.num_layers - n_moe
         counts = {
             "embedding": self.vocab_size * D * (1 if self.tie_embeddings else 2),

@@ -93,7 +93,8 @@ def test_the_placement_and_the_plan_are_made_once_and_shared(tmp_path):
     assert d.expert_slots is not None and d.engine.experts.placement is d.expert_slots
     assert d.model.layers[1].moe.w_gate_EDF.shape[0] == d.expert_slots.num_slots == 8
     assert d.plan.source is PlanSource.UNEVEN_PLACEMENT and d.plan.predicted_prefill_s is None
-    assert [name for name, _ in d.steps] == ["config", "strategy", "mesh", "placement", "plan", "weights", "engine"]
+    assert [name for name, _ in d.steps] == ["config", "strategy", "mesh", "placement", "memory", "plan", "weights",
+                                          "engine"]
     assert "experts    6 over 4 devices in 2 slots each" in d.description
 
 

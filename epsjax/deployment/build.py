@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from epsjax import pallas_kernels, placement, sharding
+from epsjax.deployment import memory
 from epsjax.deployment.spec import PREDICTOR_DIR, PREDICTOR_FILES, DeploymentSpec, RequestShape, SpecError
 from epsjax.engine import Engine
 from epsjax.models import LocalExperts, ModelConfig, MoETransformer, get_preset
@@ -124,10 +124,12 @@ def build(spec: DeploymentSpec, request: RequestShape = RequestShape(), *, devic
 
 
 def _config(spec: DeploymentSpec) -> ModelConfig:
+    """The preset's config, or config.json's checked against the checkpoint's headers (checkpoint.check_checkpoint:
+    every declared size against the tensors) before anything is built or planned for it."""
     if spec.model is not None:
-        from epsjax.checkpoint import read_config
+        from epsjax.checkpoint import check_checkpoint
 
-        return read_config(spec.model, dtype=spec.dtype)
+        return check_checkpoint(spec.model, dtype=spec.dtype)[0]
     return get_preset(spec.preset, **({"dtype": spec.dtype} if spec.dtype else {}))
 
 
@@ -148,13 +150,12 @@ def _strategy(spec: DeploymentSpec, request: RequestShape, devices: int) -> tupl
     return "local", (f" ({request.batch} prompts do not split over {devices} devices)" if devices > 1 else "")
 
 
-def _check_host_memory(cfg: ModelConfig) -> None:
-    need = cfg.param_counts()["total"] * cfg.jnp_dtype.itemsize
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > 0.8 * have:
-        raise SpecError(f"preset {cfg.name} needs {need / 2**30:.1f} GiB of parameters in {cfg.dtype}; this host "
-                        f"has {have / 2**30:.1f} GiB (from Python, get_preset(name, num_layers=N) builds fewer "
-                        f"layers; or use a tiny-* preset)")
+def _check_memory(common: dict, steps: _Steps, **where) -> None:
+    """The one memory check (epsjax.deployment.memory) before any weight is made or read; where: a mesh's
+    placement, or DEP's dep_split and dep_slots."""
+    with steps("memory"):
+        memory.check(memory.Case(common["spec"], common["cfg"], common["request"], common["strategy"], **where),
+                     common["devices"])
 
 
 def _engine_options(spec: DeploymentSpec) -> dict:
@@ -168,6 +169,7 @@ def _build_local(common: dict, steps: _Steps, note: str, progress: bool) -> Depl
     spec, cfg, request = common["spec"], common["cfg"], common["request"]
     if spec.offload is not None:
         return _build_offload(common, steps, note, progress)
+    _check_memory(common, steps)
     with steps("weights"):
         if spec.model is not None:
             from epsjax.checkpoint import load_checkpoint
@@ -177,7 +179,6 @@ def _build_local(common: dict, steps: _Steps, note: str, progress: bool) -> Depl
         else:
             from epsjax.models.quantize import quantize_experts
 
-            _check_host_memory(cfg)
             model = MoETransformer(cfg, rngs=nnx.Rngs(0))
             model = model if spec.quantize is None else quantize_experts(model, spec.quantize)
     with steps("engine"):
@@ -240,6 +241,7 @@ def _build_offload(common: dict, steps: _Steps, note: str, progress: bool) -> De
         raise SpecError(f"--offload-budget {spec.offload_budget:g} holds {fits} of {cfg.name}'s {experts} routed "
                         f"experts; the cache needs {config.max_inflight} in flight + 1 slot: give at least "
                         f"{math.ceil(least * 1000) / 1000:g}")
+    _check_memory(common, steps)
     with steps("predictor"):
         predictor = _predictor(spec, cfg) if spec.offload == "expertflow" else None
     with steps("weights"):
@@ -251,7 +253,6 @@ def _build_offload(common: dict, steps: _Steps, note: str, progress: bool) -> De
         else:
             from epsjax.offload.runtime import split_experts
 
-            _check_host_memory(cfg)
             with _host_default_device():  # random weights made on the host, experts never on the device
                 split = split_experts(MoETransformer(cfg, rngs=nnx.Rngs(0)))
     with steps("engine"):
@@ -320,6 +321,7 @@ def _build_mesh(common: dict, steps: _Steps, progress: bool) -> Deployment:
     if request.batch % batch_shards:
         raise SpecError(f"{request.batch} prompts do not divide over the {batch_shards} batch shards of "
                         f"--strategy {strategy} on mesh {shape}; give a multiple of {batch_shards} prompts")
+    _check_memory(common, steps, placement=params)
     with steps("plan"):
         forced = None if spec.pipeline_degree is None else sharding.ExpertPlan(
             spec.pipeline_degree, spec.split or "experts", backends=(spec.backend,))
@@ -334,7 +336,6 @@ def _build_mesh(common: dict, steps: _Steps, progress: bool) -> Deployment:
                                     shardings=params.sharding, layout=params.layout,
                                     allow_nonfinite=spec.allow_nonfinite, progress=progress)
         else:
-            _check_host_memory(cfg)
             model = params.create_model(0)
     with steps("engine"):
         engine = Engine(model, experts=experts, batch_sharding=sharding.batch_sharding(mesh, params.rules),
@@ -379,6 +380,7 @@ def _build_dep(common: dict, steps: _Steps, progress: bool) -> Deployment:
             raise SpecError(f"--split {ag},{eg}: {ag + eg} devices, but only {len(devices)} exist")
     with steps("mesh"):
         groups = dep.DEPGroups.split(ag, eg, cfg.num_experts, devices)
+    _check_memory(common, steps, dep_split=(ag, eg), dep_slots=groups.placement.slots)
     with steps("plan"):
         space = spec.dep_schedule or "findep"
         sequences = math.ceil(request.batch / ag)  # per attention device
@@ -410,7 +412,6 @@ def _build_dep(common: dict, steps: _Steps, progress: bool) -> Deployment:
             model = load_checkpoint(spec.model, cfg=cfg, shardings=where, layout=layout, progress=progress,
                                     allow_nonfinite=spec.allow_nonfinite)
         else:
-            _check_host_memory(cfg)
             model = MoETransformer(cfg, rngs=nnx.Rngs(0))
     with steps("engine"):
         runtime = DEPRuntime(model, groups, backend=spec.backend, buckets=spec.buckets)

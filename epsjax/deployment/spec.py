@@ -55,6 +55,8 @@ class DeploymentSpec:
         each) and the schedule space of the FinDEP solver (default: findep).
     buckets, decode_chunk: the engine's shape ladders and decode steps per device call (None: the engine's default).
     allow_nonfinite: load checkpoint tensors holding NaN or Inf (with a warning).
+    force: build even when the memory check (epsjax.deployment.memory) finds that the parameters and KV cache do not
+        fit the devices or the host.
     """
 
     model: str | None = None
@@ -75,6 +77,7 @@ class DeploymentSpec:
     buckets: ShapeBuckets | None = ShapeBuckets()
     decode_chunk: int | None = None
     allow_nonfinite: bool = False
+    force: bool = False
 
     def __post_init__(self):
         if self.model is not None and self.preset is not None:

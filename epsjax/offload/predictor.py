@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from epsjax.offload.errors import OffloadError
@@ -146,15 +147,45 @@ class RoutingPredictor:
 
     @classmethod
     def load(cls, path) -> "RoutingPredictor":
+        """The predictor RoutingPredictor.save wrote to `path`. A file that cannot be read, a predictor_config.json
+        that is not a JSON object of PredictorConfig's positive integer fields, or a predictor.safetensors whose
+        tensors (names and shapes, from its header) are not that config's is an OffloadError naming the file; the
+        model is built only after its sizes match the tensors."""
         path = pathlib.Path(path)
-        config = PredictorConfig(**json.loads((path / "predictor_config.json").read_text()))
+        config_file, weights = path / "predictor_config.json", path / "predictor.safetensors"
+        try:
+            fields = json.loads(config_file.read_text())
+        except OSError as e:
+            raise OffloadError(f"{config_file}: cannot read: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OffloadError(f"{config_file}: not valid JSON ({e})") from None
+        names = [f.name for f in dataclasses.fields(PredictorConfig)]
+        if not isinstance(fields, dict) or set(fields) - set(names) or not set(names[:4]) <= set(fields):
+            raise OffloadError(f"{config_file}: must be a JSON object with fields {', '.join(names[:4])} (and "
+                               f"optionally {', '.join(names[4:])}), got {fields!r:.200}")
+        bad = [f"{k}={v!r}" for k, v in fields.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise OffloadError(f"{config_file}: fields must be positive integers: {', '.join(bad)}")
+        config = PredictorConfig(**fields)
+        try:
+            with safe_open(str(weights), framework="numpy") as f:
+                held = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors' errors carry no file name
+            raise OffloadError(f"{weights}: cannot be read as safetensors: {e}") from None
+        blocks = {name.split(".")[1] for name in held if name.startswith("blocks.")}
+        if config.enc_layers != len(blocks):  # before the model is built: enc_layers sets its size
+            raise OffloadError(f"{config_file} declares enc_layers={config.enc_layers}, but {weights.name} holds "
+                               f"{len(blocks)} encoder blocks")
+        abstract = nnx.eval_shape(lambda: RoutingPredictorModel(config, rngs=nnx.Rngs(0)))
+        shapes = {name: tuple(v.shape) for name, v in _flat(nnx.state(abstract)).items()}
+        if shapes != held:
+            diff = sorted(n for n in set(shapes) | set(held) if shapes.get(n) != held.get(n))[:4]
+            raise OffloadError(f"{weights}: predictor tensors do not match {config_file.name}: "
+                               + "; ".join(f"{n} {held.get(n)} in the file, {shapes.get(n)} by the config"
+                                           for n in diff))
         model = RoutingPredictorModel(config, rngs=nnx.Rngs(0))
-        tensors = load_file(str(path / "predictor.safetensors"))
+        tensors = load_file(str(weights))
         state = nnx.state(model)
-        expected = _flat(state)
-        if sorted(expected) != sorted(tensors):
-            raise OffloadError(f"{path}: predictor tensors {sorted(tensors)} differ from the model's "
-                               f"{sorted(expected)}")
         leaves = jax.tree_util.tree_leaves_with_path(state)
         new = [jnp.asarray(tensors[_name(p)]) for p, _ in leaves]
         nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), new))

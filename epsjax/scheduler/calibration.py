@@ -14,6 +14,7 @@ gets a cost model at all once calibrated.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
 
@@ -33,15 +34,44 @@ def calibration_path(kind: str, directory: pathlib.Path | str | None = None) -> 
     return pathlib.Path(directory if directory is not None else CALIBRATION_DIR) / file_name(kind)
 
 
+NUMBERS = ("memory_gbs", "attention_efficiency", "link_gbs", "link_latency_s", "dispatch_latency_s", "devices",
+           "cores", "memory_gb")
+OPTIONAL_NUMBERS = ("host_to_device_gbs", "overlap_interference")  # null or absent in older calibrations
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> dict | None:
-    """The calibration of a device kind, or None. A file missing a field is an error naming it."""
+    """The calibration of a device kind, or None. A file that cannot be read, is not a JSON object, misses a field
+    or holds a field of the wrong type is a ScheduleError naming the file (and the field)."""
     path = calibration_path(kind, directory)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    data = json.loads(path.read_text())
+    redo = "re-run scripts/gpu_check.py, or remove the file to use the preset's constants"
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ScheduleError(f"{path}: cannot read the calibration: {e.strerror or e}; {redo}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScheduleError(f"{path}: the calibration is not valid JSON ({e}); {redo}") from None
+    if not isinstance(data, dict):
+        raise ScheduleError(f"{path}: a calibration must be a JSON object, got {type(data).__name__}; {redo}")
     missing = [f for f in FIELDS if f not in data]
     if missing:
         raise ScheduleError(f"{path}: calibration lacks {missing}; re-run scripts/gpu_check.py")
+    bad = [f"{f}={data[f]!r}" for f in NUMBERS if not _number(data[f])]
+    bad += [f"{f}={data[f]!r}" for f in OPTIONAL_NUMBERS if data.get(f) is not None and not _number(data[f])]
+    tflops = data["dense_tflops"]
+    if not isinstance(tflops, dict) or not tflops or not all(isinstance(k, str) and _number(v)
+                                                             for k, v in tflops.items()):
+        bad.append(f"dense_tflops={tflops!r}")
+    if not isinstance(data["device_kind"], str):
+        bad.append(f"device_kind={data['device_kind']!r}")
+    if bad:
+        raise ScheduleError(f"{path}: calibration fields of the wrong type: {', '.join(bad)} (numbers are finite and "
+                            f">= 0, dense_tflops an object of dtype -> TFLOP/s, device_kind a string); {redo}")
     data["path"] = str(path)
     return data
 
@@ -52,10 +82,11 @@ def calibration_matching(hw: Hardware, directory: pathlib.Path | str | None = No
     folder = pathlib.Path(directory if directory is not None else CALIBRATION_DIR)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
         try:
-            kind = json.loads(path.read_text()).get("device_kind", "")
-        except (OSError, json.JSONDecodeError):
-            continue
-        if kind and re.search(hw.device_kind_pattern, kind, flags=re.IGNORECASE):
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a damaged file is named when its device kind loads it (load_calibration)
+        kind = data.get("device_kind", "") if isinstance(data, dict) else ""
+        if isinstance(kind, str) and kind and re.search(hw.device_kind_pattern, kind, flags=re.IGNORECASE):
             return kind
     return None
 

@@ -240,7 +240,9 @@ def find_profile(hw: Hardware, profile_dir: pathlib.Path | str | None = None) ->
     for path in sorted(directory.glob("*.json")):
         try:
             table = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(table, dict):
             continue
         if (table.get("is_cpu") or table.get("platform") == "cpu") != (hw.name == "cpu"):
             continue  # CPU tables for the (calibrated) CPU only
@@ -251,13 +253,25 @@ def find_profile(hw: Hardware, profile_dir: pathlib.Path | str | None = None) ->
 
 def fitted_gemm_models(path: pathlib.Path, dtype: str) -> tuple[dict[str, GemmModel], dict]:
     """Every backend of a profile table that has enough entries of this dtype (any dtype if none match)."""
-    table = json.loads(pathlib.Path(path).read_text())
-    entries = [e for e in table.get("entries", []) if e.get("dtype") == dtype] or table.get("entries", [])
-    models, stats = {}, {}
-    for backend in sorted({e["backend"] for e in entries}):
-        fit = fit_gemm_model(entries, backend, f"fitted from {path.name}")
-        if fit is not None:
-            models[backend], stats[backend] = fit
+    path = pathlib.Path(path)
+    try:
+        table = json.loads(path.read_text())
+        entries = table.get("entries", [])
+        entries = [e for e in entries if e.get("dtype") == dtype] or entries
+        models, stats = {}, {}
+        for backend in sorted({e["backend"] for e in entries}):
+            fit = fit_gemm_model(entries, backend, f"fitted from {path.name}")
+            if fit is not None:
+                models[backend], stats[backend] = fit
+    except OSError as e:
+        raise ScheduleError(f"{path}: cannot read the GEMM profile table: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ScheduleError(f"{path}: the GEMM profile table is not valid JSON ({e})") from None
+    except ScheduleError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # an entry without a field, or of another type
+        raise ScheduleError(f"{path}: a GEMM profile entry is malformed ({type(e).__name__}: {e}); re-run "
+                            "scripts/profile_gemm.py or remove the file") from None
     return models, stats
 
 

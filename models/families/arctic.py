@@ -25,6 +25,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "moe_layer_frequency": 1, "parallel_attn_mlp_res": True}
 
 
+LAYOUT = mixtral.LAYOUT
+
+
+def size_fields(cfg: ModelConfig) -> list[common.SizeField]:
+    """Mixtral's (the dense residual MLP is d_model wide, hidden_size's witnesses already)."""
+    return mixtral.size_fields(cfg)
+
+
 def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
     rules = mixtral.embedding_rules(cfg)
     for layer in range(cfg.num_layers):

@@ -94,6 +94,74 @@ class HFFields:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a family's checkpoint shows its counts, for checking config.json against the tensor names alone:
+    layer l's tensors are named layer_prefix + f"{l}." (the count is config.json's `layers_field`); per-expert
+    tensors hold ".experts.{e}." in their names (`experts_field`; DBRX fuses its experts and has none); a layer
+    with routed experts has tensors holding ".experts." or named `router`; `dense_field` names the config.json
+    fields that make layers dense (None: every layer is an MoE layer)."""
+
+    layer_prefix: str
+    layers_field: str
+    experts_field: str
+    router: str
+    dense_field: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeField:
+    """A size config.json declares, as the checkpoint's tensors show it: `field` (named as config.json names it)
+    declares `value`, so dimension d of each tensor (name, d) in `where` must hold value * factor + offset; `how`
+    spells a product or sum, e.g. " x head_dim 16" for the rows of q_proj (heads x head_dim)."""
+
+    field: str
+    value: int
+    where: tuple[tuple[str, int], ...]
+    factor: int = 1
+    offset: int = 0
+    how: str = ""
+
+    @property
+    def expected(self) -> int:
+        return self.value * self.factor + self.offset
+
+    def held(self, extent: int) -> int | None:
+        """The value of the field that a dimension of `extent` means (None when no integer does)."""
+        rest = extent - self.offset
+        return rest // self.factor if rest > 0 and rest % self.factor == 0 else None
+
+
+def per_layer(prefix: str, layers, suffix: str, dim: int) -> tuple[tuple[str, int], ...]:
+    """(name, dim) of one tensor in each of `layers`: prefix + f"{layer}." + suffix."""
+    return tuple((f"{prefix}{layer}.{suffix}", dim) for layer in layers)
+
+
+def embedding_sizes(cfg, *, embed: str, norm: str, lm_head: str, layer_norms, vocab_field: str = "vocab_size",
+                    d_model_field: str = "hidden_size") -> list[SizeField]:
+    """vocab_size and the model width, from the embedding [V, D], the final norm [D], lm_head [V, D] and the layers'
+    norms [D] (`layer_norms`: (name, 0) pairs)."""
+    head = () if cfg.tie_embeddings else ((lm_head, 0),)
+    head_d = () if cfg.tie_embeddings else ((lm_head, 1),)
+    return [SizeField(vocab_field, cfg.vocab_size, ((embed, 0), *head)),
+            SizeField(d_model_field, cfg.d_model, ((embed, 1), (norm, 0), *head_d, *layer_norms))]
+
+
+def gqa_sizes(cfg, prefix: str, layers) -> list[SizeField]:
+    """head_dim (from q_norm / k_norm when there are), heads and KV heads (q_proj [N*H, D], k_proj, v_proj [K*H, D],
+    o_proj [D, N*H]) of Llama-style attention under prefix + f"{layer}.self_attn."."""
+    H, each = cfg.head_dim, lambda suffix, dim: per_layer(prefix, layers, f"self_attn.{suffix}", dim)
+    fields = []
+    if cfg.qk_norm:
+        fields.append(SizeField("head_dim", H, each("q_norm.weight", 0) + each("k_norm.weight", 0)))
+    return fields + [
+        SizeField("num_attention_heads", cfg.num_heads, each("q_proj.weight", 0) + each("o_proj.weight", 1),
+                  factor=H, how=f" (x head_dim {H} rows of q_proj)"),
+        SizeField("num_key_value_heads", cfg.num_kv_heads, each("k_proj.weight", 0) + each("v_proj.weight", 0),
+                  factor=H, how=f" (x head_dim {H} rows of k_proj and v_proj)"),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
 class TensorRule:
     hf_names: tuple[str, ...]
     hf_shapes: tuple[tuple[int, ...], ...]

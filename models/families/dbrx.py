@@ -66,6 +66,28 @@ def _experts(name: str, path, E: int, F: int, D: int, transpose: bool) -> common
     return common.TensorRule((name,), ((E * F, D),), (path,), load=load, save=save)
 
 
+LAYOUT = common.Layout(layer_prefix="transformer.blocks.", layers_field="n_layers",
+                       experts_field="ffn_config.moe_num_experts", router="ffn.router.layer.weight")
+
+
+def size_fields(cfg: ModelConfig) -> list[common.SizeField]:
+    """config.json's sizes as the tensors show them (epsjax.checkpoint_sizes checks them from the headers)."""
+    layers, prefix, E, H, N = range(cfg.num_layers), LAYOUT.layer_prefix, cfg.num_experts, cfg.head_dim, cfg.num_heads
+    norms = (common.per_layer(prefix, layers, "norm_attn_norm.norm_1.weight", 0)
+             + common.per_layer(prefix, layers, "norm_attn_norm.norm_2.weight", 0))
+    return [
+        *common.embedding_sizes(cfg, embed="transformer.wte.weight", norm="transformer.norm_f.weight",
+                                lm_head="lm_head.weight", layer_norms=norms, d_model_field="d_model"),
+        common.SizeField(LAYOUT.experts_field, E, common.per_layer(prefix, layers, LAYOUT.router, 0)),
+        common.SizeField("ffn_config.ffn_hidden_size", cfg.expert_ffn_dim,
+                         common.per_layer(prefix, layers, "ffn.experts.mlp.w1", 0), factor=E,
+                         how=f" (x moe_num_experts {E} rows of the fused experts)"),
+        common.SizeField("attn_config.kv_n_heads", cfg.num_kv_heads,
+                         common.per_layer(prefix, layers, "norm_attn_norm.attn.Wqkv.weight", 0), factor=2 * H,
+                         offset=N * H, how=f" (Wqkv holds (n_heads {N} + 2 x kv_n_heads) x head_dim {H} rows)"),
+    ]
+
+
 def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
     D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
     rules = [common.identity("transformer.wte.weight", ("embed", "embedding"), (cfg.vocab_size, D)),

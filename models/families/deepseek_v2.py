@@ -12,7 +12,13 @@ def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
         raise ConfigError("field attention_bias: true is not supported (only false)")
     layers, first_dense = f.int("num_hidden_layers"), f.int("first_k_dense_replace", 0, min=0)
     freq = f.int("moe_layer_freq", 1)
-    dense = tuple(l for l in range(layers) if l < first_dense or l % freq != 0)
+    if first_dense >= layers:
+        raise ConfigError(f"field first_k_dense_replace={first_dense}: every one of the {layers} layers is dense (an "
+                          "MoE model needs at least one MoE layer)")
+    if freq == 1:  # the released layout: no work proportional to num_hidden_layers before it meets the checkpoint
+        dense = tuple(range(first_dense))
+    else:
+        dense = tuple(l for l in range(layers) if l < first_dense or l % freq != 0)
     top_k = f.int("num_experts_per_tok")
     grouped = f.str("topk_method", "greedy", choices=("greedy", "group_limited_greedy")) == "group_limited_greedy"
     # DeepSeek-V2 either renormalises the top-k weights or scales them by routed_scaling_factor, never both.
@@ -55,6 +61,40 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "attention_bias": False,
         "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
+
+
+LAYOUT = common.Layout(layer_prefix="model.layers.", layers_field="num_hidden_layers",
+                       experts_field="n_routed_experts", router="mlp.gate.weight",
+                       dense_field="first_k_dense_replace / moe_layer_freq")
+
+
+def size_fields(cfg: ModelConfig) -> list[common.SizeField]:
+    """config.json's sizes as the tensors show them (epsjax.checkpoint_sizes checks them from the headers)."""
+    layers, prefix, m, N = range(cfg.num_layers), LAYOUT.layer_prefix, cfg.mla, cfg.num_heads
+    moe = [l for l in layers if cfg.is_moe_layer(l)]
+    dense = [l for l in layers if not cfg.is_moe_layer(l)]
+    norms = (common.per_layer(prefix, layers, "input_layernorm.weight", 0)
+             + common.per_layer(prefix, layers, "post_attention_layernorm.weight", 0))
+    attn = lambda suffix, dim: common.per_layer(prefix, layers, f"self_attn.{suffix}", dim)  # noqa: E731
+    fields = [*common.embedding_sizes(cfg, embed="model.embed_tokens.weight", norm="model.norm.weight",
+                                      lm_head="lm_head.weight", layer_norms=norms),
+              *qwen3_moe.moe_sizes(cfg, prefix, moe, dense, LAYOUT.experts_field),
+              common.SizeField("kv_lora_rank", m.kv_lora_rank, attn("kv_a_layernorm.weight", 0)),
+              common.SizeField("qk_rope_head_dim", m.qk_rope_head_dim, attn("kv_a_proj_with_mqa.weight", 0),
+                               offset=m.kv_lora_rank, how=f" (+ kv_lora_rank {m.kv_lora_rank} rows of "
+                                                         "kv_a_proj_with_mqa)")]
+    if m.q_lora_rank is not None:
+        fields.append(common.SizeField("q_lora_rank", m.q_lora_rank, attn("q_a_layernorm.weight", 0)))
+    q = attn("q_proj.weight", 0) if m.q_lora_rank is None else attn("q_b_proj.weight", 0)
+    return fields + [
+        common.SizeField("num_attention_heads", N, q, factor=m.qk_head_dim,
+                         how=f" (x qk_nope_head_dim + qk_rope_head_dim = {m.qk_head_dim} rows of the query)"),
+        common.SizeField("v_head_dim", m.v_head_dim, attn("o_proj.weight", 1), factor=N,
+                         how=f" (x num_attention_heads {N} columns of o_proj)"),
+        common.SizeField("qk_nope_head_dim", m.qk_nope_head_dim, attn("kv_b_proj.weight", 0), factor=N,
+                         offset=N * m.v_head_dim, how=f" (+ v_head_dim {m.v_head_dim}, x num_attention_heads {N} "
+                                                   "rows of kv_b_proj)"),
+    ]
 
 
 def mla_rules(cfg: ModelConfig, prefix: str, path) -> list[common.TensorRule]:

@@ -33,6 +33,23 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
 
 
+LAYOUT = common.Layout(layer_prefix="model.layers.", layers_field="num_hidden_layers",
+                       experts_field="num_local_experts", router="block_sparse_moe.gate.weight")
+
+
+def size_fields(cfg: ModelConfig) -> list[common.SizeField]:
+    """config.json's sizes as the tensors show them (epsjax.checkpoint_sizes checks them from the headers)."""
+    layers, prefix = range(cfg.num_layers), LAYOUT.layer_prefix
+    norms = (common.per_layer(prefix, layers, "input_layernorm.weight", 0)
+             + common.per_layer(prefix, layers, "post_attention_layernorm.weight", 0))
+    moe = lambda suffix: common.per_layer(prefix, layers, f"block_sparse_moe.{suffix}", 0)  # noqa: E731
+    return [*common.embedding_sizes(cfg, embed="model.embed_tokens.weight", norm="model.norm.weight",
+                                    lm_head="lm_head.weight", layer_norms=norms),
+            common.SizeField(LAYOUT.experts_field, cfg.num_experts, moe("gate.weight")),
+            common.SizeField("intermediate_size", cfg.expert_ffn_dim, moe("experts.0.w1.weight")),
+            *common.gqa_sizes(cfg, prefix, layers)]
+
+
 def embedding_rules(cfg: ModelConfig) -> list[common.TensorRule]:
     rules = [common.identity("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, cfg.d_model)),
              common.identity("model.norm.weight", ("final_norm", "scale"), (cfg.d_model,))]

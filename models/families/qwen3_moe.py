@@ -14,7 +14,10 @@ def config_from_hf(hf: dict, *, dtype: str) -> ModelConfig:
         raise ConfigError("field attention_bias: true is not supported (only false)")
     layers, step = f.int("num_hidden_layers"), f.int("decoder_sparse_step", 1)
     mlp_only = set(f.int_list("mlp_only_layers"))
-    dense = tuple(l for l in range(layers) if l in mlp_only or (l + 1) % step != 0)
+    if step == 1:  # the released layout: no work proportional to num_hidden_layers before it meets the checkpoint
+        dense = tuple(sorted(l for l in mlp_only if l < layers))
+    else:
+        dense = tuple(l for l in range(layers) if l in mlp_only or (l + 1) % step != 0)
     heads, d_model = f.int("num_attention_heads"), f.int("hidden_size")
     # The Hub's config.json says num_experts; transformers 5 writes num_local_experts.
     experts = f.int("num_experts") if f.has("num_experts") else f.int("num_local_experts")
@@ -42,6 +45,43 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id, "use_sliding_window": False,
         "attention_bias": False, "torch_dtype": common.hf_dtype_name(cfg.dtype), **common.rope_to_hf(cfg.rope)}
+
+
+LAYOUT = common.Layout(layer_prefix="model.layers.", layers_field="num_hidden_layers",
+                       experts_field="num_experts (or num_local_experts)", router="mlp.gate.weight",
+                       dense_field="mlp_only_layers / decoder_sparse_step")
+
+
+def size_fields(cfg: ModelConfig) -> list[common.SizeField]:
+    """config.json's sizes as the tensors show them (epsjax.checkpoint_sizes checks them from the headers)."""
+    layers, prefix = range(cfg.num_layers), LAYOUT.layer_prefix
+    moe = [l for l in layers if cfg.is_moe_layer(l)]
+    dense = [l for l in layers if not cfg.is_moe_layer(l)]
+    norms = (common.per_layer(prefix, layers, "input_layernorm.weight", 0)
+             + common.per_layer(prefix, layers, "post_attention_layernorm.weight", 0))
+    return [*common.embedding_sizes(cfg, embed="model.embed_tokens.weight", norm="model.norm.weight",
+                                    lm_head="lm_head.weight", layer_norms=norms),
+            *moe_sizes(cfg, prefix, moe, dense, LAYOUT.experts_field),
+            *common.gqa_sizes(cfg, prefix, layers)]
+
+
+def moe_sizes(cfg: ModelConfig, prefix: str, moe, dense, experts_field: str) -> list[common.SizeField]:
+    """The expert count and widths of `mlp.` MoE layers (router mlp.gate [E, D], experts [F, D], shared experts)
+    and dense ones (mlp.gate_proj [dense F, D]), shared by Qwen3-MoE and DeepSeek-V2."""
+    fields = [
+        common.SizeField(experts_field, cfg.num_experts, common.per_layer(prefix, moe, "mlp.gate.weight", 0)),
+        common.SizeField("moe_intermediate_size", cfg.expert_ffn_dim,
+                         common.per_layer(prefix, moe, "mlp.experts.0.gate_proj.weight", 0)),
+    ]
+    if dense:
+        fields.append(common.SizeField("intermediate_size", cfg.dense_ffn_dim,
+                                       common.per_layer(prefix, dense, "mlp.gate_proj.weight", 0)))
+    if cfg.shared_ffn_dim:
+        F = cfg.expert_ffn_dim
+        fields.append(common.SizeField("n_shared_experts", cfg.shared_ffn_dim // F,
+                                       common.per_layer(prefix, moe, "mlp.shared_experts.gate_proj.weight", 0),
+                                       factor=F, how=f" (x moe_intermediate_size {F} rows of shared_experts)"))
+    return fields
 
 
 def tensor_rules(cfg: ModelConfig) -> list[common.TensorRule]:
