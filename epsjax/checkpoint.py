@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from epsjax.checkpoint_sizes import check_sizes
 from epsjax.errors import EpsjaxError
+from epsjax.files import read_json
 from epsjax.models import MoETransformer, ModelConfig
 from epsjax.models.config import ConfigError
 from epsjax.models.families import family_module
@@ -73,12 +74,7 @@ class TensorInfo:
 
 
 def _read_json(file: Path, what: str):
-    try:
-        return json.loads(file.read_text())
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read {what}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: {what} is not valid JSON ({e})") from None
+    return read_json(file, what, CheckpointError)
 
 
 def file_present(file: Path, what: str) -> bool:

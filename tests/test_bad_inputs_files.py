@@ -355,7 +355,7 @@ def _predictor_dir(tmp_path):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "predictor_config.json").write_text("{"), r"predictor_config\.json: not valid JSON"),
+    (lambda d: (d / "predictor_config.json").write_text("{"), r"predictor_config\.json: the predictor config is not valid JSON"),
     (lambda d: (d / "predictor_config.json").write_text("[]"), r"predictor_config\.json: must be a JSON object"),
     (lambda d: (d / "predictor_config.json").write_text(json.dumps({"vocab_size": 160})),
      r"must be a JSON object with fields vocab_size, num_layers, num_experts, top_k"),

@@ -31,6 +31,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from epsjax.files import read_json
 from epsjax.offload.errors import OffloadError
 
 
@@ -153,12 +154,7 @@ class RoutingPredictor:
         model is built only after its sizes match the tensors."""
         path = pathlib.Path(path)
         config_file, weights = path / "predictor_config.json", path / "predictor.safetensors"
-        try:
-            fields = json.loads(config_file.read_text())
-        except OSError as e:
-            raise OffloadError(f"{config_file}: cannot read: {e.strerror or e}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise OffloadError(f"{config_file}: not valid JSON ({e})") from None
+        fields = read_json(config_file, "the predictor config", OffloadError)
         names = [f.name for f in dataclasses.fields(PredictorConfig)]
         if not isinstance(fields, dict) or set(fields) - set(names) or not set(names[:4]) <= set(fields):
             raise OffloadError(f"{config_file}: must be a JSON object with fields {', '.join(names[:4])} (and "

@@ -18,6 +18,7 @@ import math
 import pathlib
 import re
 
+from epsjax.files import read_json
 from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware_spec import Hardware
 
@@ -50,12 +51,7 @@ def load_calibration(kind: str, directory: pathlib.Path | str | None = None) -> 
     if not path.exists() and not path.is_symlink():
         return None
     redo = "re-run scripts/gpu_check.py, or remove the file to use the preset's constants"
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ScheduleError(f"{path}: cannot read the calibration: {e.strerror or e}; {redo}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScheduleError(f"{path}: the calibration is not valid JSON ({e}); {redo}") from None
+    data = read_json(path, "the calibration", ScheduleError, redo)
     if not isinstance(data, dict):
         raise ScheduleError(f"{path}: a calibration must be a JSON object, got {type(data).__name__}; {redo}")
     missing = [f for f in FIELDS if f not in data]

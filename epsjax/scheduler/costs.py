@@ -38,10 +38,10 @@ from typing import Literal
 
 import numpy as np
 
+from epsjax.files import read_json
+from epsjax.pallas_kernels.selector import PROFILE_DIR  # the kernels' measured GEMM tables
 from epsjax.scheduler.errors import ScheduleError
 from epsjax.scheduler.hardware import Hardware, get_hardware
-
-from epsjax.pallas_kernels.selector import PROFILE_DIR  # noqa: E402  (the kernels' measured tables)
 
 
 # GEMM ---------------------------------------------------------------------------------------------------------------
@@ -254,8 +254,8 @@ def find_profile(hw: Hardware, profile_dir: pathlib.Path | str | None = None) ->
 def fitted_gemm_models(path: pathlib.Path, dtype: str) -> tuple[dict[str, GemmModel], dict]:
     """Every backend of a profile table that has enough entries of this dtype (any dtype if none match)."""
     path = pathlib.Path(path)
+    table = read_json(path, "the GEMM profile table", ScheduleError)
     try:
-        table = json.loads(path.read_text())
         entries = table.get("entries", [])
         entries = [e for e in entries if e.get("dtype") == dtype] or entries
         models, stats = {}, {}
@@ -263,10 +263,6 @@ def fitted_gemm_models(path: pathlib.Path, dtype: str) -> tuple[dict[str, GemmMo
             fit = fit_gemm_model(entries, backend, f"fitted from {path.name}")
             if fit is not None:
                 models[backend], stats[backend] = fit
-    except OSError as e:
-        raise ScheduleError(f"{path}: cannot read the GEMM profile table: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ScheduleError(f"{path}: the GEMM profile table is not valid JSON ({e})") from None
     except ScheduleError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # an entry without a field, or of another type
