@@ -75,6 +75,51 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors too")
 
 
+def _add_deployment_args(p: argparse.ArgumentParser):
+    """The flags of the deployment spec and compilation cache, shared by generate and serve; returns the
+    compilation group."""
+    p.add_argument("--backend", default="auto",
+                   help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of every "
+                        "stage)")
+    comp = p.add_argument_group("compilation")
+    comp.add_argument("--compile-cache", metavar="DIR",
+                      help="JAX's persistent compilation cache directory (default: $EPSJAX_COMPILATION_CACHE, else "
+                           "~/.cache/epsjax/jax): a second run loads its programs instead of compiling them")
+    comp.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
+    par = p.add_argument_group("parallelism (more than one device)")
+    par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep", "dep"),
+                     help="rule set: attention TP or DP, experts TP, DP or EP (auto: dp_ep on several devices, "
+                          "local on one); dep: disaggregated attention and expert groups (FinDEP, see --split, "
+                          "--schedule)")
+    par.add_argument("--mesh",
+                     help="data,tensor,expert sizes, e.g. 1,2,4 (default: as much TP/EP as the model allows)")
+    par.add_argument("--pipeline-degree", type=_positive_int,
+                     help="force the EPS pipeline degree (default: the scheduler's plan)")
+    par.add_argument("--split",
+                     help="with --pipeline-degree: EPS stages by expert groups or token chunks, experts|tokens "
+                          "(default: experts); with --strategy dep: attention,expert group sizes A,E, e.g. 3,5 "
+                          "(default: half the devices each)")
+    par.add_argument("--schedule", choices=("findep", "pppipe", "naive"),
+                     help="with --strategy dep: the schedule space the FinDEP solver picks the plan from (default: "
+                          "findep)")
+    par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
+                     help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
+    p.add_argument("--force", action="store_true",
+                   help="load even when the memory check finds that the parameters and KV cache do not fit the "
+                        "devices or the host (it says what would fit)")
+    off = p.add_argument_group("offloading (one device)")
+    off.add_argument("--offload", choices=("lru", "lfu", "expertflow"),
+                     help="keep the routed experts in host memory, read straight from the checkpoint, and cache "
+                          "some on the device: lru / lfu eviction, or expertflow (a routing predictor forecasts "
+                          "each step's experts; see --predictor)")
+    off.add_argument("--offload-budget", type=_float, metavar="FRACTION",
+                     help="with --offload: the device cache's share of the routed-expert bytes, in (0, 1]")
+    off.add_argument("--predictor", metavar="DIR",
+                     help="with --offload expertflow: a routing predictor directory (RoutingPredictor.save's files; "
+                          "default: the checkpoint's predictor/ directory)")
+    return comp
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epsjax", description="Cost-efficient MoE inference in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,48 +141,32 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-token-healing", action="store_true",
                      help="keep a text prompt's last token as tokenized (default: re-choose it among the tokens that "
                           "start with its text, so a prompt ending in a space or a word fragment reads naturally)")
-    gen.add_argument("--backend", default="auto",
-                     help="expert GEMM backend (default: the load-aware selector; with --pipeline-degree, of "
-                          "every stage)")
-    comp = gen.add_argument_group("compilation")
-    comp.add_argument("--warmup", action="store_true",
-                      help="compile the request's shape bucket ahead of it (Engine.warmup, with a progress bar) and "
-                           "report the programs and seconds")
-    comp.add_argument("--compile-cache", metavar="DIR",
-                      help="JAX's persistent compilation cache directory (default: $EPSJAX_COMPILATION_CACHE, else "
-                           "~/.cache/epsjax/jax): a second run loads its programs instead of compiling them")
-    comp.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
-    par = gen.add_argument_group("parallelism (more than one device)")
-    par.add_argument("--strategy", default="auto", choices=("auto", "local", "tp", "dp", "tp_ep", "dp_ep", "dep"),
-                     help="rule set: attention TP or DP, experts TP, DP or EP (auto: dp_ep on several devices, "
-                          "local on one); dep: disaggregated attention and expert groups (FinDEP, see --split, "
-                          "--schedule)")
-    par.add_argument("--mesh",
-                     help="data,tensor,expert sizes, e.g. 1,2,4 (default: as much TP/EP as the model allows)")
-    par.add_argument("--pipeline-degree", type=_positive_int,
-                     help="force the EPS pipeline degree (default: the scheduler's plan)")
-    par.add_argument("--split",
-                     help="with --pipeline-degree: EPS stages by expert groups or token chunks, experts|tokens "
-                          "(default: experts); with --strategy dep: attention,expert group sizes A,E, e.g. 3,5 "
-                          "(default: half the devices each)")
-    par.add_argument("--schedule", choices=("findep", "pppipe", "naive"),
-                     help="with --strategy dep: the schedule space the FinDEP solver picks the plan from (default: "
-                          "findep)")
-    par.add_argument("--transport", default="auto", choices=("auto", "ragged", "padded"),
-                     help="EP all-to-all: ragged (GPU) or dropless padded (anywhere)")
-    gen.add_argument("--force", action="store_true",
-                     help="load even when the memory check finds that the parameters and KV cache do not fit the "
-                          "devices or the host (it says what would fit)")
-    off = gen.add_argument_group("offloading (one device)")
-    off.add_argument("--offload", choices=("lru", "lfu", "expertflow"),
-                     help="keep the routed experts in host memory, read straight from the checkpoint, and cache "
-                          "some on the device: lru / lfu eviction, or expertflow (a routing predictor forecasts "
-                          "each step's experts; see --predictor)")
-    off.add_argument("--offload-budget", type=_float, metavar="FRACTION",
-                     help="with --offload: the device cache's share of the routed-expert bytes, in (0, 1]")
-    off.add_argument("--predictor", metavar="DIR",
-                     help="with --offload expertflow: a routing predictor directory (RoutingPredictor.save's files; "
-                          "default: the checkpoint's predictor/ directory)")
+    _add_deployment_args(gen).add_argument(
+        "--warmup", action="store_true", help="compile the request's shape bucket ahead of it (Engine.warmup, with a "
+                                              "progress bar) and report the programs and seconds")
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, SSE, /metrics)")
+    _add_model_args(srv)
+    net = srv.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    net.add_argument("--port", type=_nonnegative_int, default=8000, help="port (default: %(default)s; 0: a free one)")
+    net.add_argument("--max-slots", type=_positive_int, default=8,
+                     help="decode slots: requests generating at once (default: %(default)s)")
+    net.add_argument("--max-queue", type=_nonnegative_int, default=64,
+                     help="requests waiting for a slot beyond which new ones get 429 (default: %(default)s)")
+    net.add_argument("--max-model-len", type=_positive_int, default=None,
+                     help="each slot's context: a prompt's length bucket plus max_tokens must fit it (default: the "
+                          "model's maximum sequence length, at most 2048)")
+    net.add_argument("--steps-per-iteration", type=_positive_int, default=2,
+                     help="decode steps between admissions of waiting requests (default: %(default)s)")
+    net.add_argument("--served-model-name", default=None, help="the model id /v1/models lists (default: the "
+                                                              "directory's or preset's name)")
+    net.add_argument("--api-key", default=None,
+                     help="require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+                          "$EPSJAX_API_KEY, else none)")
+    _add_deployment_args(srv).add_argument(
+        "--warmup", action="store_true", help="compile the prefill buckets and the decode step of the slots before "
+                                              "listening, so that no request compiles")
 
     info = sub.add_parser("info", help="devices, model summary, parameter and expert memory")
     _add_model_args(info)
@@ -164,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
         os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={args.devices}"])
     try:
-        return {"generate": _generate, "info": _info}[args.command](args)
+        return {"generate": _generate, "serve": _serve, "info": _info}[args.command](args)
     except EpsjaxError as e:  # bad input (UsageError included): one clear line, no traceback
         if args.debug:
             raise
@@ -352,6 +381,63 @@ def _generate(args) -> int:
         if tokenizer is not None:  # the prompt and its continuation, as text (newlines kept, indented)
             text = tokenizer.decode(list(prompts[i]) + list(tokens))
             print(f"text[{i}]\n" + "\n".join("  | " + line for line in text.split("\n")))
+    return 0
+
+
+def _serve(args) -> int:
+    """`epsjax serve`: the deployment of the flags, planned for a batch of --max-slots, behind the HTTP server."""
+    import asyncio
+    from pathlib import Path
+
+    import jax
+
+    from epsjax.deployment import RequestShape, build
+    from epsjax.serve import make_server, serve_forever
+
+    if args.no_compile_cache and args.compile_cache:
+        raise UsageError("--compile-cache and --no-compile-cache contradict each other; give one")
+    if args.devices and jax.devices()[0].platform != "cpu":
+        raise UsageError(f"--devices makes virtual CPU devices, and this run is on {jax.devices()[0].platform}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EPSJAX_API_KEY") or None
+    if args.api_key == "":
+        raise UsageError("--api-key is empty")
+    spec = _spec(args)
+    cache_dir = None if args.no_compile_cache else _compilation_cache(args.compile_cache)
+    tokenizer = _tokenizer(args)
+    from epsjax.checkpoint import read_config
+    from epsjax.models import get_preset
+
+    max_seq_len = (read_config(args.model) if args.model else get_preset(args.preset)).max_seq_len
+    context = args.max_model_len or min(max_seq_len, 2048)
+    if context > max_seq_len:
+        raise UsageError(f"--max-model-len {context} exceeds the model's maximum sequence length {max_seq_len}")
+    deployment = build(spec, RequestShape(batch=args.max_slots, prompt_len=max(1, context // 2),
+                                          max_new_tokens=max(1, context - context // 2)))
+    cfg, engine = deployment.cfg, deployment.engine
+    name = args.served_model_name or (Path(args.model).name if args.model else cfg.name)
+    print(f"model      {cfg.name} ({cfg.family}, {cfg.num_layers} layers, {cfg.num_experts} experts top-"
+          f"{cfg.router.top_k}, {cfg.dtype}); tokenizer: {'tokenizer.json' if tokenizer else 'none (token ids)'}")
+    print(f"devices    {len(deployment.devices)} x {deployment.devices[0].device_kind}")
+    print(f"plan       {deployment.description}")
+    server = make_server(engine, model_name=name, num_slots=args.max_slots, cache_len=context,
+                         max_queue=args.max_queue, steps=args.steps_per_iteration, tokenizer=tokenizer,
+                         api_key=api_key, warmup=args.warmup)
+    if args.warmup:
+        print(f"warmup     {server.warmup['programs']} programs in {server.warmup['seconds']:.1f} s: prefill and "
+              f"insert of every prompt bucket, the decode step, release (compile cache: "
+              f"{cache_dir if cache_dir is not None else 'off'})")
+
+    def listening(port: int) -> None:
+        print(f"serving    {name} on http://{args.host}:{port}/v1 ({args.max_slots} slots of {context} tokens, "
+              f"queue {args.max_queue}{', API key required' if api_key else ''})", flush=True)
+
+    try:
+        asyncio.run(serve_forever(server, args.host, args.port, listening))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:  # the address is taken or cannot be bound
+        server.scheduler.stop()
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     return 0
 
 

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
+import numpy as np
+
+from epsjax.compilation import CompileCounter
 from epsjax.errors import EpsjaxError
 from epsjax.serve.app import Server, start
 from epsjax.serve.metrics import Metrics
@@ -28,9 +32,10 @@ class ServeError(EpsjaxError):
 
 
 def make_server(engine, *, model_name: str, num_slots: int, cache_len: int, max_queue: int = 64, steps: int = 2,
-                tokenizer=None, api_key: str | None = None) -> Server:
+                tokenizer=None, api_key: str | None = None, warmup: bool = False) -> Server:
     """A Server (not yet listening; its scheduler thread started) over engine.open_slots(num_slots, cache_len).
-    cache_len is the context: a prompt's length bucket plus its max_tokens must fit it."""
+    cache_len is the context: a prompt's length bucket plus its max_tokens must fit it. warmup: compile every
+    program the scheduler can run first (warm_slots; server.warmup holds its programs and seconds)."""
     cfg = engine.cfg
     if not isinstance(cache_len, int) or not 2 <= cache_len <= cfg.max_seq_len:
         raise ServeError(f"the context length must be in [2, {cfg.max_seq_len}] (the model's maximum sequence "
@@ -44,11 +49,34 @@ def make_server(engine, *, model_name: str, num_slots: int, cache_len: int, max_
     metrics = Metrics()
     scheduler = Scheduler(engine, num_slots=num_slots, cache_len=cache_len, max_queue=max_queue, steps=steps,
                           tokenizer=tokenizer, metrics=metrics)
+    records = warm_slots(scheduler) if warmup else None
     buckets = engine.buckets
     limits = Limits(vocab_size=cfg.vocab_size, context=cache_len,
                     bucket=None if buckets is None else buckets.length)
-    return Server(scheduler.start(), limits, model_name=model_name, tokenizer=tokenizer, api_key=api_key,
-                  metrics=metrics)
+    server = Server(scheduler.start(), limits, model_name=model_name, tokenizer=tokenizer, api_key=api_key,
+                    metrics=metrics)
+    server.warmup = records
+    return server
+
+
+def warm_slots(scheduler: Scheduler) -> dict:
+    """Compiles what the scheduler's slots can run, before any request (on the calling thread, before the
+    scheduler's starts): for 1..max_admit requests at once and every prompt length bucket that leaves room for a
+    token, the prefill and the insert; the decode step; the release of 1..num_slots slots. Returns
+    {"programs", "seconds"}."""
+    g, slots = scheduler.generator, scheduler.slots
+    filler = 0 if g.cfg.pad_token_id is None else int(g.cfg.pad_token_id)
+    lengths = sorted({scheduler._entries(t) for t in range(1, scheduler.cache_len - 1)})
+    lengths = [t for t in lengths if t + 2 <= scheduler.cache_len]
+    start = time.perf_counter()
+    with CompileCounter() as compiled:
+        for n in range(1, min(scheduler.max_admit, scheduler.num_slots) + 1):
+            for t in lengths:
+                slots.insert([[filler] * t] * n, ids=list(range(n)), max_new_tokens=2, stop_at_eos=False)
+                slots.step(scheduler.steps)  # every one finishes: released
+        for k in range(1, scheduler.num_slots + 1):
+            slots.release(np.arange(k))
+    return {"programs": compiled.programs, "seconds": time.perf_counter() - start}
 
 
 class Background:
@@ -94,4 +122,4 @@ async def serve_forever(server: Server, host: str, port: int, on_listening=None)
         server.scheduler.stop()
 
 
-__all__ = ["Background", "Limits", "Metrics", "Scheduler", "Server", "ServeError", "make_server", "serve_forever"]
+__all__ = ["Background", "Limits", "Metrics", "Scheduler", "Server", "ServeError", "make_server", "serve_forever", "warm_slots"]
