@@ -141,6 +141,7 @@ class Scheduler:
             self._cancel_running(cancelled)
             if group:
                 self._admit(group)
+                self._gauges()
             if self._running:
                 self._step()
             self._gauges()
