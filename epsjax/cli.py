@@ -1,7 +1,8 @@
-"""The `epsjax` command line: generate, info.
+"""The `epsjax` command line: generate, serve, info.
 
 `epsjax generate` is thin over epsjax.deployment: flags -> DeploymentSpec -> build (each set-up step once) ->
-engine.generate -> the report.
+engine.generate -> the report. `epsjax serve` shares its model and deployment flags and puts the engine behind
+epsjax.serve's HTTP server.
 
 jax reads its device flags when it is first imported, so this module imports jax only after parsing arguments
 (`--devices N` asks XLA:CPU for N virtual devices).
