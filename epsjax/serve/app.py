@@ -9,7 +9,7 @@
 
 Every error is an OpenAI error body with its status: 400 bad input, 401 no or wrong API key, 404, 405, 413 a body
 over max_body bytes (refused before it is read), 429 the waiting queue is full, 500 the engine failed on the
-request, 503 shutting down. A handler task runs per request on the event loop; it submits to the scheduler and
+request, 503 the scheduler is stopped (/health says so too). A handler task runs per request on the event loop; it submits to the scheduler and
 reads its Outputs from an asyncio.Queue the scheduler thread fills with loop.call_soon_threadsafe. A client that
 goes away (its handler is cancelled, or a streamed write fails) cancels its request, which frees its slot.
 """
@@ -20,13 +20,14 @@ import asyncio
 import hmac
 import json
 import time
+import traceback
 import uuid
 
 from aiohttp import web
 
 from epsjax.serve.metrics import Metrics
 from epsjax.serve.protocol import BadRequest, Limits, error_body, parse_completion
-from epsjax.serve.scheduler import Output, QueueFull, Scheduler
+from epsjax.serve.scheduler import Output, QueueFull, Scheduler, ShuttingDown
 
 MAX_BODY = 1 << 20
 
@@ -73,6 +74,11 @@ class Server:
             return _error(413, f"the request body is over the limit of {self.max_body} bytes")
         except web.HTTPException as e:  # 404, 405 from the router
             return _error(e.status, e.reason, "not_found_error" if e.status == 404 else "invalid_request_error")
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 with an error body; the server goes on
+            traceback.print_exception(e)
+            return _error(500, f"internal error: {type(e).__name__}", "server_error")
 
     def _outcome(self, outcome: str) -> None:
         self.metrics.requests.labels(outcome).inc()
@@ -81,12 +87,14 @@ class Server:
         raw = await request.read()
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {str(e)[:200] or type(e).__name__}") from None
 
     # Endpoints -------------------------------------------------------------------------------------------------
 
     async def health(self, request):
+        if not self.scheduler.alive:
+            return _error(503, "the scheduler is not running", "server_error")
         return web.json_response({"status": "ok"})
 
     async def prometheus(self, request):
@@ -125,6 +133,9 @@ class Server:
         except QueueFull as e:
             self._outcome("rejected")
             return _error(429, str(e), "rate_limit_error", code="queue_full")
+        except ShuttingDown as e:
+            self._outcome("rejected")
+            return _error(503, str(e), "server_error")
         done = False
         try:
             if req.stream:

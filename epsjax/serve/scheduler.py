@@ -33,6 +33,10 @@ class QueueFull(Exception):
     """The waiting queue holds max_queue requests already (HTTP 429)."""
 
 
+class ShuttingDown(Exception):
+    """The scheduler is stopping: no new requests (HTTP 503)."""
+
+
 @dataclasses.dataclass
 class Output:
     """What a request produced since its last Output."""
@@ -87,9 +91,12 @@ class Scheduler:
 
     def submit(self, id, prompt, sampling: SamplingParams, emit: Callable[[Output], None], *,
                stop: tuple[str, ...] = (), stop_at_eos: bool = True) -> None:
-        """Queues a request (sampling.max_new_tokens is its budget); raises QueueFull past max_queue."""
+        """Queues a request (sampling.max_new_tokens is its budget); raises QueueFull past max_queue, ShuttingDown
+        once stop() was called."""
         request = _Request(id, tuple(prompt), sampling, tuple(stop), stop_at_eos, emit, time.perf_counter())
         with self._wake:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the waiting queue is full ({self.max_queue} requests); retry later")
             self._waiting.append(request)
@@ -115,6 +122,11 @@ class Scheduler:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The loop thread runs (started and not stopped)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
     def running(self) -> int:
         return len(self._running)
 
@@ -138,12 +150,15 @@ class Scheduler:
                         self._outcome("cancelled")
                     self._waiting = collections.deque(kept)
                 group = self._admissible()
-            self._cancel_running(cancelled)
-            if group:
-                self._admit(group)
-                self._gauges()
-            if self._running:
-                self._step()
+            try:
+                self._cancel_running(cancelled)
+                if group:
+                    self._admit(group)
+                    self._gauges()
+                if self._running:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug here fails the requests in flight, not the server
+                self._reset(_reason(e))
             self._gauges()
         for r in list(self._running.values()) + list(self._waiting):
             self._fail(r, "the server is shutting down")
@@ -208,11 +223,7 @@ class Scheduler:
         try:
             events = self.slots.step(self.steps)
         except Exception as e:  # noqa: BLE001 - the requests in the slots fail; the server goes on
-            reason = _reason(e)
-            for r in list(self._running.values()):
-                self._fail(r, reason)
-            self._running.clear()
-            self.slots = self.generator.open_slots(self.num_slots, self.cache_len)
+            self._reset(_reason(e))
             return
         by_slot = {r.slot: r for r in self._running.values()}
         for event in events:
@@ -248,6 +259,13 @@ class Scheduler:
                 self.metrics.tpot.observe((time.perf_counter() - r.first_token) / (len(r.tokens) - 1))
         _call(r.emit, Output(tokens, text, finished, reason, prompt_tokens=len(r.prompt),
                              completion_tokens=len(r.tokens)))
+
+    def _reset(self, reason: str) -> None:
+        """Fails every request in a slot and reopens the slots empty (their state is not to be trusted)."""
+        for r in list(self._running.values()):
+            self._fail(r, reason)
+        self._running.clear()
+        self.slots = self.generator.open_slots(self.num_slots, self.cache_len)
 
     def _fail(self, r: _Request, reason: str) -> None:
         self._outcome("failed")

@@ -114,3 +114,13 @@ def test_unknown_paths_and_methods_answer_error_bodies(serve):
     assert status == 404 and "error" in body
     status, body = http(port, "/v1/completions")  # GET
     assert status == 405 and "error" in body
+
+
+def test_a_stopped_scheduler_answers_503(serve):
+    server = fake_server()
+    port = serve(server)
+    server.scheduler.stop(5)
+    status, body = http(port, "/health")
+    assert status == 503 and body["error"]["type"] == "server_error"
+    status, body = http(port, "/v1/completions", {"prompt": [1]})
+    assert status == 503 and "shutting down" in body["error"]["message"]

@@ -77,6 +77,7 @@ def test_staggered_concurrent_requests_each_equal_their_prompt_alone(served):
 
 @pytest.mark.parametrize("raw, param", [
     (b"{not json", None),
+    (b"[" * 100_000, None),  # nesting deeper than the parser's recursion
     (b'["a list"]', None),
     (b'{"max_tokens": 4}', "prompt"),
     (b'{"prompt": "text without a tokenizer"}', "prompt"),
@@ -108,7 +109,7 @@ def test_bad_input_answers_400_and_the_server_goes_on(served, raw, param):
 def test_after_bad_input_the_server_serves_and_metrics_count(served):
     port, want = served
     assert greedy(port, 5).choices[0].token_ids == want[5]
-    assert metric(port, "epsjax_requests_total", outcome="invalid") >= 20
+    assert metric(port, "epsjax_requests_total", outcome="invalid") >= 21
     assert metric(port, "epsjax_requests_total", outcome="finished") >= 1
     assert metric(port, "epsjax_generation_tokens_total") >= NEW[5]
     assert metric(port, "epsjax_time_to_first_token_seconds_count") >= 1
