@@ -21,6 +21,7 @@ import numpy as np
 
 from epsjax.compilation import CompileCounter
 from epsjax.errors import EpsjaxError
+from epsjax.generation import SamplingParams
 from epsjax.serve.app import Server, start
 from epsjax.serve.metrics import Metrics
 from epsjax.serve.protocol import Limits
@@ -61,8 +62,9 @@ def make_server(engine, *, model_name: str, num_slots: int, cache_len: int, max_
 
 def warm_slots(scheduler: Scheduler) -> dict:
     """Compiles what the scheduler's slots can run, before any request (on the calling thread, before the
-    scheduler's starts): for 1..max_admit requests at once and every prompt length bucket that leaves room for a
-    token, the prefill and the insert; the decode step; the release of 1..num_slots slots. Returns
+    scheduler's starts): for 1..max_admit requests prefilled at once and every prompt length bucket that leaves room
+    for a token, the prefill and the insert of each number of them that take a slot (the others finish at their
+    first token); the decode step; the release of 1..num_slots slots. Returns
     {"programs", "seconds"}."""
     g, slots = scheduler.generator, scheduler.slots
     filler = 0 if g.cfg.pad_token_id is None else int(g.cfg.pad_token_id)
@@ -72,8 +74,10 @@ def warm_slots(scheduler: Scheduler) -> dict:
     with CompileCounter() as compiled:
         for n in range(1, min(scheduler.max_admit, scheduler.num_slots) + 1):
             for t in lengths:
-                slots.insert([[filler] * t] * n, ids=list(range(n)), max_new_tokens=2, stop_at_eos=False)
-                slots.step(scheduler.steps)  # every one finishes: released
+                for k in range(1, n + 1):  # k of the n take a slot; the others finish at their first token
+                    sampling = [SamplingParams(max_new_tokens=2)] * k + [SamplingParams(max_new_tokens=1)] * (n - k)
+                    slots.insert([[filler] * t] * n, sampling, ids=list(range(n)), stop_at_eos=False)
+                    slots.step(scheduler.steps)  # every one finishes: released
         for k in range(1, scheduler.num_slots + 1):
             slots.release(np.arange(k))
     return {"programs": compiled.programs, "seconds": time.perf_counter() - start}
