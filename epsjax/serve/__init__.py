@@ -126,4 +126,5 @@ async def serve_forever(server: Server, host: str, port: int, on_listening=None)
         server.scheduler.stop()
 
 
-__all__ = ["Background", "Limits", "Metrics", "Scheduler", "Server", "ServeError", "make_server", "serve_forever", "warm_slots"]
+__all__ = ["Background", "Limits", "Metrics", "Scheduler", "Server", "ServeError", "make_server", "serve_forever",
+           "warm_slots"]

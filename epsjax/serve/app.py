@@ -9,9 +9,10 @@
 
 Every error is an OpenAI error body with its status: 400 bad input, 401 no or wrong API key, 404, 405, 413 a body
 over max_body bytes (refused before it is read), 429 the waiting queue is full, 500 the engine failed on the
-request, 503 the scheduler is stopped (/health says so too). A handler task runs per request on the event loop; it submits to the scheduler and
-reads its Outputs from an asyncio.Queue the scheduler thread fills with loop.call_soon_threadsafe. A client that
-goes away (its handler is cancelled, or a streamed write fails) cancels its request, which frees its slot.
+request, 503 the scheduler is stopped (/health says so too). A handler task runs per request on the event loop;
+it submits to the scheduler and reads its Outputs from an asyncio.Queue the scheduler thread fills with
+loop.call_soon_threadsafe. A client that goes away (its handler is cancelled, or a streamed write fails) cancels
+its request, which frees its slot.
 """
 
 from __future__ import annotations

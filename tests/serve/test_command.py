@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import pytest
 from flax import nnx
 
 from epsjax.cli import main

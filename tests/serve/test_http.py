@@ -37,7 +37,8 @@ def serve():
 
 def test_completions_through_the_openai_client(serve):
     port = serve(fake_server())
-    out = client(port).completions.create(model="fake", prompt=[3, 4], max_tokens=5, extra_body={"return_token_ids": True})
+    out = client(port).completions.create(model="fake", prompt=[3, 4], max_tokens=5,
+                                          extra_body={"return_token_ids": True})
     assert out.choices[0].token_ids == expected([3, 4], 5) and out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == 2 and out.usage.completion_tokens == 5
     assert [m.id for m in client(port).models.list().data] == ["fake"]
