@@ -16,6 +16,9 @@ catch it before jax is imported. Each layer raises its own subclass, defined whe
                      epsjax.deployment.SpecError                a deployment spec (strategy, mesh, plan, quantization,
                                                                 offload) that cannot be built as asked, named by its
                                                                 `epsjax generate` flag
+                     epsjax.serve.ServeError                    a server setting (context length, queue, steps,
+                                                                API key); what HTTP clients send is answered
+                                                                with OpenAI error bodies (epsjax.serve.protocol)
                      epsjax.cli.UsageError                      a combination of the command's flags
 
 The `epsjax` command prints any of them as one line and exits with status 2; anything else is a bug and keeps its
