@@ -255,6 +255,7 @@ class Scheduler:
             if self._running.pop(r.id, None) is not None and self.slots.requests[r.slot] is not None:
                 self.slots.release([r.slot])  # a stop string: the slot is still live
             self._outcome("finished")
+            self._gauges()  # before the client hears it finished
             if self.metrics is not None and len(r.tokens) > 1:
                 self.metrics.tpot.observe((time.perf_counter() - r.first_token) / (len(r.tokens) - 1))
         _call(r.emit, Output(tokens, text, finished, reason, prompt_tokens=len(r.prompt),
