@@ -1,8 +1,9 @@
 """A fake generator for the scheduler: DecodeSlots' contract without a model (style.md item 11).
 
 Request r's token i is (last prompt token + i + 1) % 100; a prompt holding POISON fails its prefill; a step may be
-made slow (seconds per step) so requests pile up."""
+made slow (seconds per step) so requests pile up, or held (`go` cleared) until the test lets it go."""
 
+import threading
 import time
 
 from epsjax.generation import RequestError, SlotEvent
@@ -46,6 +47,7 @@ class FakeSlots:
         return events
 
     def step(self, num_steps=1):
+        assert self.generator.go.wait(10), "the test never let the step go"
         if self.generator.step_seconds:
             time.sleep(self.generator.step_seconds)
         if self.generator.fail_steps:
@@ -75,6 +77,8 @@ class FakeGenerator:
 
     def __init__(self, step_seconds=0.0):
         self.step_seconds, self.fail_steps, self.inserts = step_seconds, False, []
+        self.go = threading.Event()  # cleared: steps wait for it (the test decides what arrives meanwhile)
+        self.go.set()
 
     def open_slots(self, num_slots, cache_len):
         return FakeSlots(self, num_slots, cache_len)

@@ -97,16 +97,21 @@ def test_cancel_frees_the_slot_and_drops_a_waiting_request(make):
 
 
 def test_a_failing_request_fails_alone(make):
-    g = FakeGenerator(step_seconds=0.05)
+    g = FakeGenerator()
+    g.go.clear()
     s, c = make(g, num_slots=4), Collector()
-    s.submit("block", [1], SamplingParams(max_new_tokens=3), c.emit("block"))  # admitted alone, then 3 wait
-    time.sleep(0.02)
+    s.submit("block", [1], SamplingParams(max_new_tokens=3), c.emit("block"))  # admitted alone; its step waits
+    deadline = time.monotonic() + 5
+    while s.running == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     for rid, p in (("a", [1, 2]), ("bad", [POISON]), ("b", [4])):
         s.submit(rid, p, SamplingParams(max_new_tokens=3), c.emit(rid))
+    g.go.set()  # the three are admitted together after the step
     assert c.tokens("a") == expected([1, 2], 3) and c.tokens("b") == expected([4], 3)
     bad = c.wait("bad")
     assert bad[-1].error and "poisoned prompt" in bad[-1].error and bad[-1].finished
-    assert 3 in g.inserts and g.inserts.count(1) >= 4  # the group of 3 failed, then each alone
+    assert g.inserts == [1, 3, 1, 1, 1]  # block; the group of 3 failed, then each alone
 
 
 def test_a_failing_step_fails_the_running_requests_and_the_server_goes_on(make):
