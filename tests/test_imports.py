@@ -189,6 +189,14 @@ def test_every_package_is_found():
         assert name in modules, name
 
 
+def test_pyproject_installs_every_package():
+    """A wheel holds the packages pyproject lists, not those an editable install finds on disk: every folder with
+    an __init__.py must be listed."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {name for name, path in project_modules().items() if path.name == "__init__.py"}
+    assert on_disk == listed, (sorted(on_disk - listed), sorted(listed - on_disk))
+
+
 def test_no_import_cycles():
     found = cycles(import_graph())
     assert not found, "import cycles (strongly connected modules: one cycle):\n" + "\n".join(found)
